@@ -1,0 +1,424 @@
+"""Training configuration: frozen dataclasses loaded from YAML plus ``--set`` overrides.
+
+Every key has a default. ``Config.from_dict`` accepts nested mappings, dotted keys
+(``{"model.mask_ratio": 0.5}``) or both, and rejects unknown keys and wrong types with the
+key's full dotted name in the message. ``Config.to_dict`` dumps back losslessly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmr.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_overrides",
+    "dump_config",
+    "SHORT_KEYS",
+]
+
+DATASETS = ("mvtec", "aebad_s", "aebad_v", "folder", "synthetic")
+VAL_SPLITS = ("test_half", "none")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mvtec"  # mvtec | aebad_s | aebad_v | folder | synthetic
+    root: str = "/data/mvtec_ad"  # dataset root; relative paths resolve against the launch cwd
+    categories: tuple[str, ...] | str = ("bottle",)  # names (AeBAD: domains/videos) or "all"
+    resize: int = 256  # images (and masks) are resized to resize x resize first
+    image_size: int = 224  # then cropped to image_size (random-resized crop at train time)
+    val_split: str = "test_half"  # test_half: seeded stratified half of test; none: full test
+    val_fraction: float = 0.5  # share of each test stratum that goes to validation
+    augment: bool = True  # RandomResizedCrop(scale 0.7-1.0) + horizontal flip while training
+    cache_dir: str | None = None  # decoded-image cache (default $MMR_CACHE_DIR or ~/.cache)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    teacher: str = "wide_resnet50_2"  # timm CNN name; frozen, features_only
+    teacher_layers: tuple[int, ...] = (1, 2, 3)  # the "scales": teacher stages to reconstruct
+    encoder: str = "vit_base_patch16_224"  # timm ViT name for the student encoder
+    encoder_depth: int | None = None  # override the number of ViT blocks (None: the model's)
+    patch_size: int = 16  # ViT patch size; pretrained patch-16 weights are resampled
+    mask_ratio: float = 0.4  # share of patch tokens dropped while training (0 at test)
+    pretrained: bool = True  # load hub weights (False: random init, e.g. tests/offline demo)
+    teacher_checkpoint: str | None = None  # local teacher weight file (torchvision/timm keys)
+    encoder_checkpoint: str | None = None  # local encoder weight file (MAE or timm format)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200  # training epochs per category
+    batch_size: int = 16  # images per step
+    lr: float = 1.0e-3  # AdamW peak learning rate
+    weight_decay: float = 0.05  # AdamW weight decay (not on biases and 1-D params)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    warmup_epochs: int = 50  # linear warm-up, set per epoch (epoch 0 runs at lr 0)
+    lr_milestones: tuple[int, ...] = (120, 160)  # lr /10 at each of these epochs
+    eval_every: int = 10  # epochs between validation rounds (= one report to the search)
+    seed: int = 54  # seeds model init, masking, augmentation and shuffling
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    threads: int | None = None  # torch CPU threads (None: leave torch's default)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    blur_sigma: float = 4.0  # Gaussian blur of the anomaly map
+    batch_size: int = 32  # images per evaluation forward pass
+    aupro_fpr_limit: float = 0.3  # AUPRO integrates PRO over FPR in [0, limit]
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None = None) -> Config:
+        """Builds a validated config from nested and/or dotted keys over the defaults."""
+        return _build(cls, _nest(raw or {}, ""), "")._validated()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain-Python dict (lists, not tuples) that ``from_dict`` reads back equal."""
+        return _plain(dataclasses.asdict(self))
+
+    def override(self, overrides: Mapping[str, Any]) -> Config:
+        """A copy with dotted/nested ``overrides`` applied on top of this config."""
+        merged = _deep_merge(self.to_dict(), _nest(overrides, ""))
+        return Config.from_dict(merged)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, e.g. ``{"model.mask_ratio": 0.4, ...}``."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+    def _validated(self) -> Config:
+        d, m, t, e = self.data, self.model, self.train, self.eval
+        _check(
+            d.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}, got {d.dataset!r}"
+        )
+        _check(d.val_split in VAL_SPLITS, "data.val_split", f"must be one of {VAL_SPLITS}")
+        _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+        if isinstance(d.categories, str):
+            _check(d.categories == "all", "data.categories", 'must be a list of names or "all"')
+        else:
+            _check(len(d.categories) > 0, "data.categories", 'must not be empty (or use "all")')
+        _check(
+            d.image_size > 0 and d.resize >= d.image_size,
+            "data.resize",
+            f"must be >= data.image_size ({d.image_size}) and positive",
+        )
+        _check(
+            0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1), got {m.mask_ratio}"
+        )
+        _check(
+            m.patch_size > 0 and d.image_size % m.patch_size == 0,
+            "model.patch_size",
+            f"must divide data.image_size ({d.image_size}), got {m.patch_size}",
+        )
+        _check(len(m.teacher_layers) > 0, "model.teacher_layers", "must name at least one stage")
+        _check(
+            len(set(m.teacher_layers)) == len(m.teacher_layers)
+            and list(m.teacher_layers) == sorted(m.teacher_layers),
+            "model.teacher_layers",
+            f"must be increasing without repeats, got {list(m.teacher_layers)}",
+        )
+        _check(
+            all(1 <= i <= 4 for i in m.teacher_layers),
+            "model.teacher_layers",
+            f"stages are timm feature levels 1..4 (ResNet layer1..layer4), got "
+            f"{list(m.teacher_layers)}",
+        )
+        _check(
+            m.encoder_depth is None or m.encoder_depth > 0, "model.encoder_depth", "must be > 0"
+        )
+        _check(t.epochs > 0, "train.epochs", "must be > 0")
+        _check(t.batch_size > 0, "train.batch_size", "must be > 0")
+        _check(t.lr > 0, "train.lr", "must be > 0")
+        _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(
+            len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+            "train.betas",
+            "must be two numbers in [0, 1)",
+        )
+        _check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+        _check(
+            list(t.lr_milestones) == sorted(t.lr_milestones),
+            "train.lr_milestones",
+            "must be increasing",
+        )
+        _check(
+            1 <= t.eval_every <= t.epochs,
+            "train.eval_every",
+            f"must be in [1, train.epochs={t.epochs}]",
+        )
+        _check(t.device in DEVICES, "train.device", f"must be one of {DEVICES}")
+        _check(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
+        _check(t.threads is None or t.threads > 0, "train.threads", "must be > 0")
+        _check(e.blur_sigma >= 0, "eval.blur_sigma", "must be >= 0")
+        _check(e.batch_size > 0, "eval.batch_size", "must be > 0")
+        _check(0 < e.aupro_fpr_limit <= 1, "eval.aupro_fpr_limit", "must be in (0, 1]")
+        return self
+
+    @property
+    def num_rounds(self) -> int:
+        """Evaluation rounds of a full run (the last epoch always ends with one)."""
+        return -(-self.train.epochs // self.train.eval_every)
+
+
+# Short names a search space or --set may use for the most common keys.
+SHORT_KEYS: dict[str, str] = {
+    "mask_ratio": "model.mask_ratio",
+    "patch_size": "model.patch_size",
+    "teacher_layers": "model.teacher_layers",
+    "scales": "model.teacher_layers",
+    "lr": "train.lr",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "weight_decay": "train.weight_decay",
+    "warmup_epochs": "train.warmup_epochs",
+}
+
+
+def resolve_key(key: str) -> str:
+    """Maps a short or dotted key to its full dotted name; raises for unknown keys."""
+    full = SHORT_KEYS.get(key, key)
+    section, _, name = full.partition(".")
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    if section not in sections or not name:
+        raise ConfigError(
+            f"unknown config key {key!r}: use a dotted key under one of {sorted(sections)} "
+            f"(e.g. model.mask_ratio) or a short name from {sorted(SHORT_KEYS)}"
+        )
+    cls = _SECTION_TYPES[section]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if name not in names:
+        raise ConfigError(f"unknown config key {full!r}: {section} has keys {names}")
+    return full
+
+
+def field_type(key: str) -> Any:
+    """The declared type of a (short or dotted) config key."""
+    section, name = resolve_key(key).split(".")
+    hints = typing.get_type_hints(_SECTION_TYPES[section])
+    return hints[name]
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Checks/converts ``value`` for config ``key``; raises ConfigError naming the key."""
+    section, name = resolve_key(key).split(".")
+    return _coerce(
+        typing.get_type_hints(_SECTION_TYPES[section])[name], value, f"{section}.{name}"
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Loads a YAML training config (or the defaults) and applies ``KEY=VALUE`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist: check the path "
+                "(see configs/ for examples)"
+            )
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(
+                f"config file {str(path)!r} must hold a mapping of sections, "
+                f"got {type(loaded).__name__}"
+            )
+        raw = dict(loaded or {})
+    merged = _deep_merge(_nest(raw, ""), _nest(parse_overrides(overrides), ""))
+    return Config.from_dict(merged)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Parses ``["model.mask_ratio=0.5", ...]``; values are YAML scalars or lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"--set {item!r}: expected KEY=VALUE, e.g. --set model.mask_ratio=0.5"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"--set {item!r}: value is not a YAML scalar or list: {exc}"
+            ) from exc
+        out[resolve_key(key.strip())] = value
+    return out
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Writes ``cfg`` as YAML (atomically: a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- internals
+
+_SECTION_TYPES: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+def _nest(raw: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Turns dotted keys (and short names at top level) into nested dicts."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} must be a string")
+        if not prefix and key in SHORT_KEYS:
+            key = SHORT_KEYS[key]
+        head, _, rest = key.partition(".")
+        if rest:
+            value = {rest: value}
+        if isinstance(value, Mapping) and (rest or not prefix):
+            value = _nest(value, f"{prefix}{head}.")
+            existing = out.get(head)
+            out[head] = _deep_merge(existing, value) if isinstance(existing, dict) else value
+        else:
+            out[head] = value
+    return out
+
+
+def _deep_merge(base: Any, top: Any) -> Any:
+    if isinstance(base, dict) and isinstance(top, dict):
+        out = dict(base)
+        for key, value in top.items():
+            out[key] = _deep_merge(base.get(key), value) if key in base else value
+        return out
+    return top
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r}: {where} has keys {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"config key {prefix}{name!r} must be a mapping of "
+                    f"{hint.__name__} keys, got {value!r}"
+                )
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(hint, value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Converts ``value`` to the annotated type or raises naming ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        # Try None first, then the exact-type matches, so "all" stays a str for tuple|str.
+        for option in sorted(args, key=lambda a: a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key {key!r}: {value!r} does not fit {_type_name(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key {key!r} must be null")
+    if origin is tuple:
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise ConfigError(
+                f"config key {key!r} must be a list ({_type_name(hint)}), got {value!r}"
+            )
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(
+                f"config key {key!r} must be a list of {len(args)} values, got {value!r}"
+            )
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value, strict=True))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {hint!r} for {key}")  # a bug here, not user input
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
