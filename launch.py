@@ -123,12 +123,142 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmr.config import load_config
+
+    cfg = load_config(args.config, args.overrides).resolve_paths()
+    from tqdm import tqdm
+
+    from mmr.train import run_training
+
+    out = Path(args.out)
+    label = Path(args.config).stem if args.config else "defaults"
+    with tqdm(total=cfg.train.epochs, unit="epoch", desc="train", dynamic_ncols=True) as bar:
+
+        def on_epoch(epoch: int, stats: dict[str, float]) -> None:
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
+            bar.update(1)
+
+        def report(round_: int, metrics: dict[str, float]) -> None:
+            shown = {
+                k: f"{metrics[k]:.3f}" for k in ("image_auroc", "pixel_auroc") if k in metrics
+            }
+            bar.write(f"round {round_} (epoch {int(metrics['epoch'])}): val {shown}")
+
+        result = run_training(cfg, out, label=label, on_epoch=on_epoch, report=report)
+    mean = result["test_mean"]
+    print("test (held-out half): " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()))
+    print(f"wrote {out / 'metrics.json'}, {out / 'results.md'}, {out / 'model.pt'}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from search.config import resolve_sweep
+
+    spec = resolve_sweep(args.config, args.overrides, name=args.name, storage=args.storage)
+    from search.sweep import run_sweep
+
+    run = run_sweep(
+        spec, address=args.address, resume=args.resume, write=print, dashboard=_dashboard_wanted()
+    )
+    print(f"experiment: {run.experiment_dir} ({run.seconds:.0f} s)")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from search.config import load_spec
+
+    load_spec(args.experiment)  # a clear error before Ray starts
+    from search.sweep import resume_sweep
+
+    run = resume_sweep(
+        args.experiment, address=args.address, write=print, dashboard=_dashboard_wanted()
+    )
+    print(f"experiment: {run.experiment_dir} ({run.seconds:.0f} s)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.job:
+        return cmd_job_status(args)
+    if not args.experiment:
+        raise UserError("status needs an EXPERIMENT_DIR (or --job ID --address URL)")
+    from search.config import load_spec
+
+    load_spec(args.experiment)
+    from search.results import status_table
+
+    print(status_table(args.experiment))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from search.config import load_spec
+
+    load_spec(args.experiment)
+    from search.export import export_experiment
+
+    out = export_experiment(args.experiment, args.out)
+    print(f"exported to {out}")
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            print(f"  {path.relative_to(out)}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster.jobs import dashboard_url, submit_sweep, sweep_options
+
+    if not (ROOT / "pyproject.toml").is_file():
+        raise UserError(
+            f"submit uploads the project directory, but {ROOT} is not a checkout of "
+            "mmr-sweep: run `python launch.py submit ...` from the project's checkout"
+        )
+    url = dashboard_url(args.address)
+    sweep_args = sweep_options(
+        project_root=ROOT,
+        config=args.config,
+        overrides=args.overrides,
+        name=args.name,
+        storage=args.storage,
+    )
+    job_id = submit_sweep(url, sweep_args, working_dir=ROOT)
+    print(job_id)
+    print(f"submitted to {url}; follow it with:")
+    print(f"  python launch.py status --job {job_id} --address {url}")
+    return 0
+
+
+def cmd_job_status(args: argparse.Namespace) -> int:
+    from cluster.jobs import job_status
+
+    status, log_tail = job_status(args.address, args.job)
+    print(f"job {args.job}: {status}")
+    if log_tail:
+        print("--- last log lines ---")
+        print(log_tail)
+    return 0
+
+
+def _dashboard_wanted() -> bool:
+    """The embedded Ray dashboard is on unless MMR_DASHBOARD=0 (tests, tiny machines)."""
+    import os
+
+    return os.environ.get("MMR_DASHBOARD", "1") != "0"
+
+
 def _not_built(args: argparse.Namespace) -> int:
     raise UserError(f"`{args.command}` is not built yet in this version of mmr-sweep")
 
 
 COMMANDS = {
     "synth": cmd_synth,
+    "train": cmd_train,
+    "sweep": cmd_sweep,
+    "resume": cmd_resume,
+    "status": cmd_status,
+    "export": cmd_export,
+    "submit": cmd_submit,
 }
 
 

@@ -29,6 +29,9 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "dump_config",
+    "build_dataclass",
+    "coerce",
+    "resolve_key",
     "SHORT_KEYS",
 ]
 
@@ -184,11 +187,28 @@ class Config:
         _check(0 < e.aupro_fpr_limit <= 1, "eval.aupro_fpr_limit", "must be in (0, 1]")
         return self
 
+    def resolve_paths(self, base: str | Path | None = None) -> Config:
+        """A copy whose path keys are absolute (``~`` expanded, relative to ``base``/cwd).
+
+        Trials run in their own directories, so every user path is fixed at launch.
+        """
+        base = Path(base) if base is not None else Path.cwd()
+        updates = {}
+        for key in PATH_KEYS:
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value is not None:
+                updates[key] = _absolute(value, base)
+        return self.override(updates)
+
     @property
     def num_rounds(self) -> int:
         """Evaluation rounds of a full run (the last epoch always ends with one)."""
         return -(-self.train.epochs // self.train.eval_every)
 
+
+# Keys holding file-system paths (resolved to absolute paths at launch).
+PATH_KEYS = ("data.root", "data.cache_dir", "model.teacher_checkpoint", "model.encoder_checkpoint")
 
 # Short names a search space or --set may use for the most common keys.
 SHORT_KEYS: dict[str, str] = {
@@ -297,6 +317,13 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
+def _absolute(value: str, base: Path) -> str:
+    if "://" in value:  # s3://, gs://: not a local path
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key} {message}")
@@ -331,6 +358,28 @@ def _deep_merge(base: Any, top: Any) -> Any:
             out[key] = _deep_merge(base.get(key), value) if key in base else value
         return out
     return top
+
+
+def build_dataclass(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
+    """Builds (nested) frozen dataclass ``cls`` from a mapping with dotted keys allowed.
+
+    Unknown keys and wrong types raise ConfigError naming the full dotted key.
+    """
+    return _build(cls, _nest_plain(raw, prefix), prefix)
+
+
+def _nest_plain(raw: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, "
+                          f"got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        head, _, rest = str(key).partition(".")
+        if rest:
+            out[head] = _deep_merge(out.get(head, {}), _nest_plain({rest: value}, ""))
+        else:
+            out[head] = _deep_merge(out.get(head), value) if head in out else value
+    return out
 
 
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
@@ -370,6 +419,13 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"config key {key!r}: {value!r} does not fit {_type_name(hint)}")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return {
+            _coerce(args[0], k, f"{key}.{k}"): _coerce(args[1], v, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if hint is type(None):
         if value is None:
             return None

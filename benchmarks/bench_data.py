@@ -1,0 +1,179 @@
+"""Per-epoch cost of the data pipeline against the official MMR way, measured side by side.
+
+Project: images decoded once into the uint8 cache (``mmr.data.load_images``), then each epoch
+is index batches + ``augment_batch`` (batched RandomResizedCrop + flip + normalisation as two
+matrix products per batch). Reference: what the official code does every epoch, i.e. a
+``Dataset`` that opens each PNG with PIL, applies torchvision ``Resize((256, 256))`` +
+``RandomResizedCrop(224, scale=(0.7, 1))`` + flip + ``ToTensor`` + ``Normalize``, through a
+``DataLoader`` (batch 16, shuffled) with ``num_workers`` 0 and 2; the faster is the reference.
+
+Images: generated with ``mmr.synth`` at 900 px (MVTec AD images are 700-1024 px PNGs).
+Each figure is the median of repeats, all in one process on the same files: project epochs
+first, then the references (forked DataLoader workers leave the parent's pages copy-on-write,
+which would charge page faults to whatever runs next). The one-time cache build has its own
+row.
+
+Run: ``python -m benchmarks.bench_data [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from mmr import synth
+from mmr.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    augment_batch,
+    batch_indices,
+    center_crop,
+    load_images,
+)
+
+__all__ = ["ReferenceDataset", "run"]
+
+RESIZE, IMAGE_SIZE, BATCH = 256, 224, 16
+
+
+class ReferenceDataset(Dataset):
+    """The official pipeline: decode + transform each image on every access."""
+
+    def __init__(self, paths: list[Path], *, train: bool) -> None:
+        self.paths = paths
+        bicubic = T.InterpolationMode.BICUBIC
+        crop = (
+            [T.RandomResizedCrop(IMAGE_SIZE, scale=(0.7, 1.0), interpolation=bicubic),
+             T.RandomHorizontalFlip()]
+            if train
+            else [T.CenterCrop(IMAGE_SIZE)]
+        )  # fmt: skip
+        self.transform = T.Compose(
+            [T.Resize((RESIZE, RESIZE), interpolation=bicubic), *crop, T.ToTensor(),
+             T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB"))
+
+
+def _reference_epoch(paths: list[Path], *, train: bool, workers: int) -> float:
+    loader = DataLoader(
+        ReferenceDataset(paths, train=train), batch_size=BATCH, shuffle=train,
+        num_workers=workers,
+    )  # fmt: skip
+    start = time.perf_counter()
+    for batch in loader:
+        assert batch.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+    return time.perf_counter() - start
+
+
+def _project_epoch(u8: torch.Tensor, *, train: bool, generator: torch.Generator) -> float:
+    start = time.perf_counter()
+    order = generator if train else None
+    for idx in batch_indices(len(u8), batch_size=BATCH, generator=order):
+        if train:
+            batch = augment_batch(u8[idx], image_size=IMAGE_SIZE, generator=generator)
+        else:
+            batch = center_crop(u8[idx], image_size=IMAGE_SIZE)
+        assert batch.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+    return time.perf_counter() - start
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Runs the benchmark; returns rows ``{benchmark, figure, project_s, reference_s, ratio,
+    note}`` with ``ratio = reference_s / project_s``."""
+    n_images, repeats = (48, 3) if quick else (100, 5)
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        root = synth.generate(
+            Path(tmp) / "images", categories=["disk"], size=900, seed=0, n_train=n_images,
+            n_test_good=0, n_test_defect=0,
+        )  # fmt: skip
+        paths = sorted((root / "disk/train/good").glob("*.png"))
+        mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
+        cache = Path(tmp) / "cache"
+        build_s = _timed(lambda: load_images(paths, size=RESIZE, cache_dir=cache))
+        u8 = load_images(paths, size=RESIZE, cache_dir=cache)
+        hit = [_timed(lambda: load_images(paths, size=RESIZE, cache_dir=cache)) for _ in range(3)]
+        gen = torch.Generator().manual_seed(0)
+        rows = []
+        for train in (True, False):
+            # Blocks, not interleaved: a forked DataLoader worker leaves every page of this
+            # process copy-on-write, which would charge the next project epoch page faults.
+            _project_epoch(u8, train=train, generator=gen)  # warm-up (page cache, buffers)
+            times = {"project": [_project_epoch(u8, train=train, generator=gen)
+                                 for _ in range(repeats)]}  # fmt: skip
+            for workers in (0, 2):
+                time.sleep(0.3)
+                times[f"w{workers}"] = [
+                    _reference_epoch(paths, train=train, workers=workers) for _ in range(repeats)
+                ]
+            med = {k: statistics.median(v) for k, v in times.items()}
+            best = "w0" if med["w0"] <= med["w2"] else "w2"
+            what = "RandomResizedCrop+flip" if train else "center crop"
+            rows.append({
+                "benchmark": "train_epoch" if train else "eval_epoch",
+                "figure": f"s/epoch, {n_images} PNGs {mb:.1f} MB 900px -> {RESIZE} -> "
+                          f"{what} {IMAGE_SIZE} + normalise, batch {BATCH}",
+                "project_s": med["project"],
+                "reference_s": med[best],
+                "ratio": med[best] / med["project"],
+                "note": f"reference = PIL + torchvision DataLoader, num_workers="
+                        f"{best[1:]} (faster of 0: {med['w0']:.2f} s, 2: {med['w2']:.2f} s); "
+                        f"project = cached uint8 + batched tensor ops, median of {repeats}",
+            })  # fmt: skip
+        ref_epoch = rows[0]["reference_s"]
+        rows.append({
+            "benchmark": "cache_build",
+            "figure": f"one-time: hash + decode + resize {n_images} images into the cache",
+            "project_s": build_s,
+            "reference_s": ref_epoch,
+            "ratio": ref_epoch / build_s,
+            "note": "paid once per node and file content; reference = one official train epoch",
+        })  # fmt: skip
+        rows.append({
+            "benchmark": "cache_hit",
+            "figure": "load_images on a warm cache: hash the files + memory-map the entry",
+            "project_s": statistics.median(hit),
+            "reference_s": ref_epoch,
+            "ratio": ref_epoch / statistics.median(hit),
+            "note": "paid once per trial start; reference = one official train epoch",
+        })  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="48 images, 3 repeats")
+    args = parser.parse_args()
+    print(f"torch threads: {torch.get_num_threads()}")
+    for row in run(quick=args.quick):
+        print(
+            f"{row['benchmark']:<12} project {row['project_s']:8.3f} s  reference "
+            f"{row['reference_s']:8.3f} s  ratio {row['ratio']:7.1f}x  | {row['figure']}\n"
+            f"{'':12} {row['note']}"
+        )
+
+
+if __name__ == "__main__":
+    main()

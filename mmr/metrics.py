@@ -1,0 +1,326 @@
+"""Anomaly-detection metrics on raw, unbounded scores: AUROC, AUPRO and pixel F1-max.
+
+Pure functions on numpy arrays or torch tensors (CPU or GPU). Scores are used exactly as
+given: nothing is passed through a sigmoid or rescaled (torchmetrics' AUROC applies a sigmoid
+to scores outside [0, 1], which changes the result on raw anomaly scores). Ties are grouped as
+scikit-learn does: one threshold per distinct score, a pixel counts as positive when its score
+is >= the threshold.
+
+All pixel metrics come from ONE descending sort of the pixel scores: cumulative counts of
+anomalous and normal pixels at the end of each group of equal scores give the ROC curve
+(pixel AUROC), the precision/recall points (F1-max) and the FPR axis of the PRO curve. For
+AUPRO each anomalous pixel carries the weight ``1 / (num_regions * size_of_its_region)``, so the
+cumulative sum of weights in the same order is PRO (the mean over all ground-truth regions of
+the fraction of the region above the threshold). Regions are 8-connected components of each
+mask, as in the MVTec AD evaluation code; sorting and sums stay on the tensors' device, only
+the connected components are computed on the CPU (scipy). ``aupro`` on its own sorts only the
+pixels scored above the threshold where FPR passes ``fpr_limit`` (the rest of the curve does
+not enter the integral); ``evaluate`` sorts all pixels once for all three pixel metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+__all__ = ["image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "evaluate"]
+
+Array = np.ndarray | torch.Tensor
+
+# 8-connectivity inside an image and none across images: one `ndimage.label` call on the
+# N x H x W stack gives every region of the whole set its own global id.
+_REGION_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
+_REGION_STRUCTURE[1] = True
+
+
+@dataclass(frozen=True)
+class _Curve:
+    """Cumulative counts at each distinct score, scores taken in descending order."""
+
+    order: torch.Tensor  # permutation that sorts the scores in descending order
+    tps: torch.Tensor  # int64: positives with score >= each distinct score
+    fps: torch.Tensor  # int64: negatives with score >= each distinct score
+    ends: torch.Tensor  # index (in sorted order) of the last element of each tie group
+    n_pos: int  # of the whole set, also when the curve is truncated
+    n_neg: int
+    kept: torch.Tensor | None = None  # truncated curve (AUPRO only): the elements sorted
+
+
+def _to_tensor(x: Array, name: str) -> torch.Tensor:
+    """Returns ``x`` as a tensor (no copy for tensors and writable numeric numpy arrays)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be a numeric array or tensor; got dtype {arr.dtype}.")
+    if arr.dtype.kind in "iu" and arr.dtype != np.uint8:
+        arr = arr.astype(np.int64)  # torch lacks most ops on uint16/32/64
+    if not arr.flags.writeable:
+        arr = arr.copy()  # torch.from_numpy warns on read-only arrays
+    return torch.from_numpy(arr)
+
+
+def _as_float(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Casts to float32/float64 without changing any value and rejects NaN/inf."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    elif not t.is_floating_point():
+        t = t.double()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values; pass finite anomaly scores.")
+    return t
+
+
+def _as_maps(maps: Array) -> torch.Tensor:
+    """Validates anomaly maps: N x H x W (or N x 1 x H x W), finite."""
+    t = _to_tensor(maps, "maps")
+    if t.ndim == 4 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.ndim != 3 or t.shape[0] == 0:
+        raise ValueError(
+            f"maps must have shape N x H x W (or N x 1 x H x W) with N >= 1; got {tuple(t.shape)}."
+        )
+    return _as_float(t, "maps")
+
+
+def _as_masks(masks: Array, maps: torch.Tensor) -> torch.Tensor:
+    """Validates ground-truth masks against ``maps``; returns a bool tensor on their device."""
+    t = _to_tensor(masks, "masks")
+    if t.ndim == 4 and t.shape[1] == 1:
+        t = t[:, 0]
+    if tuple(t.shape) != tuple(maps.shape):
+        raise ValueError(
+            f"masks has shape {tuple(t.shape)} but maps has {tuple(maps.shape)}; pass one "
+            "N x H x W (or N x 1 x H x W) mask per map, at the same resolution."
+        )
+    t = t.to(maps.device)
+    if t.dtype != torch.bool:
+        zero = t == 0
+        if not bool((zero | (t == 1)).all()) and not bool((zero | (t == 255)).all()):
+            raise ValueError(
+                "masks must be binary, encoded as 0/1 or 0/255 (bool works too); got other "
+                "values. Threshold soft or resized masks first, e.g. masks > 0.5."
+            )
+        t = ~zero
+    return t
+
+
+def _as_labels(labels: Array, n: int, device: torch.device) -> torch.Tensor:
+    """Validates image labels (0 normal, 1 anomalous); returns a bool tensor on ``device``."""
+    t = _to_tensor(labels, "labels").to(device)
+    if t.ndim != 1 or t.shape[0] != n:
+        raise ValueError(
+            f"labels must be a 1-D array with one entry per image ({n}); got shape "
+            f"{tuple(t.shape)}."
+        )
+    if t.dtype != torch.bool:
+        if not bool(((t == 0) | (t == 1)).all()):
+            raise ValueError("labels must be 0 (normal) or 1 (anomalous); got other values.")
+        t = t == 1
+    return t
+
+
+def _as_scores(scores: Array) -> torch.Tensor:
+    """Validates image scores: 1-D, finite."""
+    t = _to_tensor(scores, "scores")
+    if t.ndim != 1:
+        raise ValueError(f"scores must be a 1-D array, one per image; got {tuple(t.shape)}.")
+    return _as_float(t, "scores")
+
+
+def _check_fpr_limit(fpr_limit: float) -> None:
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1] (MVTec AD uses 0.3); got {fpr_limit}.")
+
+
+def _curve(
+    scores: torch.Tensor, positive: torch.Tensor, *, what: str, fpr_limit: float | None = None
+) -> _Curve:
+    """Sorts ``scores`` once and counts positives/negatives at each distinct score.
+
+    ``what`` names the argument that holds ``positive`` ("labels" or "masks") in errors.
+
+    With ``fpr_limit``, the curve stops at the first threshold whose FPR exceeds it: only the
+    elements scored at or above the k-th highest negative score are sorted, k the number of
+    negatives that first pushes FPR past the limit. That is all AUPRO needs, and for
+    fpr_limit=0.3 it sorts about a third of the pixels.
+    """
+    n_pos = int(positive.sum())
+    n_neg = positive.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        kind = "anomalous" if n_pos == 0 else "normal"
+        if what == "masks":
+            raise ValueError(
+                f"masks has no {kind} pixels, so pixel metrics are undefined: evaluate on images "
+                "with both defect and defect-free pixels (masks=None in evaluate() gives the "
+                "image-level metric only)."
+            )
+        raise ValueError(
+            f"labels has no {kind} images, so image AUROC is undefined: evaluate on a set with "
+            "both normal (0) and anomalous (1) images."
+        )
+    kept = None
+    k = math.floor(fpr_limit * n_neg) + 1 if fpr_limit is not None else n_neg + 1
+    if k <= n_neg:
+        # k-th highest negative: with positives at -inf it is the (n - k + 1)-th smallest of all
+        negatives = torch.where(positive, float("-inf"), scores)
+        cut = torch.kthvalue(negatives, scores.numel() - k + 1).values
+        kept = scores >= cut
+        scores, positive = scores[kept], positive[kept]
+    sorted_scores, order = torch.sort(scores, descending=True)
+    last = torch.tensor([scores.numel() - 1], device=scores.device)
+    ends = torch.cat([torch.nonzero(sorted_scores[1:] != sorted_scores[:-1]).flatten(), last])
+    tps = torch.cumsum(positive[order], 0, dtype=torch.int64)[ends]
+    fps = ends + 1 - tps
+    return _Curve(order=order, tps=tps, fps=fps, ends=ends, n_pos=n_pos, n_neg=n_neg, kept=kept)
+
+
+def _with_origin(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t.new_zeros(1), t])
+
+
+def _auroc(curve: _Curve) -> float:
+    """Trapezoidal ROC area, in exact integer arithmetic (ties give diagonal segments)."""
+    tp, fp = _with_origin(curve.tps), _with_origin(curve.fps)
+    twice_area = int(((fp[1:] - fp[:-1]) * (tp[1:] + tp[:-1])).sum())
+    return twice_area / (2 * curve.n_pos * curve.n_neg)
+
+
+def _f1_max(curve: _Curve) -> float:
+    """Max over thresholds of F1 = 2 TP / (TP + FP + P)."""
+    tps = curve.tps.double()
+    return float((2 * tps / (tps + curve.fps.double() + curve.n_pos)).max())
+
+
+def _region_weights(masks: torch.Tensor) -> torch.Tensor:
+    """Per-pixel PRO weight: 1 / (num_regions * region_size) on anomalous pixels, else 0."""
+    regions, n_regions = ndimage.label(masks.cpu().numpy(), structure=_REGION_STRUCTURE)
+    sizes = np.bincount(regions.ravel())
+    per_region = np.zeros(len(sizes), dtype=np.float64)
+    per_region[1:] = 1.0 / (n_regions * sizes[1:].astype(np.float64))
+    return torch.from_numpy(per_region[regions.ravel()]).to(masks.device)
+
+
+def _aupro(curve: _Curve, weights: torch.Tensor, fpr_limit: float) -> float:
+    """Area under PRO(FPR) on [0, fpr_limit], interpolated at fpr_limit, over fpr_limit."""
+    fpr = _with_origin(curve.fps.double() / curve.n_neg)
+    if curve.kept is not None:
+        weights = weights[curve.kept]
+    pro = _with_origin(torch.cumsum(weights[curve.order], 0)[curve.ends])
+    inside = int((fpr <= fpr_limit).sum())  # fpr is non-decreasing and fpr[0] = 0
+    x, y = fpr[:inside], pro[:inside]
+    area = float(((x[1:] - x[:-1]) * (y[1:] + y[:-1])).sum()) / 2
+    if inside < fpr.numel():  # partial segment up to fpr_limit, linearly interpolated
+        x0, x1 = float(fpr[inside - 1]), float(fpr[inside])
+        y0, y1 = float(pro[inside - 1]), float(pro[inside])
+        y_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+        area += (y0 + y_limit) * (fpr_limit - x0) / 2
+    return area / fpr_limit
+
+
+def image_auroc(scores: Array, labels: Array) -> float:
+    """ROC AUC of image scores against image labels (ties handled as scikit-learn does).
+
+    Args:
+        scores: N raw anomaly scores (any real values, higher = more anomalous).
+        labels: N labels, 0/False normal and 1/True anomalous; both classes must occur.
+
+    Returns:
+        The area under the ROC curve, in [0, 1].
+    """
+    s = _as_scores(scores)
+    return _auroc(_curve(s, _as_labels(labels, s.shape[0], s.device), what="labels"))
+
+
+def pixel_auroc(maps: Array, masks: Array) -> float:
+    """ROC AUC over all pixels of all maps.
+
+    Args:
+        maps: N x H x W (or N x 1 x H x W) raw anomaly maps.
+        masks: ground truth of the same shape, binary (bool, 0/1 or 0/255).
+
+    Returns:
+        The pixel-level area under the ROC curve.
+    """
+    m = _as_maps(maps)
+    return _auroc(_curve(m.reshape(-1), _as_masks(masks, m).reshape(-1), what="masks"))
+
+
+def pixel_f1_max(maps: Array, masks: Array) -> float:
+    """Maximum pixel-level F1 over all thresholds ("F1-max").
+
+    Args:
+        maps: N x H x W (or N x 1 x H x W) raw anomaly maps.
+        masks: ground truth of the same shape, binary (bool, 0/1 or 0/255).
+
+    Returns:
+        The largest F1 score reachable with one global threshold.
+    """
+    m = _as_maps(maps)
+    return _f1_max(_curve(m.reshape(-1), _as_masks(masks, m).reshape(-1), what="masks"))
+
+
+def aupro(maps: Array, masks: Array, *, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the per-region-overlap curve (MVTec AD standard).
+
+    For each threshold, FPR is the fraction of all normal pixels of the set above it and PRO
+    the mean, over every connected ground-truth region of every image, of the fraction of the
+    region above it. PRO is integrated over FPR in [0, fpr_limit] and divided by fpr_limit.
+
+    Args:
+        maps: N x H x W (or N x 1 x H x W) raw anomaly maps.
+        masks: ground truth of the same shape, binary (bool, 0/1 or 0/255).
+        fpr_limit: upper end of the FPR integration range, in (0, 1].
+
+    Returns:
+        AUPRO in [0, 1].
+    """
+    _check_fpr_limit(fpr_limit)
+    m = _as_maps(maps)
+    gt = _as_masks(masks, m)
+    curve = _curve(m.reshape(-1), gt.reshape(-1), what="masks", fpr_limit=fpr_limit)
+    return _aupro(curve, _region_weights(gt), fpr_limit)
+
+
+def evaluate(
+    maps: Array,
+    masks: Array | None,
+    labels: Array,
+    *,
+    scores: Array | None = None,
+    fpr_limit: float = 0.3,
+) -> dict[str, float]:
+    """Computes all metrics, with one sort of the pixel scores for the three pixel metrics.
+
+    Args:
+        maps: N x H x W (or N x 1 x H x W) raw anomaly maps.
+        masks: ground truth of the same shape, binary (bool, 0/1 or 0/255), or None for
+            datasets without masks (then only ``image_auroc`` is returned).
+        labels: N image labels, 0 normal and 1 anomalous.
+        scores: N image scores; default the max of each map (the MMR image score).
+        fpr_limit: upper end of the FPR range of AUPRO, in (0, 1].
+
+    Returns:
+        ``{"image_auroc", "pixel_auroc", "aupro", "pixel_f1"}`` as floats (only
+        ``image_auroc`` when ``masks`` is None).
+    """
+    _check_fpr_limit(fpr_limit)
+    m = _as_maps(maps)
+    s = m.amax(dim=(1, 2)) if scores is None else _as_scores(scores)
+    if s.shape[0] != m.shape[0]:
+        raise ValueError(f"scores has {s.shape[0]} entries but maps has {m.shape[0]} maps.")
+    result = {
+        "image_auroc": _auroc(_curve(s, _as_labels(labels, m.shape[0], s.device), what="labels"))
+    }
+    if masks is None:
+        return result
+    gt = _as_masks(masks, m)
+    curve = _curve(m.reshape(-1), gt.reshape(-1), what="masks")
+    result["pixel_auroc"] = _auroc(curve)
+    result["aupro"] = _aupro(curve, _region_weights(gt), fpr_limit)
+    result["pixel_f1"] = _f1_max(curve)
+    return result

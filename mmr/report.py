@@ -1,0 +1,103 @@
+"""Metric dictionaries and the results tables (the seed README's markdown format)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = [
+    "METRICS",
+    "METRIC_TITLES",
+    "flatten_metrics",
+    "unflatten_metrics",
+    "results_markdown",
+    "write_json",
+]
+
+# Reported metrics, in table order.
+METRICS = ("image_auroc", "pixel_auroc", "pixel_f1", "aupro")
+METRIC_TITLES = {
+    "image_auroc": "Image AUROC",
+    "pixel_auroc": "Pixel AUROC",
+    "pixel_f1": "Pixel F1",
+    "aupro": "AUPRO",
+}
+
+
+def flatten_metrics(per_unit: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``{unit: {metric: v}}`` -> ``{metric: mean over units, "unit/metric": v}``.
+
+    A metric's mean is taken over the units that have it (AeBAD-V has no pixel metrics).
+    """
+    flat: dict[str, float] = {}
+    for metric in METRICS:
+        values = [m[metric] for m in per_unit.values() if metric in m]
+        if values:
+            flat[metric] = float(sum(values) / len(values))
+    for unit, metrics in per_unit.items():
+        for metric, value in metrics.items():
+            flat[f"{unit}/{metric}"] = float(value)
+    return flat
+
+
+def unflatten_metrics(flat: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Inverse of the per-unit part of :func:`flatten_metrics` (other keys are ignored)."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        unit, sep, metric = key.rpartition("/")
+        if sep and metric in METRICS and value is not None and not _isnan(value):
+            out.setdefault(unit, {})[metric] = float(value)
+    return out
+
+
+def results_markdown(rows: Mapping[str, Mapping[str, Mapping[str, float]]], *, title: str) -> str:
+    """One markdown table per metric: rows = configs, columns = Avg + units, values in %.
+
+    Args:
+        rows: ``{row label: {unit: {metric: value in [0, 1]}}}``.
+        title: heading placed above the tables.
+    """
+    units: list[str] = []
+    for per_unit in rows.values():
+        units += [u for u in per_unit if u not in units]
+    parts = [f"# {title}", ""]
+    for metric in METRICS:
+        table = {
+            label: {u: per_unit.get(u, {}).get(metric) for u in units}
+            for label, per_unit in rows.items()
+        }
+        df = pd.DataFrame.from_dict(table, orient="index", columns=units, dtype=float)
+        if df.isna().all().all():
+            continue  # e.g. pixel metrics of a mask-less dataset
+        df.insert(0, "Avg", df.mean(axis=1, skipna=True))
+        df = (df * 100).round(1)
+        df.index.name = METRIC_TITLES[metric]
+        parts += [_markdown(df), ""]
+    return "\n".join(parts)
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    """Writes JSON atomically (temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=True))
+    tmp.replace(path)
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    # pandas' to_markdown needs the optional tabulate package; this is all we need of it.
+    header = [df.index.name or ""] + [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in df.iterrows():
+        cells = ["-" if _isnan(v) else f"{v:.1f}" for v in row.tolist()]
+        lines.append("| " + " | ".join([str(label)] + cells) + " |")
+    return "\n".join(lines)
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)

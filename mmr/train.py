@@ -1,0 +1,452 @@
+"""Training loop: one MMR model per task, trained in lockstep, evaluated every few epochs.
+
+``fit`` is the single boundary between the search layer and the model: it calls
+``report(round, metrics)`` after each validation round and can resume from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmr.config import Config
+from mmr.data import (
+    Sample,
+    Task,
+    augment_batch,
+    center_crop,
+    list_tasks,
+    load_images,
+    load_masks,
+    split_task,
+)
+from mmr.metrics import evaluate
+from mmr.model import MMR, build_teacher, param_groups
+from mmr.report import flatten_metrics
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "EvalSet",
+    "TrainingDiverged",
+    "fit",
+    "run_training",
+    "evaluate_checkpoint",
+    "lr_at",
+    "load_checkpoint",
+    "build_models",
+    "load_models",
+    "model_file",
+    "save_checkpoint",
+    "prepare_eval",
+    "predict_maps",
+    "score_maps",
+    "resolve_device",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "mmr-sweep/1"
+ReportFn = Callable[[int, dict[str, float]], None]
+EpochFn = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the metrics of such a run would be garbage."""
+
+
+@dataclass
+class EvalSet:
+    """One task's evaluation data, kept on the training device."""
+
+    images: torch.Tensor  # uint8 N x 3 x R x R (resized, not yet cropped)
+    masks: torch.Tensor | None  # uint8 N x 1 x R x R (0/1), None for mask-less datasets
+    labels: torch.Tensor  # int64 N
+    groups: list[str]  # reporting unit of each image
+    samples: list[Sample]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from mmr.errors import ConfigError
+
+        raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible: use "
+                          "train.device=auto or cpu, or run on a GPU worker")
+    return torch.device(name)
+
+
+def lr_at(epoch: int, cfg: Config) -> float:
+    """Learning rate of ``epoch``: per-epoch linear warm-up (epoch 0 at 0), then /10 steps."""
+    t = cfg.train
+    if epoch < t.warmup_epochs:
+        return t.lr * epoch / t.warmup_epochs
+    return t.lr * 0.1 ** sum(epoch >= m for m in t.lr_milestones)
+
+
+def build_models(cfg: Config, tasks: list[str], device: torch.device) -> dict[str, MMR]:
+    """One MMR per task, sharing a single frozen teacher (built first, from the seed)."""
+    torch.manual_seed(cfg.train.seed)
+    teacher = build_teacher(cfg.model)
+    models = {}
+    for name in tasks:
+        models[name] = MMR(cfg.model, image_size=cfg.data.image_size, teacher=teacher)
+    return {name: m.to(device) for name, m in models.items()}
+
+
+def prepare_eval(cfg: Config, task: Task, samples: list[Sample], device: torch.device) -> EvalSet:
+    """Loads (from the decoded-image cache) one task's evaluation images, masks and labels."""
+    d = cfg.data
+    images = load_images([s.image for s in samples], size=d.resize, cache_dir=d.cache_dir)
+    masks = load_masks(samples, size=d.resize, cache_dir=d.cache_dir) if task.has_masks else None
+    return EvalSet(
+        images=images.to(device),
+        masks=None if masks is None else masks.to(device),
+        labels=torch.tensor([s.label for s in samples], dtype=torch.long),
+        groups=[s.group for s in samples],
+        samples=list(samples),
+    )
+
+
+@torch.no_grad()
+def predict_maps(model: MMR, data: EvalSet, cfg: Config) -> torch.Tensor:
+    """Anomaly maps (N x H x W float32) of the center-cropped evaluation images."""
+    model.eval()
+    maps = []
+    with _autocast(cfg, data.images.device):
+        for start in range(0, len(data.images), cfg.eval.batch_size):
+            batch = center_crop(data.images[start : start + cfg.eval.batch_size],
+                                image_size=cfg.data.image_size)
+            maps.append(model.anomaly_map(batch, blur_sigma=cfg.eval.blur_sigma).float())
+    return torch.cat(maps)
+
+
+def score_maps(maps: torch.Tensor, data: EvalSet, cfg: Config) -> dict[str, dict[str, float]]:
+    """Metrics of each reporting unit (``{unit: {metric: value}}``)."""
+    masks = None
+    if data.masks is not None:
+        masks = center_crop_mask(data.masks, image_size=cfg.data.image_size)
+    out = {}
+    for unit in sorted(set(data.groups)):
+        idx = torch.tensor([i for i, g in enumerate(data.groups) if g == unit])
+        unit_masks = None if masks is None else masks[idx.to(masks.device)]
+        out[unit] = evaluate(maps[idx.to(maps.device)], unit_masks, data.labels[idx],
+                             fpr_limit=cfg.eval.aupro_fpr_limit)
+    return out
+
+
+def center_crop_mask(masks: torch.Tensor, *, image_size: int) -> torch.Tensor:
+    """Center crop of N x 1 x R x R masks to N x S x S (same crop as the images)."""
+    r = masks.shape[-1]
+    top = (r - image_size) // 2
+    return masks[:, 0, top : top + image_size, top : top + image_size]
+
+
+def fit(
+    cfg: Config,
+    *,
+    report: ReportFn | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    on_epoch: EpochFn | None = None,
+    final_test: bool = True,
+) -> dict[str, Any]:
+    """Trains MMR on every task of ``cfg`` and evaluates it.
+
+    Args:
+        cfg: the training config.
+        report: called as ``report(round, metrics)`` after each validation round, once the
+            round's checkpoint is on disk; ``metrics`` is flat (see ``docs/design.md``).
+        checkpoint_dir: where ``checkpoint.pt`` is written after each round (None: not saved).
+        resume_from: a checkpoint file or a directory holding one; training continues after
+            its round exactly as an uninterrupted run would.
+        on_epoch: called as ``on_epoch(epoch, {"loss": ..., "lr": ...})`` after each epoch.
+        final_test: evaluate the held-out test half at the end (search trials skip it: no
+            search ever sees test numbers; export evaluates the chosen model instead).
+
+    Returns:
+        ``{"val": {unit: metrics}, "test": {unit: metrics}, "history": [...], "epochs": n,
+        "seconds": wall time}``; ``test`` is the held-out half that no search ever sees.
+    """
+    started = time.perf_counter()
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    random.seed(t.seed)
+    tasks = list_tasks(cfg.data)
+    log.info("tasks: %s on %s", [task.name for task in tasks], device)
+
+    train_images, val_sets, test_sets = {}, {}, {}
+    for task in tasks:
+        val, test = split_task(task, cfg.data)
+        paths = [s.image for s in task.train]
+        train_images[task.name] = load_images(
+            paths, size=cfg.data.resize, cache_dir=cfg.data.cache_dir).to(device)
+        val_sets[task.name] = prepare_eval(cfg, task, val, device)
+        if final_test:
+            test_sets[task.name] = prepare_eval(cfg, task, test, device)
+
+    models = build_models(cfg, [task.name for task in tasks], device)
+    optimizers = {
+        name: torch.optim.AdamW(param_groups(m, weight_decay=t.weight_decay), lr=t.lr,
+                                betas=t.betas)
+        for name, m in models.items()
+    }
+    generators = {}
+    for i, name in enumerate(models):
+        generators[name] = torch.Generator().manual_seed(t.seed * 1000 + i)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        start_epoch = _restore(state, cfg, models, optimizers, generators)
+        history = list(state["history"])
+        log.info("resumed at epoch %d (round %d)", start_epoch, len(history))
+
+    val_metrics: dict[str, dict[str, float]] = {}
+    for epoch in range(start_epoch, t.epochs):
+        lr = lr_at(epoch, cfg)
+        losses = []
+        for name, model in models.items():
+            for group in optimizers[name].param_groups:
+                group["lr"] = lr
+            losses.append(_train_epoch(model, optimizers[name], train_images[name],
+                                       generators[name], cfg, name, epoch))
+        epoch_stats = {"loss": float(sum(losses) / len(losses)), "lr": lr}
+        if on_epoch is not None:
+            on_epoch(epoch, epoch_stats)
+        if (epoch + 1) % t.eval_every and epoch + 1 != t.epochs:
+            continue
+        val_metrics = {}
+        for name, model in models.items():
+            maps = predict_maps(model, val_sets[name], cfg)
+            val_metrics.update(score_maps(maps, val_sets[name], cfg))
+        flat = flatten_metrics(val_metrics)
+        flat.update(epoch=epoch + 1, loss=epoch_stats["loss"])
+        history.append(flat)
+        if checkpoint_dir is not None:
+            save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME, cfg, models, optimizers,
+                            generators, epoch + 1, history)
+        if report is not None:
+            report(len(history), flat)
+
+    if not val_metrics and history:  # resumed after the last round: rebuild from history
+        from mmr.report import unflatten_metrics
+
+        val_metrics = unflatten_metrics(history[-1])
+    test_metrics = {}
+    for name, model in models.items() if final_test else ():
+        test_metrics.update(score_maps(predict_maps(model, test_sets[name], cfg),
+                                       test_sets[name], cfg))
+    return {
+        "val": val_metrics,
+        "test": test_metrics,
+        "history": history,
+        "epochs": t.epochs,
+        "seconds": time.perf_counter() - started,
+        "models": models,
+    }
+
+
+def _train_epoch(model: MMR, opt: torch.optim.Optimizer, images: torch.Tensor,
+                 gen: torch.Generator, cfg: Config, name: str, epoch: int) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for idx in _batches(len(images), cfg.train.batch_size, gen):
+        batch = images[idx.to(images.device)]
+        if cfg.data.augment:
+            x = augment_batch(batch, image_size=cfg.data.image_size, generator=gen)
+        else:
+            x = center_crop(batch, image_size=cfg.data.image_size)
+        with _autocast(cfg, images.device):
+            loss = model(x)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"task {name!r}: loss is {loss.item()} at epoch {epoch} (lr "
+                f"{opt.param_groups[0]['lr']:.3g}); lower train.lr or use train.precision=fp32")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=gen)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, cfg: Config, models: Mapping[str, MMR],
+                    optimizers: Mapping[str, torch.optim.Optimizer],
+                    generators: Mapping[str, torch.Generator], epoch: int,
+                    history: list[dict[str, float]]) -> None:
+    """Writes a plain-dict checkpoint (loadable with ``weights_only=True``) atomically."""
+    teacher = next(iter(models.values())).teacher
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.to_dict(),
+        "epoch": epoch,
+        "round": len(history),
+        "teacher": teacher.state_dict(),
+        "students": {name: m.student.state_dict() for name, m in models.items()},
+        "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
+        "generators": {name: g.get_state() for name, g in generators.items()},
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": list(random.getstate()[1]),
+        "history": history,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a checkpoint file (or ``DIR/checkpoint.pt``) with ``weights_only=True``."""
+    from mmr.errors import UserInputError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise UserInputError(f"checkpoint {str(path)!r} does not exist: pass the file written "
+                             "by a training run (or the directory holding checkpoint.pt)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserInputError(f"{str(path)!r} is not an mmr-sweep checkpoint "
+                             f"(expected format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def _restore(state: Mapping[str, Any], cfg: Config, models: Mapping[str, MMR],
+             optimizers: Mapping[str, torch.optim.Optimizer],
+             generators: Mapping[str, torch.Generator]) -> int:
+    from mmr.errors import UserInputError
+
+    if set(state["students"]) != set(models):
+        raise UserInputError(f"checkpoint holds tasks {sorted(state['students'])} but the "
+                             f"config trains {sorted(models)}: resume with the same config")
+    saved = Config.from_dict(state["config"])
+    if saved.model != cfg.model:
+        raise UserInputError("checkpoint was written with a different model config: resume "
+                             "with the config it was trained with")
+    teacher = next(iter(models.values())).teacher
+    teacher.load_state_dict(state["teacher"])
+    for name, model in models.items():
+        model.student.load_state_dict(state["students"][name])
+        optimizers[name].load_state_dict(state["optimizers"][name])
+        generators[name].set_state(state["generators"][name])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate((3, tuple(state["python_rng"]), None))
+    return int(state["epoch"])
+
+
+def model_file(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The deployable part of a checkpoint: config, teacher and students (no optimiser)."""
+    return {key: state[key] for key in ("format", "config", "epoch", "teacher", "students")}
+
+
+def load_models(path: str | Path, device: str | torch.device = "cpu"
+                ) -> tuple[Config, dict[str, MMR]]:
+    """Rebuilds the trained models of a checkpoint or ``model.pt`` file."""
+    state = load_checkpoint(path)
+    cfg = Config.from_dict(state["config"])
+    # The weights come from the file: never fetch pretrained weights to be overwritten.
+    cfg = cfg.override({"model.pretrained": False, "model.teacher_checkpoint": None,
+                        "model.encoder_checkpoint": None})
+    models = build_models(cfg, list(state["students"]), torch.device(device))
+    next(iter(models.values())).teacher.load_state_dict(state["teacher"])
+    for name, model in models.items():
+        model.student.load_state_dict(state["students"][name])
+        model.eval()
+    return cfg, models
+
+
+def run_training(cfg: Config, out: str | Path, *, label: str = "MMR",
+                 report: ReportFn | None = None, on_epoch: EpochFn | None = None
+                 ) -> dict[str, Any]:
+    """``launch.py train``: fits, then writes config.yaml, metrics.json, results.md, model.pt.
+
+    Every file is written atomically, so an interrupted run leaves no half-written output.
+    """
+    from mmr.config import dump_config
+    from mmr.report import results_markdown, write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    result = fit(cfg, report=report, on_epoch=on_epoch, checkpoint_dir=ckpt_dir)
+    dump_config(cfg, out / "config.yaml")
+    val, test = flatten_metrics(result["val"]), flatten_metrics(result["test"])
+    summary = {
+        "config": label,
+        "epochs": result["epochs"],
+        "seconds": result["seconds"],
+        "val": {"mean": _means(val), "units": result["val"]},
+        "test": {"mean": _means(test), "units": result["test"]},
+        "history": result["history"],
+    }
+    write_json(summary, out / "metrics.json")
+    tables = results_markdown({f"{label} (test)": result["test"], f"{label} (val)": result["val"]},
+                              title="MMR results (test = held-out half, val = search split)")
+    tmp = out / "results.md.tmp"
+    tmp.write_text(tables)
+    tmp.replace(out / "results.md")
+    state = load_checkpoint(ckpt_dir)
+    tmp = out / "model.pt.tmp"
+    torch.save(model_file(state), tmp)
+    tmp.replace(out / "model.pt")
+    return {"test_mean": _means(test), "val_mean": _means(val), "summary": summary}
+
+
+def _means(flat: Mapping[str, float]) -> dict[str, float]:
+    return {k: v for k, v in flat.items() if "/" not in k}
+
+
+def evaluate_checkpoint(path: str | Path, *, split: str = "test", device: str = "auto"
+                        ) -> tuple[Config, dict[str, dict[str, float]],
+                                   dict[str, tuple[EvalSet, torch.Tensor]]]:
+    """Evaluates a checkpoint's models on the ``test`` (held-out) or ``val`` split.
+
+    Returns the config it was trained with, ``{unit: metrics}`` and, per task, the evaluation
+    data with its anomaly maps (for overlays).
+    """
+    state = load_checkpoint(path)
+    trained_cfg = Config.from_dict(state["config"])
+    dev = resolve_device(device)
+    cfg, models = load_models(path, dev)
+    metrics: dict[str, dict[str, float]] = {}
+    outputs: dict[str, tuple[EvalSet, torch.Tensor]] = {}
+    for task in list_tasks(cfg.data):
+        val, test = split_task(task, cfg.data)
+        data = prepare_eval(cfg, task, test if split == "test" else val, dev)
+        maps = predict_maps(models[task.name], data, cfg)
+        metrics.update(score_maps(maps, data, cfg))
+        outputs[task.name] = (data, maps)
+    return trained_cfg, metrics, outputs

@@ -1,0 +1,278 @@
+"""Sweep configuration (YAML) and its resolution into a self-contained experiment spec.
+
+A sweep names a base training config and a search space by path; ``resolve_sweep`` loads both,
+applies ``--set`` overrides (sweep keys such as ``search.num_trials`` or training keys such as
+``train.epochs``), validates the space against the training schema and returns a ``SweepSpec``
+holding everything inline, so that an experiment directory never depends on the files it was
+launched from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmr.config import (
+    Config,
+    ConfigError,
+    build_dataclass,
+    load_config,
+)
+from mmr.errors import UserInputError
+from mmr.report import METRICS
+from spaces import Space, load_space
+
+__all__ = [
+    "DEMO_SWEEP",
+    "SPEC_FILE",
+    "is_experiment",
+    "load_spec",
+    "SweepConfig",
+    "SweepSpec",
+    "load_sweep_config",
+    "resolve_sweep",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_SWEEP = ROOT / "configs" / "demo_sweep.yaml"
+SPEC_FILE = "sweep.json"  # the resolved sweep, written before the first trial starts
+SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
+SCHEDULERS = ("asha", "fifo")
+SWEEP_SECTIONS = ("name", "base", "space", "objective", "search", "scheduler", "resources",
+                  "storage", "max_failures")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    metric: str | dict[str, float] = "image_auroc"  # validation metric, or {metric: weight}
+    mode: str = "max"  # max | min
+    per_category: bool = False  # one study (and best config) per category
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    sampler: str = "tpe"  # tpe | gp | cmaes | random | grid
+    num_trials: int = 64  # trials per study (the baseline trial included)
+    max_concurrent: int = 8  # trials running at once (per sweep)
+    seed: int = 0  # sampler seed
+    n_startup_trials: int = 8  # random trials before TPE/GP/CMA-ES model the space
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    type: str = "asha"  # asha | fifo
+    grace_period: int = 2  # evaluation rounds a trial runs before it can be stopped
+    reduction_factor: float = 3.0  # ASHA keeps the top 1/reduction_factor at each rung
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    cpu: float = 1.0  # CPUs per trial
+    gpu: float = 0.0  # GPUs per trial; fractions pack several trials on one GPU
+    custom: dict[str, float] = field(default_factory=dict)  # Ray custom resources per trial
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str = "mmr-sweep"  # experiment name (directory under storage)
+    base: str = "configs/tiny.yaml"  # training config every trial starts from
+    space: str = "spaces/demo.yaml"  # search space
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    storage: str = "runs"  # local dir, NFS path or s3://...
+    max_failures: int = 2  # retries of a trial whose worker died (from its last checkpoint)
+
+    def validated(self) -> SweepConfig:
+        o, s, sc, r = self.objective, self.search, self.scheduler, self.resources
+        weights = o.metric if isinstance(o.metric, dict) else {o.metric: 1.0}
+        bad = sorted(set(weights) - set(METRICS))
+        _check(not bad and weights, "objective.metric",
+               f"must be one of {METRICS} or a mapping of them to weights, got {o.metric!r}")
+        _check(o.mode in ("max", "min"), "objective.mode", "must be max or min")
+        _check(s.sampler in SAMPLERS, "search.sampler", f"must be one of {SAMPLERS}")
+        _check(s.num_trials >= 1, "search.num_trials", f"must be >= 1, got {s.num_trials}")
+        _check(s.max_concurrent >= 1, "search.max_concurrent", "must be >= 1")
+        _check(s.n_startup_trials >= 0, "search.n_startup_trials", "must be >= 0")
+        _check(sc.type in SCHEDULERS, "scheduler.type", f"must be one of {SCHEDULERS}")
+        _check(sc.grace_period >= 1, "scheduler.grace_period", "must be >= 1 round")
+        _check(sc.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1")
+        _check(r.cpu >= 0 and r.gpu >= 0, "resources", "cpu and gpu must be >= 0")
+        _check(r.gpu <= 1 or float(r.gpu).is_integer(), "resources.gpu",
+               "must be a fraction <= 1 or a whole number of GPUs")
+        _check(self.max_failures >= 0, "max_failures", "must be >= 0")
+        _check(bool(self.name) and "/" not in self.name, "name", "must be a plain directory name")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A fully resolved sweep: everything a trial, resume or export needs, inline."""
+
+    sweep: SweepConfig
+    base: Config  # training config of the baseline trial, paths absolute
+    space_spec: dict[str, Any]  # the space as loaded (YAML mapping)
+    categories: tuple[str, ...]  # categories trained (each its own study if per_category)
+
+    @property
+    def space(self) -> Space:
+        return load_space(self.space_spec)
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.sweep.storage) / self.sweep.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sweep": self.sweep.to_dict(),
+            "base": self.base.to_dict(),
+            "space": self.space_spec,
+            "categories": list(self.categories),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> SweepSpec:
+        sweep = build_dataclass(SweepConfig, raw["sweep"]).validated()
+        return cls(sweep, Config.from_dict(raw["base"]), dict(raw["space"]),
+                   tuple(raw["categories"]))
+
+    def objective_value(self, metrics: Mapping[str, float], prefix: str = "") -> float | None:
+        """The objective (a metric or a weighted mix) from flat validation metrics.
+
+        Always to be maximised: with ``mode: min`` the value is negated.
+        """
+        metric = self.sweep.objective.metric
+        weights = metric if isinstance(metric, dict) else {metric: 1.0}
+        total = 0.0
+        for name, weight in weights.items():
+            value = metrics.get(prefix + name)
+            if value is None:
+                return None
+            total += weight * value
+        value = total / sum(weights.values())
+        return -value if self.sweep.objective.mode == "min" else value
+
+
+def is_experiment(path: str | Path) -> bool:
+    return (Path(path) / SPEC_FILE).is_file()
+
+
+def load_spec(experiment_dir: str | Path) -> SweepSpec:
+    """Reads the resolved sweep of an experiment dir; a clear error for any other dir."""
+    path = Path(experiment_dir)
+    if not is_experiment(path):
+        raise UserInputError(
+            f"{str(path)!r} is not an mmr-sweep experiment directory (no {SPEC_FILE}): pass "
+            "the directory a sweep printed, e.g. runs/<name>")
+    return SweepSpec.from_dict(json.loads((path / SPEC_FILE).read_text()))
+
+
+def load_sweep_config(path: str | Path | None) -> tuple[dict[str, Any], Path]:
+    """Reads a sweep YAML (default: the demo); returns the raw mapping and its directory."""
+    path = Path(path) if path is not None else DEMO_SWEEP
+    if not path.is_file():
+        raise ConfigError(f"sweep config {str(path)!r} does not exist: check the path (see "
+                          f"{DEMO_SWEEP} for an example)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep config {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"sweep config {str(path)!r} must be a mapping")
+    return dict(raw), path.resolve().parent
+
+
+def resolve_sweep(
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    name: str | None = None,
+    storage: str | None = None,
+    categories: Sequence[str] | None = None,
+) -> SweepSpec:
+    """Loads, overrides and validates a sweep; the base config and space are read now."""
+    raw, config_dir = load_sweep_config(config)
+    sweep_over: dict[str, Any] = {}
+    train_over: list[str] = []
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.split(".")[0] in SWEEP_SECTIONS:
+            sweep_over.update({key: yaml.safe_load(item.partition("=")[2])})
+        else:
+            train_over.append(item)
+    merged = dict(raw)
+    for key, value in sweep_over.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            section = dict(merged.get(head) or {})
+            section[rest] = value
+            merged[head] = section
+        else:
+            merged[head] = value
+    if name:
+        merged["name"] = name
+    if storage:
+        merged["storage"] = storage
+    sweep = build_dataclass(SweepConfig, merged).validated()
+    base_path = _find(sweep.base, config_dir, "base")
+    space_path = _find(sweep.space, config_dir, "space")
+    base = load_config(base_path, train_over).resolve_paths()
+    storage_path = sweep.storage if "://" in sweep.storage else str(
+        Path(sweep.storage).expanduser().resolve())
+    sweep = dataclasses.replace(sweep, base=str(base_path), space=str(space_path),
+                                storage=storage_path)
+    space_spec = yaml.safe_load(space_path.read_text())
+    space = load_space(space_path)
+    space.validate(base)
+    space.baseline(base)
+    if sweep.search.sampler == "grid":
+        space.grid()
+    cats = tuple(categories) if categories else _categories(base)
+    return SweepSpec(sweep, base, dict(space_spec), cats)
+
+
+def _categories(base: Config) -> tuple[str, ...]:
+    """Category names of the base config (listing the dataset when it says ``all``)."""
+    if base.data.categories != "all":
+        return tuple(base.data.categories)
+    from mmr.data import list_tasks
+
+    units: list[str] = []
+    for task in list_tasks(base.data):
+        units += [s.group for s in task.test if s.group not in units]
+    return tuple(units)
+
+
+def _find(value: str, config_dir: Path, key: str) -> Path:
+    """Resolves a path from the working directory, the sweep file's folder or the project."""
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, config_dir / path,
+                                                     ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"sweep {key} {value!r} not found (looked in "
+                      f"{', '.join(str(c.parent) for c in candidates)}): fix the path")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,166 @@
+"""Export of a sweep: best config, its checkpoint, test-half tables, trials.csv, plots.
+
+Layout of ``--out DIR`` (single study)::
+
+    best.yaml  model.pt  results.md  trials.csv  summary.json
+    plots/optimization_history.png  param_importances.png  parallel_coordinate.png
+    plots/overlays_<task>.png  overlays_<task>.gif
+
+With ``objective.per_category`` each category gets ``<category>/best.yaml`` and
+``<category>/model.pt``, and plots per study. Files are written to a temporary directory that
+replaces ``DIR`` at the end, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from mmr.config import Config, dump_config
+from mmr.errors import UserInputError
+from mmr.report import flatten_metrics, results_markdown, write_json
+from search.config import SweepSpec, load_spec
+from search.results import best_trials, load_trials
+from search.searcher import OBJECTIVE
+
+__all__ = ["export_experiment"]
+
+log = logging.getLogger(__name__)
+
+
+def export_experiment(experiment_dir: str | Path, out: str | Path, *,
+                      overlays: int = 8, device: str = "auto") -> Path:
+    """Writes every export artefact of an experiment to ``out``; returns ``out``."""
+    exp = Path(experiment_dir).resolve()
+    spec = load_spec(exp)
+    out = Path(out).resolve()
+    df = load_trials(exp)
+    best = best_trials(df)
+    if not best:
+        raise UserInputError(f"experiment {str(exp)!r} has no trial with a result yet: "
+                             "nothing to export (see `launch.py status`)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        _export(spec, df, best, staging, overlays=overlays, device=device)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.replace(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _export(spec: SweepSpec, df: pd.DataFrame, best: dict[str | None, pd.Series], out: Path,
+            *, overlays: int, device: str) -> None:
+    from mmr.train import evaluate_checkpoint, load_checkpoint, model_file
+
+    (out / "plots").mkdir()
+    trials_csv = df.drop(columns=["trial_index", "checkpoint"], errors="ignore")
+    trials_csv.to_csv(out / "trials.csv", index=False)
+    rows: dict[str, dict[str, dict[str, float]]] = {"baseline (test)": {}, "best (test)": {}}
+    summary: dict[str, Any] = {"studies": {}}
+    for category, row in best.items():
+        target = out / category if category else out
+        target.mkdir(exist_ok=True)
+        if row["checkpoint"] is None:
+            raise UserInputError(f"best trial {row['trial']} has no checkpoint: the sweep was "
+                                 "stopped before its first round; resume it first")
+        state = load_checkpoint(row["checkpoint"])
+        cfg = Config.from_dict(state["config"])  # exactly the trial's training config
+        dump_config(cfg, target / "best.yaml")
+        tmp = target / "model.pt.tmp"
+        torch.save(model_file(state), tmp)
+        tmp.replace(target / "model.pt")
+        _, test_best, outputs = evaluate_checkpoint(row["checkpoint"], device=device)
+        rows["best (test)"].update(test_best)
+        base = _baseline_row(df, category)
+        test_base = test_best
+        if base is not None and base["trial"] != row["trial"] and base["checkpoint"]:
+            _, test_base, _ = evaluate_checkpoint(base["checkpoint"], device=device)
+        if base is not None:
+            rows["baseline (test)"].update(test_base)
+        summary["studies"][category or spec.sweep.name] = {
+            "best_trial": row["trial"],
+            "best_val_objective": float(row[OBJECTIVE]),
+            "baseline_trial": None if base is None else base["trial"],
+            "baseline_val_objective": None if base is None else _float(base[OBJECTIVE]),
+            "best_test": flatten_metrics(test_best),
+            "baseline_test": flatten_metrics(test_base) if base is not None else None,
+        }
+        for task, (data, maps) in outputs.items():
+            _overlays(data, maps, cfg.data.image_size, out / "plots", task, overlays)
+    if not rows["baseline (test)"]:
+        del rows["baseline (test)"]
+    (out / "results.md").write_text(results_markdown(
+        rows, title=f"{spec.sweep.name}: held-out test half (never seen by the search)"))
+    write_json(summary, out / "summary.json")
+    _study_plots(spec, out / "plots")
+
+
+def _baseline_row(df: pd.DataFrame, category: str | None) -> pd.Series | None:
+    pool = df if category is None else df[df["category"] == category]
+    base = pool[pool["baseline"]]
+    return None if base.empty else base.iloc[0]
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _overlays(data: Any, maps: torch.Tensor, image_size: int, plots: Path, task: str,
+              count: int) -> None:
+    from mmr.visualize import overlay_frames, save_gif, save_grid
+
+    # Most anomalous first, then a few normal images for contrast.
+    scores = maps.flatten(1).amax(1).cpu()
+    labels = data.labels
+    bad = [i for i in scores.argsort(descending=True).tolist() if labels[i] == 1]
+    good = [i for i in scores.argsort().tolist() if labels[i] == 0]
+    pick = (bad[: max(1, count * 3 // 4)] + good[: max(1, count // 4)])[:count]
+    idx = torch.tensor(pick)
+    masks = None if data.masks is None else data.masks[idx.to(data.masks.device)]
+    frames = overlay_frames(data.images[idx.to(data.images.device)], maps[idx.to(maps.device)],
+                            masks, image_size=image_size)
+    titles = [f"{data.samples[i].group}/{data.samples[i].defect} {data.samples[i].image.name} "
+              f"score {scores[i]:.3f}" for i in pick]
+    save_grid(frames, titles, plots / f"overlays_{task}.png")
+    save_gif(frames, plots / f"overlays_{task}.gif")
+
+
+def _study_plots(spec: SweepSpec, plots: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    from search.searcher import study_storage
+
+    storage = study_storage(spec.experiment_dir)
+    names = ([f"{spec.sweep.name}/{c}" for c in spec.categories]
+             if spec.sweep.objective.per_category else [spec.sweep.name])
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        suffix = "" if name == spec.sweep.name else "_" + name.rsplit("/", 1)[-1]
+        for plot, fn in (("optimization_history", ovm.plot_optimization_history),
+                         ("param_importances", ovm.plot_param_importances),
+                         ("parallel_coordinate", ovm.plot_parallel_coordinate)):
+            try:
+                ax = fn(study)
+            except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ trials
+                log.warning("plot %s of study %s skipped: %s", plot, name, exc)
+                continue
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+            fig.set_size_inches(9, 5)
+            fig.tight_layout()
+            fig.savefig(plots / f"{plot}{suffix}.png", dpi=100)
+            plt.close(fig)

@@ -1,0 +1,119 @@
+"""Trial schedulers: ASHA that survives a resume and never stops the baseline, per-category.
+
+``Tuner.restore`` brings trials and the searcher back but not ASHA's rungs, so a resumed sweep
+would stop nothing until the rungs refill. ``ResumableASHA`` rebuilds them from the results on
+disk the first time it sees a trial. ``PerCategoryScheduler`` keeps one scheduler per category,
+so that rungs compare trials of the same category only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+
+__all__ = ["ResumableASHA", "PerCategoryScheduler", "read_histories"]
+
+log = logging.getLogger(__name__)
+
+
+def read_histories(experiment_dir: Path) -> Iterator[tuple[str, dict, list[dict]]]:
+    """Yields ``(trial_id, config, results)`` from every ``result.json`` under the experiment."""
+    for path in sorted(Path(experiment_dir).glob("*/result.json")):
+        results = []
+        for line in path.read_text().splitlines():
+            try:
+                results.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed driver
+        if results:
+            yield results[0]["trial_id"], results[-1].get("config", {}), results
+
+
+class ResumableASHA(AsyncHyperBandScheduler):
+    """ASHA (one bracket) whose rungs are rebuilt from disk after ``Tuner.restore``.
+
+    The baseline trial is recorded in the rungs like any other but never stopped: every
+    report compares the best trial against the fully trained starting point.
+    """
+
+    def __init__(self, *, experiment_dir: Path, metric: str, max_t: int, grace_period: int,
+                 reduction_factor: float, category: str | None = None) -> None:
+        super().__init__(time_attr="training_iteration", metric=metric, mode="max",
+                         max_t=max_t, grace_period=min(grace_period, max_t),
+                         reduction_factor=reduction_factor, brackets=1)
+        self._experiment_dir = str(experiment_dir)
+        self._category = category
+        self._rebuilt = False
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if not self._rebuilt:
+            self._rebuilt = True
+            self.rebuild_rungs()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and trial.config.get("baseline"):
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
+
+    def rebuild_rungs(self) -> int:
+        """Records every trial's value at each rung it reached; returns the number recorded."""
+        bracket = self._brackets[0]
+        count = 0
+        for trial_id, config, results in read_histories(Path(self._experiment_dir)):
+            if self._category is not None and config.get("category") != self._category:
+                continue
+            for milestone, recorded in bracket._rungs:
+                hit = next((r for r in results
+                            if r.get(self._time_attr, 0) >= milestone and self._metric in r),
+                           None)
+                if hit is not None and trial_id not in recorded:
+                    recorded[trial_id] = self._metric_op * hit[self._metric]
+                    count += 1
+        if count:
+            log.info("ASHA: rebuilt %d rung record(s) from %s", count, self._experiment_dir)
+        return count
+
+    @property
+    def rungs(self) -> list[tuple[float, dict[str, float]]]:
+        """``[(milestone, {trial_id: value}), ...]`` (values sign-adjusted for max)."""
+        return self._brackets[0]._rungs
+
+
+class PerCategoryScheduler(FIFOScheduler):
+    """Routes each trial to the scheduler of its ``config["category"]``."""
+
+    def __init__(self, make: Callable[[str], TrialScheduler], categories: list[str]) -> None:
+        super().__init__()
+        self._subs = {c: make(c) for c in categories}
+
+    def _sub(self, trial: Any) -> TrialScheduler:
+        return self._subs[trial.config["category"]]
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return all(s.set_search_properties(metric, mode, **spec) for s in self._subs.values())
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._sub(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self._sub(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        return self._sub(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._sub(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._sub(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{c}: {s.debug_string()}" for c, s in self._subs.items())

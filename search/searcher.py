@@ -1,0 +1,209 @@
+"""Optuna studies behind Ray Tune: samplers, PRUNED bookkeeping, one study per category.
+
+Ray's ``OptunaSearch`` tells Optuna that a trial stopped early by ASHA is COMPLETE with its
+low-rung value, so TPE learns from partial results as if they were final. ``StudySearch``
+records such trials as PRUNED (Optuna then ranks them by their intermediate values, as its own
+pruners do). ``PerCategorySearch`` runs one such study per category inside a single Tuner.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from search.config import SweepSpec
+from spaces import Space
+
+__all__ = ["StudySearch", "PerCategorySearch", "make_sampler", "make_searcher", "study_storage"]
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE = "objective"  # the reported key the searcher and scheduler optimise
+ROUNDS_KEY = "rounds_total"  # reported with every result: rounds of a full run
+
+
+def make_sampler(
+    spec: SweepSpec, space: Space, seed_offset: int = 0
+) -> optuna.samplers.BaseSampler:
+    """The configured Optuna sampler, its options set explicitly (Optuna 5 changed defaults)."""
+    s = spec.sweep.search
+    seed = s.seed + seed_offset
+    startup = s.n_startup_trials
+    if s.sampler == "tpe":
+        # multivariate+group model conditional spaces jointly; constant_liar keeps parallel
+        # workers from sampling the same point while earlier trials still run.
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                          group=True, constant_liar=True)
+    if s.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if s.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=startup,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed))
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.GridSampler(space.grid(), seed=seed)
+
+
+def study_storage(experiment_dir: Path) -> JournalStorage:
+    """Optuna JournalStorage in the experiment dir (a file journal: safe on NFS)."""
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(experiment_dir / "study.journal")))
+
+
+class StudySearch(OptunaSearch):
+    """``OptunaSearch`` that records early-stopped trials as PRUNED and marks the baseline.
+
+    The first trial of a study is the base config (enqueued); its config carries
+    ``baseline: True``. Trial configs hold dotted training-config keys only (plus metadata
+    keys ``baseline``, ``category`` and ``study_trial``), never Optuna branch names.
+    """
+
+    def __init__(self, space: Space, *, baseline: Mapping[str, Any], study_name: str,
+                 storage: JournalStorage, sampler: optuna.samplers.BaseSampler,
+                 category: str | None = None) -> None:
+        super().__init__(space=space.define, metric=OBJECTIVE, mode="max",
+                         points_to_evaluate=[dict(baseline)], sampler=sampler,
+                         study_name=study_name, storage=storage)
+        self._category = category
+        self._baseline_params = dict(baseline)
+        self._baseline_taken = False
+
+    def _suggest_from_define_by_run_func(self, func: Any, ot_trial: Any) -> dict:
+        # Keep the define-by-run return (config keys), not Optuna's parameter names.
+        return func(ot_trial)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if config is None:
+            return None
+        ot_trial = self._ot_trials[trial_id]
+        config = dict(config)
+        # The enqueued base config comes back as the first trial with exactly its params.
+        is_baseline = not self._baseline_taken and ot_trial.params == self._baseline_params
+        self._baseline_taken |= is_baseline
+        config["baseline"] = is_baseline
+        config["study_trial"] = ot_trial.number
+        if self._category is not None:
+            config["category"] = self._category
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        done = result and result.get("training_iteration", 0) >= result.get(ROUNDS_KEY, 0)
+        if not error and result and OBJECTIVE in result and not done:
+            # Stopped early by the scheduler: PRUNED, valued by its last intermediate value.
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.fail_orphans()
+
+    def fail_orphans(self) -> int:
+        """Marks RUNNING study trials that no Tune trial owns (driver killed) as FAIL."""
+        owned = {t.number for t in self._ot_trials.values()}
+        orphans = [t.number for t in self._ot_study.get_trials(deepcopy=False)
+                   if t.state == TrialState.RUNNING and t.number not in owned]
+        for number in orphans:
+            self._ot_study.tell(number, state=TrialState.FAIL)
+        owned_baseline = any(t.params == self._baseline_params for t in self._ot_trials.values())
+        if self._baseline_taken and not owned_baseline:
+            # The baseline's Tune trial was never checkpointed: run the base config again.
+            self._baseline_taken = False
+            self._ot_study.enqueue_trial(self._baseline_params)
+        if orphans:
+            log.info("study %s: marked %d orphaned trial(s) FAIL", self._study_name, len(orphans))
+        return len(orphans)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+
+class PerCategorySearch(Searcher):
+    """One ``StudySearch`` per category, scheduled concurrently in one Tuner.
+
+    New trials go to the category with the fewest trials so far, so that every study
+    progresses at the same pace; each study stops suggesting after ``num_trials``.
+    """
+
+    def __init__(self, searchers: Mapping[str, StudySearch], num_trials: int) -> None:
+        super().__init__(metric=OBJECTIVE, mode="max")
+        self._searchers = dict(searchers)
+        self._num_trials = num_trials
+        self._started = {c: 0 for c in self._searchers}
+        self._owner: dict[str, str] = {}
+
+    def suggest(self, trial_id: str) -> dict | None:
+        open_ = [c for c in self._searchers if self._started[c] < self._num_trials]
+        if not open_:
+            return Searcher.FINISHED
+        category = min(open_, key=lambda c: self._started[c])
+        config = self._searchers[category].suggest(trial_id)
+        if config is None:
+            return None
+        self._started[category] += 1
+        self._owner[trial_id] = category
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._owner:
+            self._searchers[self._owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if trial_id in self._owner:
+            self._searchers[self._owner[trial_id]].on_trial_complete(trial_id, result, error)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
+                              **spec: Any) -> bool:
+        return True  # the sub-searchers were built with their metric and mode
+
+    def save(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+        for searcher in self._searchers.values():
+            searcher.fail_orphans()
+
+    @property
+    def studies(self) -> dict[str, optuna.Study]:
+        return {c: s.study for c, s in self._searchers.items()}
+
+
+def make_searcher(spec: SweepSpec, experiment_dir: Path) -> StudySearch | PerCategorySearch:
+    """The searcher of a sweep: one study, or one per category (``objective.per_category``)."""
+    space = spec.space
+    baseline = space.baseline(spec.base)
+    storage = study_storage(experiment_dir)
+    if not spec.sweep.objective.per_category:
+        return StudySearch(space, baseline=baseline, study_name=spec.sweep.name, storage=storage,
+                           sampler=make_sampler(spec, space))
+    searchers = {
+        cat: StudySearch(space, baseline=baseline, study_name=f"{spec.sweep.name}/{cat}",
+                         storage=storage, sampler=make_sampler(spec, space, seed_offset=i),
+                         category=cat)
+        for i, cat in enumerate(spec.categories)
+    }
+    return PerCategorySearch(searchers, spec.sweep.search.num_trials)

@@ -1,0 +1,208 @@
+"""Sweep orchestration: Ray, the Tuner, resume, and the end-of-sweep summary and export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from mmr.errors import UserInputError
+from search.config import SPEC_FILE, ResourcesConfig, SweepSpec, is_experiment, load_spec
+from search.progress import ProgressTable
+from search.scheduler import PerCategoryScheduler, ResumableASHA
+from search.searcher import OBJECTIVE, make_searcher
+from search.trainable import train_trial
+
+__all__ = ["SweepRun", "init_ray", "check_resources", "run_sweep", "resume_sweep"]
+
+log = logging.getLogger(__name__)
+
+Write = Callable[[str], None]
+
+
+@dataclass
+class SweepRun:
+    """What a finished (or interrupted) sweep leaves behind."""
+
+    experiment_dir: Path
+    seconds: float
+    export_dir: Path | None
+
+
+def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write = print
+             ) -> None:
+    """Connects to a cluster, or starts an embedded local Ray (dashboard on 127.0.0.1)."""
+    if ray.is_initialized():
+        return
+    if address:
+        from cluster.auth import enable_client_token_auth
+
+        # A driver joins a token-auth cluster only with RAY_AUTH_MODE=token set.
+        enable_client_token_auth()
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserInputError(
+                f"cannot connect to the Ray cluster at {address!r}: {exc}. Check the address "
+                "(HOST:6379 or ray://HOST:10001) and that the cluster is up; for a cluster with "
+                "token authentication export RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) and "
+                "RAY_AUTH_MODE=token") from exc
+        return
+    context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                       logging_level=logging.WARNING)
+    url = getattr(context, "dashboard_url", None)
+    if dashboard and url:
+        token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+        auth = (f"; log in with the token in {token}" if token.is_file()
+                and os.environ.get("RAY_AUTH_MODE") != "disabled" else "")
+        write(f"Ray dashboard: http://{url} (local only{auth})")
+
+
+def check_resources(res: ResourcesConfig) -> None:
+    """Fails at once when no node of the cluster could ever run one trial."""
+    need = {"CPU": res.cpu, "GPU": res.gpu, **res.custom}
+    need = {k: v for k, v in need.items() if v > 0}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+        return
+    have = "; ".join(
+        ", ".join(f"{k}={v:g}" for k, v in sorted(node.items())
+                  if k in ("CPU", "GPU") or k in res.custom) for node in nodes)
+    hint = ("this cluster has no GPU: set resources.gpu=0 (training then runs on CPU) or "
+            "connect to a GPU cluster with --address" if res.gpu and
+            not any(n.get("GPU") for n in nodes) else
+            "lower resources.* or add nodes that have them")
+    raise UserInputError(f"resources per trial {need} fit on no node of the cluster "
+                         f"(nodes: {have or 'none'}): {hint}")
+
+
+def _trainable(spec: SweepSpec) -> Any:
+    r = spec.sweep.resources
+    resources = {"cpu": r.cpu, "gpu": r.gpu, **r.custom}
+    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()),
+                               resources)
+
+
+def _scheduler(spec: SweepSpec, experiment_dir: Path) -> Any:
+    sc = spec.sweep.scheduler
+    if sc.type == "fifo":
+        return tune.schedulers.FIFOScheduler()
+
+    def make(category: str | None) -> ResumableASHA:
+        return ResumableASHA(experiment_dir=experiment_dir, metric=OBJECTIVE,
+                             max_t=spec.base.num_rounds, grace_period=sc.grace_period,
+                             reduction_factor=sc.reduction_factor, category=category)
+
+    if spec.sweep.objective.per_category:
+        return PerCategoryScheduler(make, list(spec.categories))
+    return make(None)
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _run_config(spec: SweepSpec, write: Write, started: float) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=spec.sweep.name,
+        storage_path=spec.sweep.storage,
+        failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=[ProgressTable(spec, write=write, started=started)],
+        verbose=0,
+    )
+
+
+def _prepare_storage(spec: SweepSpec, resume: bool) -> Path:
+    exp = spec.experiment_dir
+    if "://" in spec.sweep.storage:
+        raise UserInputError(
+            f"storage {spec.sweep.storage!r}: the study journal needs a POSIX path; use a "
+            "local directory or an NFS mount shared by the cluster")
+    if is_experiment(exp) and not resume:
+        raise UserInputError(
+            f"experiment {str(exp)!r} already exists: continue it with `launch.py resume "
+            f"{exp}` (or `sweep --resume`), or pick another --name")
+    try:
+        exp.mkdir(parents=True, exist_ok=True)
+        probe = exp / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserInputError(f"storage path {str(exp)!r} is not writable ({exc.strerror}): "
+                             "pass --storage DIR on a writable disk") from exc
+    return exp
+
+
+def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = False,
+              write: Write = print, dashboard: bool = True, export: bool = True) -> SweepRun:
+    """Runs (or with ``resume`` continues) a sweep and exports its best configuration."""
+    exp = spec.experiment_dir
+    if resume and is_experiment(exp):
+        return resume_sweep(exp, address=address, write=write, dashboard=dashboard,
+                            export=export)
+    exp = _prepare_storage(spec, resume=False)
+    init_ray(address, dashboard=dashboard, write=write)
+    check_resources(spec.sweep.resources)
+    started = time.time()
+    tmp = exp / (SPEC_FILE + ".tmp")
+    tmp.write_text(json.dumps(spec.to_dict(), indent=2))
+    tmp.replace(exp / SPEC_FILE)
+    s = spec.sweep.search
+    num_samples = s.num_trials * (len(spec.categories) if spec.sweep.objective.per_category
+                                  else 1)
+    tuner = tune.Tuner(
+        _trainable(spec),
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(spec, exp),
+            scheduler=_scheduler(spec, exp),
+            num_samples=num_samples,
+            max_concurrent_trials=s.max_concurrent,
+            trial_dirname_creator=_trial_dirname,
+            trial_name_creator=_trial_dirname,
+        ),
+        run_config=_run_config(spec, write, started),
+    )
+    write(f"sweep {spec.sweep.name}: {num_samples} trials, experiment dir {exp}")
+    tuner.fit()
+    return _finish(exp, started, write, export)
+
+
+def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
+                 write: Write = print, dashboard: bool = True, export: bool = True) -> SweepRun:
+    """Continues an interrupted sweep: finished trials kept, study and rungs restored."""
+    exp = Path(experiment_dir).resolve()
+    spec = load_spec(exp)
+    if not tune.Tuner.can_restore(str(exp)):
+        raise UserInputError(f"{str(exp)!r} has no Tune state to resume yet (the sweep was "
+                             "stopped before its first trial started): run the sweep again")
+    init_ray(address, dashboard=dashboard, write=write)
+    check_resources(spec.sweep.resources)
+    started = time.time()
+    tuner = tune.Tuner.restore(str(exp), trainable=_trainable(spec), resume_unfinished=True,
+                               resume_errored=False, restart_errored=False)
+    write(f"resuming sweep {spec.sweep.name} in {exp}")
+    tuner.fit()
+    return _finish(exp, started, write, export)
+
+
+def _finish(exp: Path, started: float, write: Write, export: bool) -> SweepRun:
+    from search.results import summary_table
+
+    seconds = time.time() - started
+    write(summary_table(exp))
+    export_dir = None
+    if export:
+        from search.export import export_experiment
+
+        export_dir = export_experiment(exp, exp / "export")
+        write(f"exported the best configuration to {export_dir}")
+    return SweepRun(exp, seconds, export_dir)

@@ -1,0 +1,76 @@
+"""The Tune trainable: a few lines around ``mmr.train.fit``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from mmr.config import Config
+from search.config import SweepSpec
+from search.searcher import OBJECTIVE, ROUNDS_KEY
+
+__all__ = ["train_trial", "trial_config", "META_KEYS", "FAILED_MARKER"]
+
+META_KEYS = ("baseline", "category", "study_trial")  # trial-config keys that are not params
+FAILED_MARKER = "trial_failed.json"  # a deterministic failure: retries end at once
+
+
+def trial_config(spec: SweepSpec, config: dict[str, Any]) -> Config:
+    """The training config of one trial: the base, its sampled params, its category."""
+    params = {k: v for k, v in config.items() if k not in META_KEYS}
+    cfg = spec.base.override(params)
+    if config.get("category") is not None:
+        cfg = cfg.override({"data.categories": [config["category"]]})
+    return cfg
+
+
+def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
+    """Trains one trial, reporting the objective and a checkpoint after every round.
+
+    A restarted trial (worker died, driver resumed) continues from ``tune.get_checkpoint()``.
+    A deterministic failure (NaN loss, bad data, CUDA OOM) is recorded in the trial dir so
+    that Ray's retries, meant for lost workers, end at once with the same error.
+    """
+    from mmr.train import fit
+
+    sweep = SweepSpec.from_dict(spec)
+    cfg = trial_config(sweep, config)
+    prefix = ""
+    marker = Path(tune.get_context().get_trial_dir()) / FAILED_MARKER
+    if marker.is_file():
+        raise RuntimeError(json.loads(marker.read_text())["error"])
+
+    checkpoint = tune.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="mmr-ckpt-") as tmp:
+
+        def report(round_: int, metrics: dict[str, float]) -> None:
+            metrics = dict(metrics)
+            metrics[ROUNDS_KEY] = cfg.num_rounds
+            metrics[OBJECTIVE] = sweep.objective_value(metrics, prefix)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+        try:
+            if checkpoint is None:
+                fit(cfg, report=report, checkpoint_dir=tmp, final_test=False)
+            else:
+                with checkpoint.as_directory() as resume:
+                    fit(cfg, report=report, checkpoint_dir=tmp, resume_from=resume,
+                        final_test=False)
+        except Exception as exc:
+            if _deterministic(exc):
+                marker.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+            raise
+
+
+def _deterministic(exc: BaseException) -> bool:
+    """Failures that a retry would only repeat (unlike a lost worker or node)."""
+    import torch
+
+    from mmr.errors import UserInputError
+    from mmr.train import TrainingDiverged
+
+    return isinstance(exc, TrainingDiverged | UserInputError | torch.OutOfMemoryError)

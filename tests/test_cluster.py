@@ -1,0 +1,633 @@
+"""cluster/: `ray up` configs (Ray's own schema), KubeRay manifests, the job client, and a
+real two-node Ray cluster with token auth (tests/raycluster.py) for submit/status/failover."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from raycluster import LocalCluster, free_port, local_cluster, marked_processes
+
+from cluster import auth, jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+RAY_UP_FILES = ["aws.yaml", "gcp.yaml", "onprem.yaml"]
+RAY_VERSION = "2.60.0"  # the Ray the configs and images pin; must match the installed one
+
+
+def _ray_up(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _prepared(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What `ray up` validates: the config merged with the provider's defaults."""
+    from ray.autoscaler._private.util import prepare_config
+
+    return prepare_config(copy.deepcopy(cfg))
+
+
+# ----------------------------------------------------------------- `ray up` cluster configs
+
+
+@pytest.mark.parametrize("name", RAY_UP_FILES)
+def test_ray_up_config_passes_rays_schema(name: str) -> None:
+    from ray.autoscaler._private.util import validate_config
+
+    validate_config(_prepared(_ray_up(name)))  # raises jsonschema.ValidationError
+
+
+def test_schema_validation_rejects_broken_configs() -> None:
+    """The validation above is not a formality: typical breakages are caught."""
+    import jsonschema
+    from ray.autoscaler._private.util import validate_config
+
+    good = _ray_up("aws.yaml")
+    typo = {**copy.deepcopy(good), "setup_comands": ["true"]}
+    no_node_config = copy.deepcopy(good)
+    del no_node_config["available_node_types"]["gpu_4x_a10g"]["node_config"]
+    yaml_mapping = copy.deepcopy(good)  # an unquoted "WARNING: ..." in a command is a mapping
+    yaml_mapping["setup_commands"].append({"echo WARNING": "x"})
+    for broken in (typo, no_node_config, yaml_mapping):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_config(_prepared(broken))
+    too_small = copy.deepcopy(good)
+    too_small["available_node_types"]["gpu_4x_a10g"]["min_workers"] = 99
+    with pytest.raises(ValueError, match="max_workers"):
+        validate_config(_prepared(too_small))
+
+
+@pytest.mark.parametrize("name", RAY_UP_FILES)
+def test_ray_up_config_keeps_auth_on_and_dashboard_private(name: str) -> None:
+    cfg = _ray_up(name)
+    raw = (CLUSTER / name).read_text()
+    assert "0.0.0.0" not in raw
+    # The token reaches every node, which starts Ray with token auth.
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
+    starts_w = [c for c in cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert starts and starts_w
+    for cmd in starts + starts_w:
+        assert "RAY_AUTH_MODE=token" in cmd, cmd
+    for cmd in starts:
+        assert "--dashboard-host=127.0.0.1" in cmd
+    assert any("export RAY_AUTH_MODE=token" in c for c in cfg["setup_commands"])
+
+
+@pytest.mark.parametrize("name", RAY_UP_FILES)
+def test_ray_up_config_installs_project_and_sizes_shm(name: str) -> None:
+    cfg = _ray_up(name)
+    assert cfg["file_mounts"]["~/mmr-sweep"] == "."
+    assert any(re.search(r"pip install .*-e ~/mmr-sweep", c) for c in cfg["setup_commands"])
+    docker = cfg.get("docker")
+    if docker:  # cloud: the container gets an explicit /dev/shm
+        assert docker["image"] == f"rayproject/ray:{RAY_VERSION}-py311-gpu"
+        assert any(o.startswith("--shm-size=") for o in docker["worker_run_options"])
+        assert any(o.startswith("--shm-size=") for o in docker["head_run_options"])
+        # Shared experiment storage: mounted on the host, bind-mounted into the container.
+        assert "-v /mnt/runs:/mnt/runs" in docker["run_options"]
+        assert any("mount" in c and "/mnt/runs" in c for c in cfg["initialization_commands"])
+    else:  # bare metal: the setup resizes /dev/shm
+        assert any("remount,size=" in c and "/dev/shm" in c for c in cfg["setup_commands"])
+    assert "--storage" in (CLUSTER / name).read_text()  # the header says where results go
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cloud_configs_have_gpu_workers_and_a_trial_free_head(name: str) -> None:
+    cfg = _prepared(_ray_up(name))
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("CPU") == 0  # trials never land on the head
+    workers = {k: v for k, v in types.items() if k != cfg["head_node_type"]}
+    assert workers
+    for node_type in workers.values():
+        assert node_type["resources"]["GPU"] >= 1
+        assert 0 <= node_type["min_workers"] <= node_type["max_workers"]
+    assert sum(t["min_workers"] for t in workers.values()) <= cfg["max_workers"]
+
+
+def test_onprem_config_lists_workers_and_bounds() -> None:
+    cfg = _ray_up("onprem.yaml")
+    assert cfg["provider"]["type"] == "local"
+    prepared = _prepared(cfg)
+    node_type = prepared["available_node_types"][prepared["head_node_type"]]
+    assert (
+        node_type["min_workers"] == node_type["max_workers"] == len(cfg["provider"]["worker_ips"])
+    )
+
+
+# ----------------------------------------------------------------------- KubeRay manifests
+
+# Keys a container / pod spec may have (core/v1): a typo such as `volumeMount` fails here.
+_CONTAINER_KEYS = {
+    "name", "image", "imagePullPolicy", "command", "args", "workingDir", "ports", "env",
+    "envFrom", "resources", "volumeMounts", "livenessProbe", "readinessProbe", "startupProbe",
+    "lifecycle", "securityContext", "terminationMessagePath", "terminationMessagePolicy",
+}  # fmt: skip
+_POD_KEYS = {
+    "containers", "initContainers", "volumes", "tolerations", "nodeSelector", "affinity",
+    "serviceAccountName", "securityContext", "imagePullSecrets", "priorityClassName",
+    "restartPolicy", "schedulerName", "terminationGracePeriodSeconds",
+}  # fmt: skip
+
+
+def _kuberay_docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((CLUSTER / "kuberay" / name).read_text()) if d]
+
+
+def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d.get("kind") == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def _pvc_name() -> str:
+    return _one(_kuberay_docs("raycluster.yaml"), "PersistentVolumeClaim")["metadata"]["name"]
+
+
+def _check_pod(template: dict[str, Any], *, gpu: bool) -> None:
+    pod = template["spec"]
+    assert set(pod) <= _POD_KEYS, set(pod) - _POD_KEYS
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    container = pod["containers"][0]  # KubeRay runs Ray in the first container
+    assert set(container) <= _CONTAINER_KEYS, set(container) - _CONTAINER_KEYS
+    assert container["name"] and container["image"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert set(mounts.values()) <= set(volumes), "a volumeMount names no volume"
+    # Shared experiment storage on the PVC, the same path on every node.
+    runs = volumes[mounts["/mnt/runs"]]
+    assert runs["persistentVolumeClaim"]["claimName"] == _pvc_name()
+    # Memory-backed /dev/shm (the container default is 64 MB).
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    for env in container.get("env", []):
+        assert not (env["name"] == "RAY_AUTH_MODE" and env.get("value") != "token")
+    res = container["resources"]
+    if gpu:
+        assert int(res["limits"]["nvidia.com/gpu"]) >= 1
+        # Extended resources: requests must equal limits when both are given.
+        assert (
+            res["requests"].get("nvidia.com/gpu", res["limits"]["nvidia.com/gpu"])
+            == (res["limits"]["nvidia.com/gpu"])
+        )
+        assert {"MMR_CACHE_DIR"} <= {e["name"] for e in container.get("env", [])}
+    else:
+        assert "nvidia.com/gpu" not in res.get("limits", {})
+
+
+def _check_cluster_spec(spec: dict[str, Any]) -> None:
+    assert spec["rayVersion"] == RAY_VERSION
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)  # required by the CRD
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"  # never exposed publicly
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    _check_pod(head["template"], gpu=False)
+    groups = spec["workerGroupSpecs"]
+    assert groups
+    for group in groups:
+        for key in ("groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"):
+            assert key in group, key  # required by the CRD
+        assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
+        _check_pod(group["template"], gpu=True)
+
+
+def test_kuberay_raycluster_manifest() -> None:
+    docs = _kuberay_docs("raycluster.yaml")
+    pvc = _one(docs, "PersistentVolumeClaim")
+    assert pvc["apiVersion"] == "v1"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # head and workers mount it
+    rc = _one(docs, "RayCluster")
+    assert rc["apiVersion"] == "ray.io/v1"
+    assert rc["metadata"]["name"]
+    _check_cluster_spec(rc["spec"])
+    assert not [d for d in docs if d["kind"] in {"Ingress", "Service"}]
+
+
+def test_kuberay_rayjob_manifest() -> None:
+    from launch import build_parser
+
+    job = _one(_kuberay_docs("rayjob.yaml"), "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    _check_cluster_spec(job["spec"]["rayClusterSpec"])
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "launch.py", "sweep"]
+    args = build_parser().parse_args(argv[2:])  # the CLI contract accepts it
+    assert (args.command, args.address, args.storage) == ("sweep", "auto", "/mnt/runs")
+    assert (ROOT / args.config).is_file(), args.config
+    # The project is the job's working directory; the image puts it there.
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] == "/home/ray/mmr-sweep"
+    assert "/home/ray/mmr-sweep" in (CLUSTER / "Dockerfile").read_text()
+    assert f"rayproject/ray:{RAY_VERSION}-py311-gpu" in (CLUSTER / "Dockerfile").read_text()
+
+
+def test_pinned_ray_version_is_the_installed_one() -> None:
+    import ray
+
+    assert ray.__version__ == RAY_VERSION, "update the cluster configs' Ray version"
+
+
+# -------------------------------------------------------------------- job client (no cluster)
+
+
+def test_entrypoint_is_quoted_argument_by_argument() -> None:
+    nasty = ["--set", "name=x; rm -rf / #", "--name", "$(whoami)", "--storage", "a b'\"c"]
+    argv = jobs.sweep_entrypoint(nasty)
+    command = jobs.build_entrypoint(argv)
+    assert shlex.split(command) == ["python", "launch.py", "sweep", "--address", "auto", *nasty]
+    with pytest.raises(jobs.JobClientError, match="--address"):
+        jobs.sweep_entrypoint(["--address", "ray://elsewhere:10001"])
+
+
+def test_sweep_options_make_config_paths_valid_on_the_cluster(tmp_path: Path) -> None:
+    inside = ROOT / "configs" / "sweep_mvtec.yaml"
+    args = jobs.sweep_options(
+        project_root=ROOT, config=str(inside), overrides=["a.b=1", "c=[1, 2]"], name="n",
+        storage="s3://bucket/x",
+    )  # fmt: skip
+    assert args == [
+        "--config", "configs/sweep_mvtec.yaml", "--set", "a.b=1", "--set", "c=[1, 2]",
+        "--name", "n", "--storage", "s3://bucket/x",
+    ]  # fmt: skip
+    outside = tmp_path / "mine.yaml"
+    outside.write_text("name: x\n")
+    with pytest.raises(jobs.JobClientError, match="outside the project"):
+        jobs.sweep_options(project_root=ROOT, config=str(outside))
+    on_cluster = "/mnt/runs/configs/s.yaml"  # not here: passed unchanged
+    assert jobs.sweep_options(project_root=ROOT, config=on_cluster)[1] == on_cluster
+
+
+def test_dashboard_address_forms() -> None:
+    assert jobs.dashboard_url("head:8265") == "http://head:8265"
+    assert jobs.dashboard_url("https://head:8265/") == "https://head:8265"
+    for bad in ("ray://head:10001",):
+        with pytest.raises(jobs.JobClientError, match="dashboard"):
+            jobs.dashboard_url(bad)
+
+
+def test_no_address_says_what_to_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with pytest.raises(jobs.JobClientError, match="--address http://HEAD:8265"):
+        jobs.dashboard_url(None)
+
+
+def test_token_sources_follow_rays_precedence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth.find_token() == (None, "none")
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-default\n")
+    assert auth.find_token()[0] == "from-default"
+    path_file = tmp_path / "tok"
+    path_file.write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path_file))
+    assert auth.find_token()[0] == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth.find_token() == ("from-env", "RAY_AUTH_TOKEN")
+    assert auth.find_token("explicit")[0] == "explicit"
+    # A token path that cannot be read is an error naming the path, never a silent fallback.
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(auth.TokenError, match="missing"):
+        auth.find_token()
+
+
+def test_client_token_mode_is_switched_on_only_with_a_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth.enable_client_token_auth() is None
+    assert "RAY_AUTH_MODE" not in os.environ
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "x")
+    assert auth.enable_client_token_auth() == "RAY_AUTH_TOKEN"
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # an explicit choice is respected
+    assert auth.enable_client_token_auth() is None
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_unreachable_address_names_it_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t0ken-never-shown")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(jobs.JobClientError) as err:
+        jobs.job_status(url, "raysubmit_x")
+    msg = str(err.value)
+    assert url in msg and "port-forward" in msg and "t0ken" not in msg
+
+
+def test_token_never_travels_in_the_runtime_env(tmp_path: Path) -> None:
+    with pytest.raises(jobs.JobClientError, match="token"):
+        jobs.submit_job(
+            "http://127.0.0.1:1", ["true"], working_dir=tmp_path, env_vars={"RAY_AUTH_TOKEN": "x"}
+        )
+    assert {"runs/", ".git/", "*.pt"} <= set(jobs.DEFAULT_EXCLUDES)
+
+
+def test_submit_command_passes_sweep_options(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import launch
+
+    calls: list[tuple[Any, ...]] = []
+
+    def fake_submit(address: str, sweep_args: list[str], *, working_dir: Path) -> str:
+        calls.append((address, sweep_args, working_dir))
+        return "raysubmit_TEST"
+
+    monkeypatch.setattr(jobs, "submit_sweep", fake_submit)
+    rc = launch.main(
+        ["submit", "--address", "head:8265", "--config", "configs/sweep_mvtec.yaml",
+         "--set", "search.num_trials=4", "--name", "exp", "--storage", "/mnt/runs"]
+    )  # fmt: skip
+    assert rc == 0
+    address, sweep_args, working_dir = calls[0]
+    assert address == "http://head:8265" and working_dir == ROOT
+    assert sweep_args == [
+        "--config", "configs/sweep_mvtec.yaml", "--set", "search.num_trials=4",
+        "--name", "exp", "--storage", "/mnt/runs",
+    ]  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "raysubmit_TEST"
+    assert "status --job raysubmit_TEST --address http://head:8265" in out[-1]
+
+
+def test_submit_without_address_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import launch
+
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert launch.main(["submit", "--name", "x"]) == 2
+    assert "--address http://HEAD:8265" in capsys.readouterr().err
+
+
+def test_cluster_package_imports_neither_torch_nor_ray() -> None:
+    code = (
+        "import sys, cluster, cluster.jobs; "
+        "bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_commands_in_the_cluster_docs_follow_the_cli() -> None:
+    """Every `python launch.py ...` in docs/cluster.md's code blocks parses with launch.py."""
+    from launch import build_parser
+
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            for match in re.finditer(r"python launch\.py ([^|&#)]*)", line):
+                commands.append(match.group(1).strip())
+    assert len(commands) >= 8
+    parser = build_parser()
+    for command in commands:
+        try:
+            parser.parse_args(shlex.split(command))
+        except SystemExit:
+            pytest.fail(f"docs/cluster.md: `launch.py {command}` does not parse")
+
+
+# ------------------------------------------------- a real two-node cluster, token auth on
+
+_DRIVER = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+
+@ray.remote(num_cpus=0.5, resources={"worker_node": 1})
+def where():
+    return ray.get_runtime_context().get_node_id()
+
+print(json.dumps({"task": ray.get(where.remote(), timeout=120),
+                  "driver": ray.get_runtime_context().get_node_id()}))
+"""
+
+# Runs as a Ray Job: joins the cluster like the sweep driver does, uses the second node.
+_JOB = """
+import os, ray
+ray.init()
+
+@ray.remote(num_cpus=0.5, resources={"worker_node": 1})
+class Probe:  # like a Tune trial: an actor placed by its resources
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
+
+print("hello from the job; actor on", ray.get(Probe.remote().node.remote(), timeout=120))
+print("launch.py uploaded:", os.path.isfile("launch.py"))
+"""
+
+
+def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A client environment with no token anywhere (own HOME, no RAY_AUTH_*)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env.update(HOME=str(tmp_path), **extra)
+    return env
+
+
+def _launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "launch.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+class TestTwoNodeCluster:
+    """One cluster (head + a node with {"worker_node": 1}) shared by the tests of this class."""
+
+    @pytest.fixture(scope="class")
+    def cluster(self) -> Iterator[LocalCluster]:
+        with local_cluster(head_cpus=1, worker_cpus=1) as c:
+            yield c
+
+    @pytest.fixture()
+    def token_env(self, cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+        """This process finds the token the way a user's shell would: RAY_AUTH_TOKEN_PATH."""
+        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(cluster.token_file))
+
+    def test_task_needing_the_custom_resource_runs_on_the_second_node(
+        self, cluster: LocalCluster, tmp_path: Path
+    ) -> None:
+        out = subprocess.run(
+            [sys.executable, "-c", _DRIVER, cluster.gcs_address],
+            cwd=tmp_path,
+            env=cluster.client_env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        where = json.loads(out.stdout.strip().splitlines()[-1])
+        assert where["task"] == cluster.worker_node_id() != cluster.head_node_id()
+
+    def test_drivers_need_the_token_and_token_mode(
+        self, cluster: LocalCluster, tmp_path: Path
+    ) -> None:
+        code = (
+            "import sys, ray\n"
+            "if sys.argv[2] == 'enable':\n"
+            "    from cluster.auth import enable_client_token_auth\n"
+            "    enable_client_token_auth()\n"
+            "ray.init(address=sys.argv[1])\n"
+            "print('CONNECTED')\n"
+        )
+
+        def driver(mode: str, **env: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-c", code, cluster.gcs_address, mode],
+                cwd=ROOT,
+                env=_clean_env(tmp_path, **env),
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+
+        # The GCS itself refuses a driver without the token, or with a wrong one.
+        for env in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"}):
+            out = driver("plain", **env)
+            assert out.returncode != 0 and "CONNECTED" not in out.stdout
+            assert "InvalidAuthToken" in out.stderr, out.stderr[-2000:]
+        # Ray sends a token found in RAY_AUTH_TOKEN(_PATH) only in token mode (checked by hand:
+        # without it the driver fails like above); enable_client_token_auth switches it on,
+        # here after `import ray`, as in launch.py.
+        out = driver("enable", RAY_AUTH_TOKEN_PATH=str(cluster.token_file))
+        assert out.returncode == 0 and "CONNECTED" in out.stdout, out.stderr[-2000:]
+
+    def test_job_submitted_with_token_succeeds_and_its_logs_come_back(
+        self, cluster: LocalCluster, token_env: None
+    ) -> None:
+        job_id = jobs.submit_job(cluster.dashboard_url, ["python", "-c", _JOB], working_dir=ROOT)
+        assert jobs.wait_for_job(cluster.dashboard_url, job_id, timeout=300) == "SUCCEEDED"
+        status, logs = jobs.job_status(cluster.dashboard_url, job_id)
+        assert status == "SUCCEEDED"
+        assert f"hello from the job; actor on {cluster.worker_node_id()}" in logs
+        assert "launch.py uploaded: True" in logs
+        # The dashboard's REST API lists the (now dead) actor with its node.
+        probes = cluster.actors(class_name="Probe")
+        assert probes and {a["node_id"] for a in probes} == {cluster.worker_node_id()}
+
+    def test_cli_submit_and_status_through_the_job_api(
+        self, cluster: LocalCluster, tmp_path: Path, token_env: None
+    ) -> None:
+        env = cluster.client_env()
+        storage = str(tmp_path / "runs")
+        sub = _launch(
+            ["submit", "--address", cluster.dashboard_url, "--name", "clustertest",
+             "--set", "search.num_trials=1", "--storage", storage],
+            env,
+        )  # fmt: skip
+        assert sub.returncode == 0, sub.stderr[-3000:]
+        job_id = sub.stdout.splitlines()[0].strip()
+        assert re.fullmatch(r"raysubmit_\w+", job_id), sub.stdout
+        # The sweep itself is not under test here: stop it, keep the machine free.
+        jobs.stop_job(cluster.dashboard_url, job_id)
+        final = jobs.wait_for_job(cluster.dashboard_url, job_id, timeout=120)
+        from ray.job_submission import JobSubmissionClient
+
+        info = JobSubmissionClient(
+            cluster.dashboard_url, headers=cluster.auth_headers()
+        ).get_job_info(job_id)
+        assert shlex.split(info.entrypoint) == [
+            "python", "launch.py", "sweep", "--address", "auto", "--set",
+            "search.num_trials=1", "--name", "clustertest", "--storage", storage,
+        ]  # fmt: skip
+        st = _launch(["status", "--job", job_id, "--address", cluster.dashboard_url], env)
+        assert st.returncode == 0, st.stderr[-3000:]
+        assert st.stdout.splitlines()[0] == f"job {job_id}: {final}"
+        for text in (sub.stdout, sub.stderr, st.stdout, st.stderr):
+            assert cluster.token not in text
+
+    def test_status_without_or_with_a_wrong_token_explains_the_fix(
+        self, cluster: LocalCluster, tmp_path: Path
+    ) -> None:
+        args = ["status", "--job", "raysubmit_x", "--address", cluster.dashboard_url]
+        none = _launch(args, _clean_env(tmp_path))
+        assert none.returncode == 2
+        assert "401" in none.stderr and "RAY_AUTH_TOKEN" in none.stderr
+        assert cluster.dashboard_url in none.stderr
+        wrong = _launch(args, _clean_env(tmp_path, RAY_AUTH_TOKEN="not-the-token"))
+        assert wrong.returncode == 2 and "rejected" in wrong.stderr
+        assert "not-the-token" not in wrong.stderr
+        with pytest.raises(urllib.error.HTTPError) as err:
+            cluster.api_get("/api/v0/nodes", token=False)
+        assert err.value.code == 401
+
+    def test_dashboard_answers_on_loopback_only(self, cluster: LocalCluster) -> None:
+        assert cluster.api_get("/api/version")  # 127.0.0.1 answers
+        ips = {n["node_ip"] for n in cluster.nodes()} - {"127.0.0.1"}
+        if not ips:
+            pytest.skip("this machine has no network interface besides loopback to probe")
+        for ip in ips:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                assert s.connect_ex((ip, cluster.dashboard_port)) != 0, ip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killing_the_second_node_leaves_the_head_working(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Both nodes offer a "slot"; only the second one has "worker_node".
+    with local_cluster(
+        head_cpus=1, worker_cpus=1, head_resources={"slot": 1},
+        worker_resources={"slot": 1, "worker_node": 1},
+    ) as c:  # fmt: skip
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(c.token_file))
+        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+        head_pid = c.head.popen.pid
+        worker_id, head_id = c.worker_node_id(), c.head_node_id()
+        node_dirs = [c.head.temp_dir, c.worker.temp_dir]
+        killed = c.kill_worker(sig=signal.SIGKILL)
+        assert killed and head_pid not in killed
+        for pid in killed:
+            assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), pid
+        c.wait_node_dead(worker_id, timeout=90)
+        assert c.head.popen.poll() is None
+        assert [n["node_id"] for n in c.alive_nodes()] == [head_id]
+        # Work that needs a "slot" now runs on the remaining capacity: the head.
+        code = (
+            "import ray; ray.init()\n"
+            "f = ray.remote(num_cpus=0.5, resources={'slot': 1})("
+            "lambda: ray.get_runtime_context().get_node_id())\n"
+            "print('ran on', ray.get(f.remote(), timeout=120))\n"
+        )
+        job_id = jobs.submit_job(c.dashboard_url, ["python", "-c", code], working_dir=ROOT)
+        assert jobs.wait_for_job(c.dashboard_url, job_id, timeout=240) == "SUCCEEDED"
+        assert f"ran on {head_id}" in jobs.job_status(c.dashboard_url, job_id)[1]
+        recorded = c.pids()
+    # The context ended exactly what it started: nothing of either node is left.
+    assert not [p for d in node_dirs for p in marked_processes(str(d))]
+    assert all(not Path(f"/proc/{p}").exists() or _is_zombie(p) for p in recorded)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
