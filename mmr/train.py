@@ -10,7 +10,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ from mmr.data import (
     Sample,
     Task,
     augment_batch,
+    batch_indices,
     center_crop,
+    center_crop_masks,
     list_tasks,
     load_images,
     load_masks,
@@ -135,7 +137,7 @@ def score_maps(maps: torch.Tensor, data: EvalSet, cfg: Config) -> dict[str, dict
     """Metrics of each reporting unit (``{unit: {metric: value}}``)."""
     masks = None
     if data.masks is not None:
-        masks = center_crop_mask(data.masks, image_size=cfg.data.image_size)
+        masks = center_crop_masks(data.masks, image_size=cfg.data.image_size)[:, 0]
     out = {}
     for unit in sorted(set(data.groups)):
         idx = torch.tensor([i for i, g in enumerate(data.groups) if g == unit])
@@ -143,13 +145,6 @@ def score_maps(maps: torch.Tensor, data: EvalSet, cfg: Config) -> dict[str, dict
         out[unit] = evaluate(maps[idx.to(maps.device)], unit_masks, data.labels[idx],
                              fpr_limit=cfg.eval.aupro_fpr_limit)
     return out
-
-
-def center_crop_mask(masks: torch.Tensor, *, image_size: int) -> torch.Tensor:
-    """Center crop of N x 1 x R x R masks to N x S x S (same crop as the images)."""
-    r = masks.shape[-1]
-    top = (r - image_size) // 2
-    return masks[:, 0, top : top + image_size, top : top + image_size]
 
 
 def fit(
@@ -263,7 +258,7 @@ def _train_epoch(model: MMR, opt: torch.optim.Optimizer, images: torch.Tensor,
                  gen: torch.Generator, cfg: Config, name: str, epoch: int) -> float:
     model.train()
     total, count = 0.0, 0
-    for idx in _batches(len(images), cfg.train.batch_size, gen):
+    for idx in batch_indices(len(images), batch_size=cfg.train.batch_size, generator=gen):
         batch = images[idx.to(images.device)]
         if cfg.data.augment:
             x = augment_batch(batch, image_size=cfg.data.image_size, generator=gen)
@@ -281,12 +276,6 @@ def _train_epoch(model: MMR, opt: torch.optim.Optimizer, images: torch.Tensor,
         total += loss.item() * len(idx)
         count += len(idx)
     return total / max(count, 1)
-
-
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    order = torch.randperm(n, generator=gen)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
 
 
 def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def _export(spec: SweepSpec, df: pd.DataFrame, best: dict[str | None, pd.Series]
     from mmr.train import evaluate_checkpoint, load_checkpoint, model_file
 
     (out / "plots").mkdir()
-    trials_csv = df.drop(columns=["trial_index", "checkpoint"], errors="ignore")
+    trials_csv = df.drop(columns=["checkpoint"], errors="ignore")
     trials_csv.to_csv(out / "trials.csv", index=False)
     rows: dict[str, dict[str, dict[str, float]]] = {"baseline (test)": {}, "best (test)": {}}
     summary: dict[str, Any] = {"studies": {}}
@@ -145,6 +146,8 @@ def _study_plots(spec: SweepSpec, plots: Path) -> None:
 
     from search.searcher import study_storage
 
+    # Optuna marks its matplotlib backend experimental; the plots are what we want.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage = study_storage(spec.experiment_dir)
     names = ([f"{spec.sweep.name}/{c}" for c in spec.categories]
              if spec.sweep.objective.per_category else [spec.sweep.name])

@@ -87,8 +87,9 @@ class ProgressTable(Callback):
                 state = "running"
                 result = self._results.get(trial.trial_id, {})
                 value = result.get(OBJECTIVE)
-                running.append(f"  {trial.trial_id}  round {result.get('training_iteration', 0)}"
-                               f"/{result.get(ROUNDS_KEY, '?')}  {OBJECTIVE} "
+                rounds = (f"round {result['training_iteration']}/{result[ROUNDS_KEY]}"
+                          if result else "starting")
+                running.append(f"  {trial.trial_id}  {rounds}  {OBJECTIVE} "
                                f"{'-' if value is None else f'{value:.4f}'}  "
                                f"{self._describe(trial.config)}")
             elif trial.status == "PENDING":

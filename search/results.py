@@ -48,7 +48,7 @@ def load_trials(experiment_dir: str | Path) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=["trial", "state", "baseline", OBJECTIVE])
-    return df.sort_values("trial_index").reset_index(drop=True)
+    return df.sort_values(["category", "study_trial"], na_position="first").reset_index(drop=True)
 
 
 def _row(spec: SweepSpec, trial: Any) -> dict[str, Any]:
@@ -68,7 +68,6 @@ def _row(spec: SweepSpec, trial: Any) -> dict[str, Any]:
     checkpoint = trial.checkpoint
     row: dict[str, Any] = {
         "trial": trial.trial_id,
-        "trial_index": _index(trial.trial_id),
         "state": state,
         "baseline": bool(config.get("baseline", False)),
         "category": config.get("category"),
@@ -87,11 +86,6 @@ def _row(spec: SweepSpec, trial: Any) -> dict[str, Any]:
                 if "/" in k and k.rsplit("/", 1)[-1] in METRICS})
     row["checkpoint"] = checkpoint.path if checkpoint is not None else None
     return row
-
-
-def _index(trial_id: str) -> int:
-    tail = trial_id.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
 
 
 def _cell(value: Any) -> Any:

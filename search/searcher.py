@@ -104,7 +104,13 @@ class StudySearch(OptunaSearch):
         done = result and result.get("training_iteration", 0) >= result.get(ROUNDS_KEY, 0)
         if not error and result and OBJECTIVE in result and not done:
             # Stopped early by the scheduler: PRUNED, valued by its last intermediate value.
-            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+            # Tune passes the result that triggered the stop here, not to on_trial_result.
+            ot_trial = self._ot_trials[trial_id]
+            step = int(result.get("training_iteration", 0))
+            frozen = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
+            if step not in frozen.intermediate_values:
+                ot_trial.report(result[OBJECTIVE], step)
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
@@ -194,6 +200,7 @@ class PerCategorySearch(Searcher):
 
 def make_searcher(spec: SweepSpec, experiment_dir: Path) -> StudySearch | PerCategorySearch:
     """The searcher of a sweep: one study, or one per category (``objective.per_category``)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own table
     space = spec.space
     baseline = space.baseline(spec.base)
     storage = study_storage(experiment_dir)

@@ -111,6 +111,9 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _run_config(spec: SweepSpec, write: Write, started: float) -> tune.RunConfig:
+    # Round checkpoints force an experiment snapshot each (num_to_keep=1); with short rounds
+    # Tune warns about it every few seconds, which drowns the progress table.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     return tune.RunConfig(
         name=spec.sweep.name,
         storage_path=spec.sweep.storage,

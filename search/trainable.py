@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
     """
     from mmr.train import fit
 
+    # One INFO line per persisted round checkpoint would flood the driver's terminal.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     sweep = SweepSpec.from_dict(spec)
     cfg = trial_config(sweep, config)
     prefix = ""

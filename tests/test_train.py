@@ -1,0 +1,165 @@
+"""The trainer: schedule, determinism, exact resume, divergence, outputs of `launch.py train`."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmr.config import Config, load_config
+from mmr.errors import ConfigError
+from mmr.train import (
+    TrainingDiverged,
+    fit,
+    load_checkpoint,
+    load_models,
+    lr_at,
+    run_training,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny(root: Path, **overrides: object) -> Config:
+    """The shipped tiny config shrunk further (32 px) on the session's synthetic set."""
+    base = {
+        "data.root": str(root),
+        "data.categories": ["disk"],
+        "data.resize": 40,
+        "data.image_size": 32,
+        "model.encoder_depth": 2,
+        "train.epochs": 4,
+        "train.eval_every": 2,
+        "train.warmup_epochs": 1,
+        "train.lr_milestones": [3],
+        "train.batch_size": 4,
+        "train.threads": 1,
+        "eval.blur_sigma": 0.5,
+    }
+    base.update(overrides)
+    return load_config(ROOT / "configs" / "tiny.yaml").override(base)
+
+
+def test_lr_schedule_warms_up_per_epoch_then_steps_down():
+    cfg = Config.from_dict({"train": {"lr": 1e-3, "warmup_epochs": 50,
+                                      "lr_milestones": [120, 160], "epochs": 200}})
+    assert lr_at(0, cfg) == 0.0  # epoch 0 runs at lr 0, as the official schedule
+    assert lr_at(25, cfg) == pytest.approx(5e-4)
+    assert lr_at(50, cfg) == pytest.approx(1e-3)
+    assert lr_at(119, cfg) == pytest.approx(1e-3)
+    assert lr_at(120, cfg) == pytest.approx(1e-4)
+    assert lr_at(199, cfg) == pytest.approx(1e-5)
+
+
+def test_fit_reports_every_round_and_is_deterministic(synthetic_root: Path):
+    cfg = tiny(synthetic_root)
+    rounds: list[tuple[int, dict]] = []
+    first = fit(cfg, report=lambda r, m: rounds.append((r, m)))
+    assert [r for r, _ in rounds] == [1, 2]
+    metrics = rounds[-1][1]
+    for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1", "disk/image_auroc", "epoch"):
+        assert key in metrics, key
+    assert metrics["epoch"] == 4
+    assert set(first["test"]) == {"disk"} and set(first["val"]) == {"disk"}
+    second = fit(cfg)
+    assert first["history"] == second["history"]  # same seed -> same metrics on CPU
+    assert first["test"] == second["test"]
+
+
+def test_restart_from_round_checkpoint_continues_exactly(synthetic_root: Path, tmp_path: Path):
+    cfg = tiny(synthetic_root, **{"train.epochs": 6})
+    full = fit(cfg, final_test=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(round_: int, metrics: dict) -> None:
+        if round_ == 1:
+            raise Stop  # the trial is killed right after round 1 was checkpointed
+
+    with pytest.raises(Stop):
+        fit(cfg, report=stop_after_first, checkpoint_dir=tmp_path, final_test=False)
+    assert load_checkpoint(tmp_path)["round"] == 1
+    resumed = fit(cfg, resume_from=tmp_path, final_test=False)
+    assert resumed["history"] == full["history"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(synthetic_root: Path, tmp_path: Path):
+    cfg = tiny(synthetic_root, **{"train.epochs": 2})
+    fit(cfg, checkpoint_dir=tmp_path, final_test=False)
+    other = cfg.override({"model.mask_ratio": 0.6})
+    with pytest.raises(ValueError, match="different model config"):
+        fit(other, resume_from=tmp_path)
+
+
+def test_nan_loss_ends_the_run_with_a_clear_error(synthetic_root: Path, monkeypatch):
+    from mmr import model as model_module
+
+    monkeypatch.setattr(model_module, "cosine_loss", lambda t, s: torch.tensor(math.nan))
+    with pytest.raises(TrainingDiverged, match="loss is nan.*lower train.lr"):
+        fit(tiny(synthetic_root))
+
+
+def test_run_training_writes_outputs_and_model_file_round_trips(synthetic_root: Path,
+                                                                tmp_path: Path):
+    cfg = tiny(synthetic_root)
+    run_training(cfg, tmp_path, label="tiny")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["test"]["units"]["disk"]) == {"image_auroc", "pixel_auroc", "aupro",
+                                                     "pixel_f1"}
+    assert "Image AUROC" in (tmp_path / "results.md").read_text()
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert "optimizers" not in state and set(state["students"]) == {"disk"}
+    loaded_cfg, models = load_models(tmp_path / "model.pt")
+    assert loaded_cfg.model.mask_ratio == cfg.model.mask_ratio
+    # The loaded model reproduces the reported test metrics.
+    from mmr.train import evaluate_checkpoint
+
+    _, again, _ = evaluate_checkpoint(tmp_path / "model.pt", device="cpu")
+    assert again["disk"] == pytest.approx(metrics["test"]["units"]["disk"])
+
+
+def test_train_cli_bad_key_fails_before_any_work(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "train", "--config", "configs/tiny.yaml", "--set",
+         "model.mask_rato=0.5", "--out", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "model.mask_rato" in proc.stderr and "mask_ratio" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_cli_end_to_end(synthetic_root: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "train", "--config", "configs/tiny.yaml",
+         "--set", f"data.root={synthetic_root}", "--set", "data.categories=[disk,grid]",
+         "--set", "data.resize=40", "--set", "data.image_size=32", "--set", "train.epochs=2",
+         "--set", "train.eval_every=1", "--set", "train.batch_size=4", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in out.iterdir()} >= {"metrics.json", "results.md", "model.pt"}
+    results = (out / "results.md").read_text()
+    assert "| Image AUROC | Avg | disk | grid |" in results
+    assert "test (held-out half)" in proc.stdout
+
+
+def test_device_cuda_without_gpu_is_a_config_error(synthetic_root: Path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(ConfigError, match="train.device"):
+        fit(tiny(synthetic_root, **{"train.device": "cuda"}))
+
+
+def test_mmr_imports_neither_ray_nor_optuna():
+    code = ("import sys, mmr.train, mmr.data, mmr.model, mmr.metrics, mmr.config, "
+            "mmr.visualize, mmr.report, mmr.weights; "
+            "print(sorted(m for m in ('ray', 'optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"
