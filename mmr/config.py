@@ -370,8 +370,9 @@ def build_dataclass(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
 
 def _nest_plain(raw: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, "
-                          f"got {type(raw).__name__}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}"
+        )
     out: dict[str, Any] = {}
     for key, value in raw.items():
         head, _, rest = str(key).partition(".")

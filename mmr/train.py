@@ -83,8 +83,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         from mmr.errors import ConfigError
 
-        raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible: use "
-                          "train.device=auto or cpu, or run on a GPU worker")
+        raise ConfigError(
+            "train.device is 'cuda' but no CUDA GPU is visible: use "
+            "train.device=auto or cpu, or run on a GPU worker"
+        )
     return torch.device(name)
 
 
@@ -127,8 +129,9 @@ def predict_maps(model: MMR, data: EvalSet, cfg: Config) -> torch.Tensor:
     maps = []
     with _autocast(cfg, data.images.device):
         for start in range(0, len(data.images), cfg.eval.batch_size):
-            batch = center_crop(data.images[start : start + cfg.eval.batch_size],
-                                image_size=cfg.data.image_size)
+            batch = center_crop(
+                data.images[start : start + cfg.eval.batch_size], image_size=cfg.data.image_size
+            )
             maps.append(model.anomaly_map(batch, blur_sigma=cfg.eval.blur_sigma).float())
     return torch.cat(maps)
 
@@ -142,8 +145,12 @@ def score_maps(maps: torch.Tensor, data: EvalSet, cfg: Config) -> dict[str, dict
     for unit in sorted(set(data.groups)):
         idx = torch.tensor([i for i, g in enumerate(data.groups) if g == unit])
         unit_masks = None if masks is None else masks[idx.to(masks.device)]
-        out[unit] = evaluate(maps[idx.to(maps.device)], unit_masks, data.labels[idx],
-                             fpr_limit=cfg.eval.aupro_fpr_limit)
+        out[unit] = evaluate(
+            maps[idx.to(maps.device)],
+            unit_masks,
+            data.labels[idx],
+            fpr_limit=cfg.eval.aupro_fpr_limit,
+        )
     return out
 
 
@@ -187,15 +194,17 @@ def fit(
         val, test = split_task(task, cfg.data)
         paths = [s.image for s in task.train]
         train_images[task.name] = load_images(
-            paths, size=cfg.data.resize, cache_dir=cfg.data.cache_dir).to(device)
+            paths, size=cfg.data.resize, cache_dir=cfg.data.cache_dir
+        ).to(device)
         val_sets[task.name] = prepare_eval(cfg, task, val, device)
         if final_test:
             test_sets[task.name] = prepare_eval(cfg, task, test, device)
 
     models = build_models(cfg, [task.name for task in tasks], device)
     optimizers = {
-        name: torch.optim.AdamW(param_groups(m, weight_decay=t.weight_decay), lr=t.lr,
-                                betas=t.betas)
+        name: torch.optim.AdamW(
+            param_groups(m, weight_decay=t.weight_decay), lr=t.lr, betas=t.betas
+        )
         for name, m in models.items()
     }
     generators = {}
@@ -216,8 +225,11 @@ def fit(
         for name, model in models.items():
             for group in optimizers[name].param_groups:
                 group["lr"] = lr
-            losses.append(_train_epoch(model, optimizers[name], train_images[name],
-                                       generators[name], cfg, name, epoch))
+            losses.append(
+                _train_epoch(
+                    model, optimizers[name], train_images[name], generators[name], cfg, name, epoch
+                )
+            )
         epoch_stats = {"loss": float(sum(losses) / len(losses)), "lr": lr}
         if on_epoch is not None:
             on_epoch(epoch, epoch_stats)
@@ -231,8 +243,15 @@ def fit(
         flat.update(epoch=epoch + 1, loss=epoch_stats["loss"])
         history.append(flat)
         if checkpoint_dir is not None:
-            save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME, cfg, models, optimizers,
-                            generators, epoch + 1, history)
+            save_checkpoint(
+                Path(checkpoint_dir) / CHECKPOINT_NAME,
+                cfg,
+                models,
+                optimizers,
+                generators,
+                epoch + 1,
+                history,
+            )
         if report is not None:
             report(len(history), flat)
 
@@ -242,8 +261,9 @@ def fit(
         val_metrics = unflatten_metrics(history[-1])
     test_metrics = {}
     for name, model in models.items() if final_test else ():
-        test_metrics.update(score_maps(predict_maps(model, test_sets[name], cfg),
-                                       test_sets[name], cfg))
+        test_metrics.update(
+            score_maps(predict_maps(model, test_sets[name], cfg), test_sets[name], cfg)
+        )
     return {
         "val": val_metrics,
         "test": test_metrics,
@@ -254,8 +274,15 @@ def fit(
     }
 
 
-def _train_epoch(model: MMR, opt: torch.optim.Optimizer, images: torch.Tensor,
-                 gen: torch.Generator, cfg: Config, name: str, epoch: int) -> float:
+def _train_epoch(
+    model: MMR,
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    gen: torch.Generator,
+    cfg: Config,
+    name: str,
+    epoch: int,
+) -> float:
     model.train()
     total, count = 0.0, 0
     for idx in batch_indices(len(images), batch_size=cfg.train.batch_size, generator=gen):
@@ -269,7 +296,8 @@ def _train_epoch(model: MMR, opt: torch.optim.Optimizer, images: torch.Tensor,
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"task {name!r}: loss is {loss.item()} at epoch {epoch} (lr "
-                f"{opt.param_groups[0]['lr']:.3g}); lower train.lr or use train.precision=fp32")
+                f"{opt.param_groups[0]['lr']:.3g}); lower train.lr or use train.precision=fp32"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -288,10 +316,15 @@ def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMa
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, cfg: Config, models: Mapping[str, MMR],
-                    optimizers: Mapping[str, torch.optim.Optimizer],
-                    generators: Mapping[str, torch.Generator], epoch: int,
-                    history: list[dict[str, float]]) -> None:
+def save_checkpoint(
+    path: Path,
+    cfg: Config,
+    models: Mapping[str, MMR],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    generators: Mapping[str, torch.Generator],
+    epoch: int,
+    history: list[dict[str, float]],
+) -> None:
     """Writes a plain-dict checkpoint (loadable with ``weights_only=True``) atomically."""
     teacher = next(iter(models.values())).teacher
     state = {
@@ -322,27 +355,38 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
-        raise UserInputError(f"checkpoint {str(path)!r} does not exist: pass the file written "
-                             "by a training run (or the directory holding checkpoint.pt)")
+        raise UserInputError(
+            f"checkpoint {str(path)!r} does not exist: pass the file written "
+            "by a training run (or the directory holding checkpoint.pt)"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserInputError(f"{str(path)!r} is not an mmr-sweep checkpoint "
-                             f"(expected format {CHECKPOINT_FORMAT})")
+        raise UserInputError(
+            f"{str(path)!r} is not an mmr-sweep checkpoint (expected format {CHECKPOINT_FORMAT})"
+        )
     return state
 
 
-def _restore(state: Mapping[str, Any], cfg: Config, models: Mapping[str, MMR],
-             optimizers: Mapping[str, torch.optim.Optimizer],
-             generators: Mapping[str, torch.Generator]) -> int:
+def _restore(
+    state: Mapping[str, Any],
+    cfg: Config,
+    models: Mapping[str, MMR],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    generators: Mapping[str, torch.Generator],
+) -> int:
     from mmr.errors import UserInputError
 
     if set(state["students"]) != set(models):
-        raise UserInputError(f"checkpoint holds tasks {sorted(state['students'])} but the "
-                             f"config trains {sorted(models)}: resume with the same config")
+        raise UserInputError(
+            f"checkpoint holds tasks {sorted(state['students'])} but the "
+            f"config trains {sorted(models)}: resume with the same config"
+        )
     saved = Config.from_dict(state["config"])
     if saved.model != cfg.model:
-        raise UserInputError("checkpoint was written with a different model config: resume "
-                             "with the config it was trained with")
+        raise UserInputError(
+            "checkpoint was written with a different model config: resume "
+            "with the config it was trained with"
+        )
     teacher = next(iter(models.values())).teacher
     teacher.load_state_dict(state["teacher"])
     for name, model in models.items():
@@ -361,14 +405,20 @@ def model_file(state: Mapping[str, Any]) -> dict[str, Any]:
     return {key: state[key] for key in ("format", "config", "epoch", "teacher", "students")}
 
 
-def load_models(path: str | Path, device: str | torch.device = "cpu"
-                ) -> tuple[Config, dict[str, MMR]]:
+def load_models(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Config, dict[str, MMR]]:
     """Rebuilds the trained models of a checkpoint or ``model.pt`` file."""
     state = load_checkpoint(path)
     cfg = Config.from_dict(state["config"])
     # The weights come from the file: never fetch pretrained weights to be overwritten.
-    cfg = cfg.override({"model.pretrained": False, "model.teacher_checkpoint": None,
-                        "model.encoder_checkpoint": None})
+    cfg = cfg.override(
+        {
+            "model.pretrained": False,
+            "model.teacher_checkpoint": None,
+            "model.encoder_checkpoint": None,
+        }
+    )
     models = build_models(cfg, list(state["students"]), torch.device(device))
     next(iter(models.values())).teacher.load_state_dict(state["teacher"])
     for name, model in models.items():
@@ -377,9 +427,14 @@ def load_models(path: str | Path, device: str | torch.device = "cpu"
     return cfg, models
 
 
-def run_training(cfg: Config, out: str | Path, *, label: str = "MMR",
-                 report: ReportFn | None = None, on_epoch: EpochFn | None = None
-                 ) -> dict[str, Any]:
+def run_training(
+    cfg: Config,
+    out: str | Path,
+    *,
+    label: str = "MMR",
+    report: ReportFn | None = None,
+    on_epoch: EpochFn | None = None,
+) -> dict[str, Any]:
     """``launch.py train``: fits, then writes config.yaml, metrics.json, results.md, model.pt.
 
     Every file is written atomically, so an interrupted run leaves no half-written output.
@@ -402,8 +457,10 @@ def run_training(cfg: Config, out: str | Path, *, label: str = "MMR",
         "history": result["history"],
     }
     write_json(summary, out / "metrics.json")
-    tables = results_markdown({f"{label} (test)": result["test"], f"{label} (val)": result["val"]},
-                              title="MMR results (test = held-out half, val = search split)")
+    tables = results_markdown(
+        {f"{label} (test)": result["test"], f"{label} (val)": result["val"]},
+        title="MMR results (test = held-out half, val = search split)",
+    )
     tmp = out / "results.md.tmp"
     tmp.write_text(tables)
     tmp.replace(out / "results.md")
@@ -418,9 +475,9 @@ def _means(flat: Mapping[str, float]) -> dict[str, float]:
     return {k: v for k, v in flat.items() if "/" not in k}
 
 
-def evaluate_checkpoint(path: str | Path, *, split: str = "test", device: str = "auto"
-                        ) -> tuple[Config, dict[str, dict[str, float]],
-                                   dict[str, tuple[EvalSet, torch.Tensor]]]:
+def evaluate_checkpoint(
+    path: str | Path, *, split: str = "test", device: str = "auto"
+) -> tuple[Config, dict[str, dict[str, float]], dict[str, tuple[EvalSet, torch.Tensor]]]:
     """Evaluates a checkpoint's models on the ``test`` (held-out) or ``val`` split.
 
     Returns the config it was trained with, ``{unit: metrics}`` and, per task, the evaluation

@@ -10,8 +10,14 @@ import torch
 __all__ = ["overlay_frames", "save_grid", "save_gif"]
 
 
-def overlay_frames(images: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor | None,
-                   *, image_size: int, alpha: float = 0.45) -> list[np.ndarray]:
+def overlay_frames(
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    masks: torch.Tensor | None,
+    *,
+    image_size: int,
+    alpha: float = 0.45,
+) -> list[np.ndarray]:
     """RGB uint8 frames: image | heat-map overlay | ground truth (when masks exist).
 
     Maps are scaled by the min/max over all given maps, so colours compare across images.
@@ -21,7 +27,7 @@ def overlay_frames(images: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor
     cmap = matplotlib.colormaps["jet"]
     r = images.shape[-1]
     top = (r - image_size) // 2
-    crop = images[:, :, top:top + image_size, top:top + image_size].cpu()
+    crop = images[:, :, top : top + image_size, top : top + image_size].cpu()
     m = maps.float().cpu()
     lo, hi = float(m.min()), float(m.max())
     norm = ((m - lo) / (hi - lo + 1e-12)).numpy()
@@ -31,7 +37,7 @@ def overlay_frames(images: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor
         heat = cmap(norm[i])[..., :3]
         panels = [img, (1 - alpha) * img + alpha * heat]
         if masks is not None:
-            gt = masks[i, 0, top:top + image_size, top:top + image_size].cpu().numpy()
+            gt = masks[i, 0, top : top + image_size, top : top + image_size].cpu().numpy()
             panels.append(np.repeat(gt[..., None].astype(np.float32), 3, axis=2))
         sep = np.ones((image_size, 2, 3), dtype=np.float32)
         row = np.concatenate([p for panel in panels for p in (panel, sep)][:-1], axis=1)
@@ -39,8 +45,9 @@ def overlay_frames(images: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor
     return frames
 
 
-def save_grid(frames: list[np.ndarray], titles: list[str], path: str | Path,
-              *, columns: int = 2) -> None:
+def save_grid(
+    frames: list[np.ndarray], titles: list[str], path: str | Path, *, columns: int = 2
+) -> None:
     """A PNG grid of overlay frames with one title each."""
     import matplotlib
 
@@ -49,8 +56,9 @@ def save_grid(frames: list[np.ndarray], titles: list[str], path: str | Path,
 
     rows = max(1, -(-len(frames) // columns))
     h, w = frames[0].shape[:2]
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * w / 60, rows * (h / 60 + 0.4)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(columns * w / 60, rows * (h / 60 + 0.4)), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, frame, title in zip(axes.flat, frames, titles, strict=False):
@@ -66,5 +74,4 @@ def save_gif(frames: list[np.ndarray], path: str | Path, *, ms_per_frame: int = 
     from PIL import Image
 
     images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=ms_per_frame,
-                   loop=0)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=ms_per_frame, loop=0)

@@ -44,8 +44,17 @@ DEMO_SWEEP = ROOT / "configs" / "demo_sweep.yaml"
 SPEC_FILE = "sweep.json"  # the resolved sweep, written before the first trial starts
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
-SWEEP_SECTIONS = ("name", "base", "space", "objective", "search", "scheduler", "resources",
-                  "storage", "max_failures")
+SWEEP_SECTIONS = (
+    "name",
+    "base",
+    "space",
+    "objective",
+    "search",
+    "scheduler",
+    "resources",
+    "storage",
+    "max_failures",
+)
 
 
 @dataclass(frozen=True)
@@ -94,8 +103,11 @@ class SweepConfig:
         o, s, sc, r = self.objective, self.search, self.scheduler, self.resources
         weights = o.metric if isinstance(o.metric, dict) else {o.metric: 1.0}
         bad = sorted(set(weights) - set(METRICS))
-        _check(not bad and weights, "objective.metric",
-               f"must be one of {METRICS} or a mapping of them to weights, got {o.metric!r}")
+        _check(
+            not bad and weights,
+            "objective.metric",
+            f"must be one of {METRICS} or a mapping of them to weights, got {o.metric!r}",
+        )
         _check(o.mode in ("max", "min"), "objective.mode", "must be max or min")
         _check(s.sampler in SAMPLERS, "search.sampler", f"must be one of {SAMPLERS}")
         _check(s.num_trials >= 1, "search.num_trials", f"must be >= 1, got {s.num_trials}")
@@ -105,8 +117,11 @@ class SweepConfig:
         _check(sc.grace_period >= 1, "scheduler.grace_period", "must be >= 1 round")
         _check(sc.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1")
         _check(r.cpu >= 0 and r.gpu >= 0, "resources", "cpu and gpu must be >= 0")
-        _check(r.gpu <= 1 or float(r.gpu).is_integer(), "resources.gpu",
-               "must be a fraction <= 1 or a whole number of GPUs")
+        _check(
+            r.gpu <= 1 or float(r.gpu).is_integer(),
+            "resources.gpu",
+            "must be a fraction <= 1 or a whole number of GPUs",
+        )
         _check(self.max_failures >= 0, "max_failures", "must be >= 0")
         _check(bool(self.name) and "/" not in self.name, "name", "must be a plain directory name")
         return self
@@ -143,8 +158,9 @@ class SweepSpec:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SweepSpec:
         sweep = build_dataclass(SweepConfig, raw["sweep"]).validated()
-        return cls(sweep, Config.from_dict(raw["base"]), dict(raw["space"]),
-                   tuple(raw["categories"]))
+        return cls(
+            sweep, Config.from_dict(raw["base"]), dict(raw["space"]), tuple(raw["categories"])
+        )
 
     def objective_value(self, metrics: Mapping[str, float], prefix: str = "") -> float | None:
         """The objective (a metric or a weighted mix) from flat validation metrics.
@@ -173,7 +189,8 @@ def load_spec(experiment_dir: str | Path) -> SweepSpec:
     if not is_experiment(path):
         raise UserInputError(
             f"{str(path)!r} is not an mmr-sweep experiment directory (no {SPEC_FILE}): pass "
-            "the directory a sweep printed, e.g. runs/<name>")
+            "the directory a sweep printed, e.g. runs/<name>"
+        )
     return SweepSpec.from_dict(json.loads((path / SPEC_FILE).read_text()))
 
 
@@ -181,8 +198,10 @@ def load_sweep_config(path: str | Path | None) -> tuple[dict[str, Any], Path]:
     """Reads a sweep YAML (default: the demo); returns the raw mapping and its directory."""
     path = Path(path) if path is not None else DEMO_SWEEP
     if not path.is_file():
-        raise ConfigError(f"sweep config {str(path)!r} does not exist: check the path (see "
-                          f"{DEMO_SWEEP} for an example)")
+        raise ConfigError(
+            f"sweep config {str(path)!r} does not exist: check the path (see "
+            f"{DEMO_SWEEP} for an example)"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -227,10 +246,14 @@ def resolve_sweep(
     base_path = _find(sweep.base, config_dir, "base")
     space_path = _find(sweep.space, config_dir, "space")
     base = load_config(base_path, train_over).resolve_paths()
-    storage_path = sweep.storage if "://" in sweep.storage else str(
-        Path(sweep.storage).expanduser().resolve())
-    sweep = dataclasses.replace(sweep, base=str(base_path), space=str(space_path),
-                                storage=storage_path)
+    storage_path = (
+        sweep.storage
+        if "://" in sweep.storage
+        else str(Path(sweep.storage).expanduser().resolve())
+    )
+    sweep = dataclasses.replace(
+        sweep, base=str(base_path), space=str(space_path), storage=storage_path
+    )
     space_spec = yaml.safe_load(space_path.read_text())
     space = load_space(space_path)
     space.validate(base)
@@ -256,13 +279,16 @@ def _categories(base: Config) -> tuple[str, ...]:
 def _find(value: str, config_dir: Path, key: str) -> Path:
     """Resolves a path from the working directory, the sweep file's folder or the project."""
     path = Path(value).expanduser()
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path, config_dir / path,
-                                                     ROOT / path]
+    candidates = (
+        [path] if path.is_absolute() else [Path.cwd() / path, config_dir / path, ROOT / path]
+    )
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    raise ConfigError(f"sweep {key} {value!r} not found (looked in "
-                      f"{', '.join(str(c.parent) for c in candidates)}): fix the path")
+    raise ConfigError(
+        f"sweep {key} {value!r} not found (looked in "
+        f"{', '.join(str(c.parent) for c in candidates)}): fix the path"
+    )
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -35,8 +35,9 @@ __all__ = ["export_experiment"]
 log = logging.getLogger(__name__)
 
 
-def export_experiment(experiment_dir: str | Path, out: str | Path, *,
-                      overlays: int = 8, device: str = "auto") -> Path:
+def export_experiment(
+    experiment_dir: str | Path, out: str | Path, *, overlays: int = 8, device: str = "auto"
+) -> Path:
     """Writes every export artefact of an experiment to ``out``; returns ``out``."""
     exp = Path(experiment_dir).resolve()
     spec = load_spec(exp)
@@ -44,8 +45,10 @@ def export_experiment(experiment_dir: str | Path, out: str | Path, *,
     df = load_trials(exp)
     best = best_trials(df)
     if not best:
-        raise UserInputError(f"experiment {str(exp)!r} has no trial with a result yet: "
-                             "nothing to export (see `launch.py status`)")
+        raise UserInputError(
+            f"experiment {str(exp)!r} has no trial with a result yet: "
+            "nothing to export (see `launch.py status`)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -59,8 +62,15 @@ def export_experiment(experiment_dir: str | Path, out: str | Path, *,
     return out
 
 
-def _export(spec: SweepSpec, df: pd.DataFrame, best: dict[str | None, pd.Series], out: Path,
-            *, overlays: int, device: str) -> None:
+def _export(
+    spec: SweepSpec,
+    df: pd.DataFrame,
+    best: dict[str | None, pd.Series],
+    out: Path,
+    *,
+    overlays: int,
+    device: str,
+) -> None:
     from mmr.train import evaluate_checkpoint, load_checkpoint, model_file
 
     (out / "plots").mkdir()
@@ -72,8 +82,10 @@ def _export(spec: SweepSpec, df: pd.DataFrame, best: dict[str | None, pd.Series]
         target = out / category if category else out
         target.mkdir(exist_ok=True)
         if row["checkpoint"] is None:
-            raise UserInputError(f"best trial {row['trial']} has no checkpoint: the sweep was "
-                                 "stopped before its first round; resume it first")
+            raise UserInputError(
+                f"best trial {row['trial']} has no checkpoint: the sweep was "
+                "stopped before its first round; resume it first"
+            )
         state = load_checkpoint(row["checkpoint"])
         cfg = Config.from_dict(state["config"])  # exactly the trial's training config
         dump_config(cfg, target / "best.yaml")
@@ -100,8 +112,11 @@ def _export(spec: SweepSpec, df: pd.DataFrame, best: dict[str | None, pd.Series]
             _overlays(data, maps, cfg.data.image_size, out / "plots", task, overlays)
     if not rows["baseline (test)"]:
         del rows["baseline (test)"]
-    (out / "results.md").write_text(results_markdown(
-        rows, title=f"{spec.sweep.name}: held-out test half (never seen by the search)"))
+    (out / "results.md").write_text(
+        results_markdown(
+            rows, title=f"{spec.sweep.name}: held-out test half (never seen by the search)"
+        )
+    )
     write_json(summary, out / "summary.json")
     _study_plots(spec, out / "plots")
 
@@ -116,8 +131,9 @@ def _float(value: Any) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
 
 
-def _overlays(data: Any, maps: torch.Tensor, image_size: int, plots: Path, task: str,
-              count: int) -> None:
+def _overlays(
+    data: Any, maps: torch.Tensor, image_size: int, plots: Path, task: str, count: int
+) -> None:
     from mmr.visualize import overlay_frames, save_gif, save_grid
 
     # Most anomalous first, then a few normal images for contrast.
@@ -128,10 +144,17 @@ def _overlays(data: Any, maps: torch.Tensor, image_size: int, plots: Path, task:
     pick = (bad[: max(1, count * 3 // 4)] + good[: max(1, count // 4)])[:count]
     idx = torch.tensor(pick)
     masks = None if data.masks is None else data.masks[idx.to(data.masks.device)]
-    frames = overlay_frames(data.images[idx.to(data.images.device)], maps[idx.to(maps.device)],
-                            masks, image_size=image_size)
-    titles = [f"{data.samples[i].group}/{data.samples[i].defect} {data.samples[i].image.name} "
-              f"score {scores[i]:.3f}" for i in pick]
+    frames = overlay_frames(
+        data.images[idx.to(data.images.device)],
+        maps[idx.to(maps.device)],
+        masks,
+        image_size=image_size,
+    )
+    titles = [
+        f"{data.samples[i].group}/{data.samples[i].defect} {data.samples[i].image.name} "
+        f"score {scores[i]:.3f}"
+        for i in pick
+    ]
     save_grid(frames, titles, plots / f"overlays_{task}.png")
     save_gif(frames, plots / f"overlays_{task}.gif")
 
@@ -149,14 +172,19 @@ def _study_plots(spec: SweepSpec, plots: Path) -> None:
     # Optuna marks its matplotlib backend experimental; the plots are what we want.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage = study_storage(spec.experiment_dir)
-    names = ([f"{spec.sweep.name}/{c}" for c in spec.categories]
-             if spec.sweep.objective.per_category else [spec.sweep.name])
+    names = (
+        [f"{spec.sweep.name}/{c}" for c in spec.categories]
+        if spec.sweep.objective.per_category
+        else [spec.sweep.name]
+    )
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
         suffix = "" if name == spec.sweep.name else "_" + name.rsplit("/", 1)[-1]
-        for plot, fn in (("optimization_history", ovm.plot_optimization_history),
-                         ("param_importances", ovm.plot_param_importances),
-                         ("parallel_coordinate", ovm.plot_parallel_coordinate)):
+        for plot, fn in (
+            ("optimization_history", ovm.plot_optimization_history),
+            ("param_importances", ovm.plot_param_importances),
+            ("parallel_coordinate", ovm.plot_parallel_coordinate),
+        ):
             try:
                 ax = fn(study)
             except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ trials

@@ -21,8 +21,14 @@ class ProgressTable(Callback):
     best objective so far with its trial and params, and the elapsed time.
     """
 
-    def __init__(self, spec: SweepSpec, *, write: Callable[[str], None], started: float,
-                 interval: float = 15.0) -> None:
+    def __init__(
+        self,
+        spec: SweepSpec,
+        *,
+        write: Callable[[str], None],
+        started: float,
+        interval: float = 15.0,
+    ) -> None:
         self._write = write
         self._started = started
         self._interval = interval
@@ -51,8 +57,9 @@ class ProgressTable(Callback):
         self._states[trial.trial_id] = "running"
         self._write(f"[{self._elapsed()}] start  {trial.trial_id}: {self._describe(trial.config)}")
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
         self._results[trial.trial_id] = result
         value = result.get(OBJECTIVE)
         if value is not None and (self._best is None or value > self._best[0]):
@@ -87,11 +94,16 @@ class ProgressTable(Callback):
                 state = "running"
                 result = self._results.get(trial.trial_id, {})
                 value = result.get(OBJECTIVE)
-                rounds = (f"round {result['training_iteration']}/{result[ROUNDS_KEY]}"
-                          if result else "starting")
-                running.append(f"  {trial.trial_id}  {rounds}  {OBJECTIVE} "
-                               f"{'-' if value is None else f'{value:.4f}'}  "
-                               f"{self._describe(trial.config)}")
+                rounds = (
+                    f"round {result['training_iteration']}/{result[ROUNDS_KEY]}"
+                    if result
+                    else "starting"
+                )
+                running.append(
+                    f"  {trial.trial_id}  {rounds}  {OBJECTIVE} "
+                    f"{'-' if value is None else f'{value:.4f}'}  "
+                    f"{self._describe(trial.config)}"
+                )
             elif trial.status == "PENDING":
                 state = "pending"
             elif trial.status == "ERROR":
@@ -101,6 +113,9 @@ class ProgressTable(Callback):
         if self._best is not None:
             value, trial_id, config = self._best
             best = f"{value:.4f} ({trial_id}: {self._describe(config)})"
-        head = (f"[{self._elapsed()}] trials: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-                + f" | best {OBJECTIVE} so far {best}")
+        head = (
+            f"[{self._elapsed()}] trials: "
+            + ", ".join(f"{n} {s}" for s, n in counts.items())
+            + f" | best {OBJECTIVE} so far {best}"
+        )
         return "\n".join([head, *running])

@@ -74,16 +74,17 @@ def _row(spec: SweepSpec, trial: Any) -> dict[str, Any]:
         "study_trial": config.get("study_trial"),
     }
     row.update({short_name(k): _cell(v) for k, v in config.items() if k not in META_KEYS})
-    row.update({
-        OBJECTIVE: result.get(OBJECTIVE),
-        "rounds": rounds,
-        "epochs": result.get("epoch"),
-        "wall_s": result.get("time_total_s"),
-        "node_ip": result.get("node_ip"),
-    })
+    row.update(
+        {
+            OBJECTIVE: result.get(OBJECTIVE),
+            "rounds": rounds,
+            "epochs": result.get("epoch"),
+            "wall_s": result.get("time_total_s"),
+            "node_ip": result.get("node_ip"),
+        }
+    )
     row.update({m: result.get(m) for m in METRICS if m in result})
-    row.update({k: v for k, v in result.items()
-                if "/" in k and k.rsplit("/", 1)[-1] in METRICS})
+    row.update({k: v for k, v in result.items() if "/" in k and k.rsplit("/", 1)[-1] in METRICS})
     row["checkpoint"] = checkpoint.path if checkpoint is not None else None
     return row
 
@@ -104,15 +105,21 @@ def best_trials(df: pd.DataFrame) -> dict[str | None, pd.Series]:
     if df.empty or OBJECTIVE not in df:
         return out
     scored = df[df[OBJECTIVE].notna()]
-    groups = scored.groupby("category", dropna=False) if scored["category"].notna().any() \
+    groups = (
+        scored.groupby("category", dropna=False)
+        if scored["category"].notna().any()
         else [(None, scored)]
+    )
     for category, group in groups:
         done = group[group["state"] == "done"]
         pool = done if not done.empty else group
         if pool.empty:
             continue
-        key = None if category is None or (isinstance(category, float)
-                                            and math.isnan(category)) else category
+        key = (
+            None
+            if category is None or (isinstance(category, float) and math.isnan(category))
+            else category
+        )
         out[key] = pool.loc[pool[OBJECTIVE].idxmax()]
     return out
 
@@ -125,20 +132,26 @@ def status_table(experiment_dir: str | Path) -> str:
     if df.empty:
         return f"{exp}: no trials have started yet"
     params = [short_name(k) for k in spec.space.keys]
-    cols = ["trial", "state", "baseline"] + (["category"] if df["category"].notna().any()
-                                              else []) + [p for p in params if p in df]
+    cols = (
+        ["trial", "state", "baseline"]
+        + (["category"] if df["category"].notna().any() else [])
+        + [p for p in params if p in df]
+    )
     cols += [c for c in (OBJECTIVE, *METRICS, "rounds", "epochs", "wall_s") if c in df]
     counts = df["state"].value_counts()
     lines = [
         f"experiment {spec.sweep.name} ({exp})",
-        "trials: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATE_ORDER)
+        "trials: "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATE_ORDER)
         + f" of {_planned(spec)}",
         _format(df[cols]),
     ]
     for category, best in best_trials(df).items():
         where = f" [{category}]" if category else ""
-        lines.append(f"best{where}: trial {best['trial']} {OBJECTIVE} {best[OBJECTIVE]:.4f} "
-                     + " ".join(f"{p}={_fmt(best[p])}" for p in params if p in best))
+        lines.append(
+            f"best{where}: trial {best['trial']} {OBJECTIVE} {best[OBJECTIVE]:.4f} "
+            + " ".join(f"{p}={_fmt(best[p])}" for p in params if p in best)
+        )
     return "\n".join(lines)
 
 
@@ -148,8 +161,7 @@ def summary_table(experiment_dir: str | Path) -> str:
     spec = load_spec(exp)
     df = load_trials(exp)
     counts = df["state"].value_counts() if not df.empty else {}
-    head = (f"sweep {spec.sweep.name}: " + ", ".join(f"{counts.get(s, 0)} {s}"
-                                                    for s in STATE_ORDER))
+    head = f"sweep {spec.sweep.name}: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATE_ORDER)
     if df.empty:
         return head + "\nno trial reported a result"
     params = [short_name(k) for k in spec.space.keys]
@@ -157,8 +169,7 @@ def summary_table(experiment_dir: str | Path) -> str:
     for category, best in best_trials(df).items():
         pool = df if category is None else df[df["category"] == category]
         base = pool[pool["baseline"]]
-        for label, row in (("baseline", base.iloc[0] if not base.empty else None),
-                           ("best", best)):
+        for label, row in (("baseline", base.iloc[0] if not base.empty else None), ("best", best)):
             if row is None:
                 continue
             entry = {"study": category or spec.sweep.name, "row": label, "trial": row["trial"]}
@@ -171,8 +182,10 @@ def summary_table(experiment_dir: str | Path) -> str:
     for study, group in table.groupby("study"):
         vals = dict(zip(group["row"], group[OBJECTIVE], strict=False))
         if "baseline" in vals and "best" in vals:
-            gains.append(f"{study}: best {vals['best']:.4f} vs baseline {vals['baseline']:.4f} "
-                         f"({vals['best'] - vals['baseline']:+.4f} validation {OBJECTIVE})")
+            gains.append(
+                f"{study}: best {vals['best']:.4f} vs baseline {vals['baseline']:.4f} "
+                f"({vals['best'] - vals['baseline']:+.4f} validation {OBJECTIVE})"
+            )
     return "\n".join([head, _format(table), *gains])
 
 

@@ -41,11 +41,25 @@ class ResumableASHA(AsyncHyperBandScheduler):
     report compares the best trial against the fully trained starting point.
     """
 
-    def __init__(self, *, experiment_dir: Path, metric: str, max_t: int, grace_period: int,
-                 reduction_factor: float, category: str | None = None) -> None:
-        super().__init__(time_attr="training_iteration", metric=metric, mode="max",
-                         max_t=max_t, grace_period=min(grace_period, max_t),
-                         reduction_factor=reduction_factor, brackets=1)
+    def __init__(
+        self,
+        *,
+        experiment_dir: Path,
+        metric: str,
+        max_t: int,
+        grace_period: int,
+        reduction_factor: float,
+        category: str | None = None,
+    ) -> None:
+        super().__init__(
+            time_attr="training_iteration",
+            metric=metric,
+            mode="max",
+            max_t=max_t,
+            grace_period=min(grace_period, max_t),
+            reduction_factor=reduction_factor,
+            brackets=1,
+        )
         self._experiment_dir = str(experiment_dir)
         self._category = category
         self._rebuilt = False
@@ -71,9 +85,14 @@ class ResumableASHA(AsyncHyperBandScheduler):
             if self._category is not None and config.get("category") != self._category:
                 continue
             for milestone, recorded in bracket._rungs:
-                hit = next((r for r in results
-                            if r.get(self._time_attr, 0) >= milestone and self._metric in r),
-                           None)
+                hit = next(
+                    (
+                        r
+                        for r in results
+                        if r.get(self._time_attr, 0) >= milestone and self._metric in r
+                    ),
+                    None,
+                )
                 if hit is not None and trial_id not in recorded:
                     recorded[trial_id] = self._metric_op * hit[self._metric]
                     count += 1

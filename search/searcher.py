@@ -41,14 +41,17 @@ def make_sampler(
     if s.sampler == "tpe":
         # multivariate+group model conditional spaces jointly; constant_liar keeps parallel
         # workers from sampling the same point while earlier trials still run.
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
-                                          group=True, constant_liar=True)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True
+        )
     if s.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if s.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(
-            seed=seed, n_startup_trials=startup,
-            independent_sampler=optuna.samplers.RandomSampler(seed=seed))
+            seed=seed,
+            n_startup_trials=startup,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed),
+        )
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.GridSampler(space.grid(), seed=seed)
@@ -68,12 +71,25 @@ class StudySearch(OptunaSearch):
     keys ``baseline``, ``category`` and ``study_trial``), never Optuna branch names.
     """
 
-    def __init__(self, space: Space, *, baseline: Mapping[str, Any], study_name: str,
-                 storage: JournalStorage, sampler: optuna.samplers.BaseSampler,
-                 category: str | None = None) -> None:
-        super().__init__(space=space.define, metric=OBJECTIVE, mode="max",
-                         points_to_evaluate=[dict(baseline)], sampler=sampler,
-                         study_name=study_name, storage=storage)
+    def __init__(
+        self,
+        space: Space,
+        *,
+        baseline: Mapping[str, Any],
+        study_name: str,
+        storage: JournalStorage,
+        sampler: optuna.samplers.BaseSampler,
+        category: str | None = None,
+    ) -> None:
+        super().__init__(
+            space=space.define,
+            metric=OBJECTIVE,
+            mode="max",
+            points_to_evaluate=[dict(baseline)],
+            sampler=sampler,
+            study_name=study_name,
+            storage=storage,
+        )
         self._category = category
         self._baseline_params = dict(baseline)
         self._baseline_taken = False
@@ -97,8 +113,9 @@ class StudySearch(OptunaSearch):
             config["category"] = self._category
         return config
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         done = result and result.get("training_iteration", 0) >= result.get(ROUNDS_KEY, 0)
@@ -122,8 +139,11 @@ class StudySearch(OptunaSearch):
     def fail_orphans(self) -> int:
         """Marks RUNNING study trials that no Tune trial owns (driver killed) as FAIL."""
         owned = {t.number for t in self._ot_trials.values()}
-        orphans = [t.number for t in self._ot_study.get_trials(deepcopy=False)
-                   if t.state == TrialState.RUNNING and t.number not in owned]
+        orphans = [
+            t.number
+            for t in self._ot_study.get_trials(deepcopy=False)
+            if t.state == TrialState.RUNNING and t.number not in owned
+        ]
         for number in orphans:
             self._ot_study.tell(number, state=TrialState.FAIL)
         owned_baseline = any(t.params == self._baseline_params for t in self._ot_trials.values())
@@ -170,13 +190,15 @@ class PerCategorySearch(Searcher):
         if trial_id in self._owner:
             self._searchers[self._owner[trial_id]].on_trial_result(trial_id, result)
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         if trial_id in self._owner:
             self._searchers[self._owner[trial_id]].on_trial_complete(trial_id, result, error)
 
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
-                              **spec: Any) -> bool:
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict, **spec: Any
+    ) -> bool:
         return True  # the sub-searchers were built with their metric and mode
 
     def save(self, checkpoint_path: str) -> None:
@@ -205,12 +227,22 @@ def make_searcher(spec: SweepSpec, experiment_dir: Path) -> StudySearch | PerCat
     baseline = space.baseline(spec.base)
     storage = study_storage(experiment_dir)
     if not spec.sweep.objective.per_category:
-        return StudySearch(space, baseline=baseline, study_name=spec.sweep.name, storage=storage,
-                           sampler=make_sampler(spec, space))
+        return StudySearch(
+            space,
+            baseline=baseline,
+            study_name=spec.sweep.name,
+            storage=storage,
+            sampler=make_sampler(spec, space),
+        )
     searchers = {
-        cat: StudySearch(space, baseline=baseline, study_name=f"{spec.sweep.name}/{cat}",
-                         storage=storage, sampler=make_sampler(spec, space, seed_offset=i),
-                         category=cat)
+        cat: StudySearch(
+            space,
+            baseline=baseline,
+            study_name=f"{spec.sweep.name}/{cat}",
+            storage=storage,
+            sampler=make_sampler(spec, space, seed_offset=i),
+            category=cat,
+        )
         for i, cat in enumerate(spec.categories)
     }
     return PerCategorySearch(searchers, spec.sweep.search.num_trials)

@@ -37,8 +37,7 @@ class SweepRun:
     export_dir: Path | None
 
 
-def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write = print
-             ) -> None:
+def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write = print) -> None:
     """Connects to a cluster, or starts an embedded local Ray (dashboard on 127.0.0.1)."""
     if ray.is_initialized():
         return
@@ -54,15 +53,20 @@ def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write
                 f"cannot connect to the Ray cluster at {address!r}: {exc}. Check the address "
                 "(HOST:6379 or ray://HOST:10001) and that the cluster is up; for a cluster with "
                 "token authentication export RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) and "
-                "RAY_AUTH_MODE=token") from exc
+                "RAY_AUTH_MODE=token"
+            ) from exc
         return
-    context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                       logging_level=logging.WARNING)
+    context = ray.init(
+        include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING
+    )
     url = getattr(context, "dashboard_url", None)
     if dashboard and url:
         token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
-        auth = (f"; log in with the token in {token}" if token.is_file()
-                and os.environ.get("RAY_AUTH_MODE") != "disabled" else "")
+        auth = (
+            f"; log in with the token in {token}"
+            if token.is_file() and os.environ.get("RAY_AUTH_MODE") != "disabled"
+            else ""
+        )
         write(f"Ray dashboard: http://{url} (local only{auth})")
 
 
@@ -74,21 +78,27 @@ def check_resources(res: ResourcesConfig) -> None:
     if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
         return
     have = "; ".join(
-        ", ".join(f"{k}={v:g}" for k, v in sorted(node.items())
-                  if k in ("CPU", "GPU") or k in res.custom) for node in nodes)
-    hint = ("this cluster has no GPU: set resources.gpu=0 (training then runs on CPU) or "
-            "connect to a GPU cluster with --address" if res.gpu and
-            not any(n.get("GPU") for n in nodes) else
-            "lower resources.* or add nodes that have them")
-    raise UserInputError(f"resources per trial {need} fit on no node of the cluster "
-                         f"(nodes: {have or 'none'}): {hint}")
+        ", ".join(
+            f"{k}={v:g}" for k, v in sorted(node.items()) if k in ("CPU", "GPU") or k in res.custom
+        )
+        for node in nodes
+    )
+    hint = (
+        "this cluster has no GPU: set resources.gpu=0 (training then runs on CPU) or "
+        "connect to a GPU cluster with --address"
+        if res.gpu and not any(n.get("GPU") for n in nodes)
+        else "lower resources.* or add nodes that have them"
+    )
+    raise UserInputError(
+        f"resources per trial {need} fit on no node of the cluster "
+        f"(nodes: {have or 'none'}): {hint}"
+    )
 
 
 def _trainable(spec: SweepSpec) -> Any:
     r = spec.sweep.resources
     resources = {"cpu": r.cpu, "gpu": r.gpu, **r.custom}
-    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()),
-                               resources)
+    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), resources)
 
 
 def _scheduler(spec: SweepSpec, experiment_dir: Path) -> Any:
@@ -97,9 +107,14 @@ def _scheduler(spec: SweepSpec, experiment_dir: Path) -> Any:
         return tune.schedulers.FIFOScheduler()
 
     def make(category: str | None) -> ResumableASHA:
-        return ResumableASHA(experiment_dir=experiment_dir, metric=OBJECTIVE,
-                             max_t=spec.base.num_rounds, grace_period=sc.grace_period,
-                             reduction_factor=sc.reduction_factor, category=category)
+        return ResumableASHA(
+            experiment_dir=experiment_dir,
+            metric=OBJECTIVE,
+            max_t=spec.base.num_rounds,
+            grace_period=sc.grace_period,
+            reduction_factor=sc.reduction_factor,
+            category=category,
+        )
 
     if spec.sweep.objective.per_category:
         return PerCategoryScheduler(make, list(spec.categories))
@@ -129,29 +144,39 @@ def _prepare_storage(spec: SweepSpec, resume: bool) -> Path:
     if "://" in spec.sweep.storage:
         raise UserInputError(
             f"storage {spec.sweep.storage!r}: the study journal needs a POSIX path; use a "
-            "local directory or an NFS mount shared by the cluster")
+            "local directory or an NFS mount shared by the cluster"
+        )
     if is_experiment(exp) and not resume:
         raise UserInputError(
             f"experiment {str(exp)!r} already exists: continue it with `launch.py resume "
-            f"{exp}` (or `sweep --resume`), or pick another --name")
+            f"{exp}` (or `sweep --resume`), or pick another --name"
+        )
     try:
         exp.mkdir(parents=True, exist_ok=True)
         probe = exp / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise UserInputError(f"storage path {str(exp)!r} is not writable ({exc.strerror}): "
-                             "pass --storage DIR on a writable disk") from exc
+        raise UserInputError(
+            f"storage path {str(exp)!r} is not writable ({exc.strerror}): "
+            "pass --storage DIR on a writable disk"
+        ) from exc
     return exp
 
 
-def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = False,
-              write: Write = print, dashboard: bool = True, export: bool = True) -> SweepRun:
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    write: Write = print,
+    dashboard: bool = True,
+    export: bool = True,
+) -> SweepRun:
     """Runs (or with ``resume`` continues) a sweep and exports its best configuration."""
     exp = spec.experiment_dir
     if resume and is_experiment(exp):
-        return resume_sweep(exp, address=address, write=write, dashboard=dashboard,
-                            export=export)
+        return resume_sweep(exp, address=address, write=write, dashboard=dashboard, export=export)
     exp = _prepare_storage(spec, resume=False)
     init_ray(address, dashboard=dashboard, write=write)
     check_resources(spec.sweep.resources)
@@ -160,8 +185,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
     tmp.write_text(json.dumps(spec.to_dict(), indent=2))
     tmp.replace(exp / SPEC_FILE)
     s = spec.sweep.search
-    num_samples = s.num_trials * (len(spec.categories) if spec.sweep.objective.per_category
-                                  else 1)
+    num_samples = s.num_trials * (len(spec.categories) if spec.sweep.objective.per_category else 1)
     tuner = tune.Tuner(
         _trainable(spec),
         tune_config=tune.TuneConfig(
@@ -179,19 +203,32 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Fal
     return _finish(exp, started, write, export)
 
 
-def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
-                 write: Write = print, dashboard: bool = True, export: bool = True) -> SweepRun:
+def resume_sweep(
+    experiment_dir: str | Path,
+    *,
+    address: str | None = None,
+    write: Write = print,
+    dashboard: bool = True,
+    export: bool = True,
+) -> SweepRun:
     """Continues an interrupted sweep: finished trials kept, study and rungs restored."""
     exp = Path(experiment_dir).resolve()
     spec = load_spec(exp)
     if not tune.Tuner.can_restore(str(exp)):
-        raise UserInputError(f"{str(exp)!r} has no Tune state to resume yet (the sweep was "
-                             "stopped before its first trial started): run the sweep again")
+        raise UserInputError(
+            f"{str(exp)!r} has no Tune state to resume yet (the sweep was "
+            "stopped before its first trial started): run the sweep again"
+        )
     init_ray(address, dashboard=dashboard, write=write)
     check_resources(spec.sweep.resources)
     started = time.time()
-    tuner = tune.Tuner.restore(str(exp), trainable=_trainable(spec), resume_unfinished=True,
-                               resume_errored=False, restart_errored=False)
+    tuner = tune.Tuner.restore(
+        str(exp),
+        trainable=_trainable(spec),
+        resume_unfinished=True,
+        resume_errored=False,
+        restart_errored=False,
+    )
     write(f"resuming sweep {spec.sweep.name} in {exp}")
     tuner.fit()
     return _finish(exp, started, write, export)

@@ -61,8 +61,13 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
                 fit(cfg, report=report, checkpoint_dir=tmp, final_test=False)
             else:
                 with checkpoint.as_directory() as resume:
-                    fit(cfg, report=report, checkpoint_dir=tmp, resume_from=resume,
-                        final_test=False)
+                    fit(
+                        cfg,
+                        report=report,
+                        checkpoint_dir=tmp,
+                        resume_from=resume,
+                        final_test=False,
+                    )
         except Exception as exc:
             if _deterministic(exc):
                 marker.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))

@@ -68,11 +68,13 @@ class Param:
     def suggest(self, trial: optuna.Trial) -> Any:
         """Samples this parameter on ``trial``; returns the config value."""
         if self.type == "float":
-            return trial.suggest_float(self.name, self.low, self.high, log=self.log,
-                                       step=self.step)
+            return trial.suggest_float(
+                self.name, self.low, self.high, log=self.log, step=self.step
+            )
         if self.type == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log,
-                                     step=int(self.step or 1))
+            return trial.suggest_int(
+                self.name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1)
+            )
         if self.type == "categorical":
             label = trial.suggest_categorical(self.name, self.labels())
             return self.choices[self.labels().index(label)]
@@ -138,18 +140,22 @@ class Space:
                     raise SpaceError(
                         f"space {self.source}: the base config's {p.key}={value!r} is not among "
                         f"the choices {list(p.choices)}; add it to the choices, since the first "
-                        "trial always runs the base config")
+                        "trial always runs the base config"
+                    )
                 sampled[p.name] = label
             elif p.type in ("float", "int"):
                 if not (p.low <= value <= p.high):
                     raise SpaceError(
                         f"space {self.source}: the base config's {p.key}={value!r} lies outside "
                         f"[{p.low}, {p.high}]; widen the range, since the first trial always "
-                        "runs the base config")
+                        "runs the base config"
+                    )
                 sampled[p.name] = value
             elif _label(value) != _label(p.value):
-                raise SpaceError(f"space {self.source}: {p.key} is fixed to {p.value!r} but the "
-                                 f"base config has {value!r}; change one of them")
+                raise SpaceError(
+                    f"space {self.source}: {p.key} is fixed to {p.value!r} but the "
+                    f"base config has {value!r}; change one of them"
+                )
             else:
                 continue  # fixed values are not Optuna parameters
         return sampled
@@ -161,16 +167,20 @@ class Space:
                 try:
                     base.override({p.key: value})
                 except ConfigError as exc:
-                    raise SpaceError(f"space {self.source}: {p.name}={value!r} is rejected by "
-                                     f"the training config: {exc}") from exc
+                    raise SpaceError(
+                        f"space {self.source}: {p.name}={value!r} is rejected by "
+                        f"the training config: {exc}"
+                    ) from exc
 
     def grid(self) -> dict[str, list[Any]]:
         """The search space for Optuna's GridSampler (categorical and stepped numbers only)."""
         out: dict[str, list[Any]] = {}
         for p in self.params:
             if p.when:
-                raise SpaceError(f"space {self.source}: the grid sampler cannot search the "
-                                 f"conditional parameter {p.name}; use tpe or random")
+                raise SpaceError(
+                    f"space {self.source}: the grid sampler cannot search the "
+                    f"conditional parameter {p.name}; use tpe or random"
+                )
             if p.type == "categorical":
                 out[p.name] = p.labels()
             elif p.type in ("float", "int") and p.step and not p.log:
@@ -178,8 +188,10 @@ class Space:
                 values = [p.low + i * p.step for i in range(n)]
                 out[p.name] = [int(v) for v in values] if p.type == "int" else values
             elif p.type != "fixed":
-                raise SpaceError(f"space {self.source}: the grid sampler needs a `step` (or "
-                                 f"`choices`) for {p.name}")
+                raise SpaceError(
+                    f"space {self.source}: the grid sampler needs a `step` (or "
+                    f"`choices`) for {p.name}"
+                )
         return out
 
     @property
@@ -194,8 +206,10 @@ def load_space(spec: str | Path | Mapping[str, Any]) -> Space:
     if not isinstance(spec, Mapping):
         path = Path(spec)
         if not path.is_file():
-            raise SpaceError(f"search space file {str(path)!r} does not exist: pass a YAML file "
-                             f"such as {SPACES_DIR / 'paper.yaml'}")
+            raise SpaceError(
+                f"search space file {str(path)!r} does not exist: pass a YAML file "
+                f"such as {SPACES_DIR / 'paper.yaml'}"
+            )
         source = str(path)
         try:
             spec = yaml.safe_load(path.read_text()) or {}
@@ -212,10 +226,13 @@ def load_space(spec: str | Path | Mapping[str, Any]) -> Space:
         except ConfigError as exc:
             raise SpaceError(f"search space {source}: {exc}") from exc
         branches = entry if isinstance(entry, list) else [entry]
-        if isinstance(entry, list) and not all(isinstance(b, Mapping) and "when" in b
-                                               for b in branches):
-            raise SpaceError(f"search space {source}: {raw_key} is a list, so every branch "
-                             "must be a mapping with a `when` condition")
+        if isinstance(entry, list) and not all(
+            isinstance(b, Mapping) and "when" in b for b in branches
+        ):
+            raise SpaceError(
+                f"search space {source}: {raw_key} is a list, so every branch "
+                "must be a mapping with a `when` condition"
+            )
         for branch in branches:
             params.append(_parse(str(raw_key), key, branch, params, source))
     names = [p.name for p in params]
@@ -284,8 +301,10 @@ def _parse_when(when: Any, earlier: list[Param], where: str) -> tuple:
             raise SpaceError(f"{where}: `when` names {ref!r}: {exc}") from exc
         matches = [p for p in earlier if p.key == ref_key and p.type == "categorical"]
         if not matches:
-            raise SpaceError(f"{where}: `when` names {ref!r}, which must be a categorical "
-                             "parameter defined earlier in the space")
+            raise SpaceError(
+                f"{where}: `when` names {ref!r}, which must be a categorical "
+                "parameter defined earlier in the space"
+            )
         vals = values if isinstance(values, list) and not _is_list_choice(matches[0]) else [values]
         labels = tuple(_label(v) for v in vals)
         for m in matches:

@@ -25,8 +25,12 @@ def sample(space, n: int = 30, seed: int = 0) -> list[dict]:
 
 def test_paper_space_samples_config_values_with_list_choices():
     space = load_space(SPACES_DIR / "paper.yaml")
-    assert space.keys == ["model.mask_ratio", "model.patch_size", "model.teacher_layers",
-                          "train.lr"]
+    assert space.keys == [
+        "model.mask_ratio",
+        "model.patch_size",
+        "model.teacher_layers",
+        "train.lr",
+    ]
     draws = sample(space)
     base = Config()
     for d in draws:
@@ -59,13 +63,15 @@ def test_baseline_params_reproduce_the_base_config_when_enqueued():
 
 
 def test_conditional_branches_get_distinct_optuna_names():
-    space = load_space({
-        "patch_size": {"type": "categorical", "choices": [8, 16]},
-        "warmup_epochs": [
-            {"type": "int", "low": 0, "high": 4, "when": {"patch_size": 8}},
-            {"type": "int", "low": 10, "high": 20, "when": {"patch_size": 16}},
-        ],
-    })
+    space = load_space(
+        {
+            "patch_size": {"type": "categorical", "choices": [8, 16]},
+            "warmup_epochs": [
+                {"type": "int", "low": 0, "high": 4, "when": {"patch_size": 8}},
+                {"type": "int", "low": 10, "high": 20, "when": {"patch_size": 16}},
+            ],
+        }
+    )
     names = [p.name for p in space.params]
     assert len(set(names)) == 3
     for d in sample(space, 40):
@@ -76,17 +82,23 @@ def test_conditional_branches_get_distinct_optuna_names():
 
 
 def test_int_log_step_and_fixed_types():
-    space = load_space({
-        "epochs": {"type": "int", "low": 10, "high": 50, "step": 10},
-        "train.batch_size": {"type": "int", "low": 4, "high": 64, "log": True},
-        "eval.blur_sigma": {"type": "fixed", "value": 2.0},
-    })
+    space = load_space(
+        {
+            "epochs": {"type": "int", "low": 10, "high": 50, "step": 10},
+            "train.batch_size": {"type": "int", "low": 4, "high": 64, "log": True},
+            "eval.blur_sigma": {"type": "fixed", "value": 2.0},
+        }
+    )
     for d in sample(space):
         assert d["train.epochs"] in (10, 20, 30, 40, 50)
         assert 4 <= d["train.batch_size"] <= 64
         assert d["eval.blur_sigma"] == 2.0
-    grid = load_space({"epochs": {"type": "int", "low": 10, "high": 50, "step": 10},
-                       "patch_size": {"type": "categorical", "choices": [8, 16]}}).grid()
+    grid = load_space(
+        {
+            "epochs": {"type": "int", "low": 10, "high": 50, "step": 10},
+            "patch_size": {"type": "categorical", "choices": [8, 16]},
+        }
+    ).grid()
     assert grid == {"train.epochs": [10, 20, 30, 40, 50], "model.patch_size": [8, 16]}
 
 
@@ -100,8 +112,10 @@ def test_int_log_step_and_fixed_types():
         ({"lr": {"type": "uniform", "low": 0.1, "high": 0.2}}, "type must be one of"),
         ({"lr": {"type": "float", "low": 0.1, "high": 0.2, "lo": 1}}, "unknown field"),
         ({"lr": [{"type": "float", "low": 0.1, "high": 0.2}]}, "every branch"),
-        ({"lr": {"type": "float", "low": 0.1, "high": 0.2, "when": {"patch_size": 8}}},
-         "defined earlier"),
+        (
+            {"lr": {"type": "float", "low": 0.1, "high": 0.2, "when": {"patch_size": 8}}},
+            "defined earlier",
+        ),
         ({}, "empty"),
     ],
 )
@@ -143,6 +157,11 @@ def test_spaces_package_imports_no_ray():
     import sys
 
     code = "import sys, spaces; print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=SPACES_DIR.parent).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=SPACES_DIR.parent,
+    ).stdout
     assert out.strip() == "False"

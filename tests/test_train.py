@@ -46,8 +46,9 @@ def tiny(root: Path, **overrides: object) -> Config:
 
 
 def test_lr_schedule_warms_up_per_epoch_then_steps_down():
-    cfg = Config.from_dict({"train": {"lr": 1e-3, "warmup_epochs": 50,
-                                      "lr_milestones": [120, 160], "epochs": 200}})
+    cfg = Config.from_dict(
+        {"train": {"lr": 1e-3, "warmup_epochs": 50, "lr_milestones": [120, 160], "epochs": 200}}
+    )
     assert lr_at(0, cfg) == 0.0  # epoch 0 runs at lr 0, as the official schedule
     assert lr_at(25, cfg) == pytest.approx(5e-4)
     assert lr_at(50, cfg) == pytest.approx(1e-3)
@@ -105,13 +106,18 @@ def test_nan_loss_ends_the_run_with_a_clear_error(synthetic_root: Path, monkeypa
         fit(tiny(synthetic_root))
 
 
-def test_run_training_writes_outputs_and_model_file_round_trips(synthetic_root: Path,
-                                                                tmp_path: Path):
+def test_run_training_writes_outputs_and_model_file_round_trips(
+    synthetic_root: Path, tmp_path: Path
+):
     cfg = tiny(synthetic_root)
     run_training(cfg, tmp_path, label="tiny")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics["test"]["units"]["disk"]) == {"image_auroc", "pixel_auroc", "aupro",
-                                                     "pixel_f1"}
+    assert set(metrics["test"]["units"]["disk"]) == {
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "pixel_f1",
+    }
     assert "Image AUROC" in (tmp_path / "results.md").read_text()
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert "optimizers" not in state and set(state["students"]) == {"disk"}
@@ -126,9 +132,22 @@ def test_run_training_writes_outputs_and_model_file_round_trips(synthetic_root: 
 
 def test_train_cli_bad_key_fails_before_any_work(tmp_path: Path):
     proc = subprocess.run(
-        [sys.executable, "launch.py", "train", "--config", "configs/tiny.yaml", "--set",
-         "model.mask_rato=0.5", "--out", str(tmp_path / "out")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "launch.py",
+            "train",
+            "--config",
+            "configs/tiny.yaml",
+            "--set",
+            "model.mask_rato=0.5",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "model.mask_rato" in proc.stderr and "mask_ratio" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -137,11 +156,34 @@ def test_train_cli_bad_key_fails_before_any_work(tmp_path: Path):
 def test_train_cli_end_to_end(synthetic_root: Path, tmp_path: Path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "launch.py", "train", "--config", "configs/tiny.yaml",
-         "--set", f"data.root={synthetic_root}", "--set", "data.categories=[disk,grid]",
-         "--set", "data.resize=40", "--set", "data.image_size=32", "--set", "train.epochs=2",
-         "--set", "train.eval_every=1", "--set", "train.batch_size=4", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "launch.py",
+            "train",
+            "--config",
+            "configs/tiny.yaml",
+            "--set",
+            f"data.root={synthetic_root}",
+            "--set",
+            "data.categories=[disk,grid]",
+            "--set",
+            "data.resize=40",
+            "--set",
+            "data.image_size=32",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "train.eval_every=1",
+            "--set",
+            "train.batch_size=4",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in out.iterdir()} >= {"metrics.json", "results.md", "model.pt"}
     results = (out / "results.md").read_text()
@@ -157,9 +199,17 @@ def test_device_cuda_without_gpu_is_a_config_error(synthetic_root: Path):
 
 
 def test_mmr_imports_neither_ray_nor_optuna():
-    code = ("import sys, mmr.train, mmr.data, mmr.model, mmr.metrics, mmr.config, "
-            "mmr.visualize, mmr.report, mmr.weights; "
-            "print(sorted(m for m in ('ray', 'optuna') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, check=True).stdout
+    code = (
+        "import sys, mmr.train, mmr.data, mmr.model, mmr.metrics, mmr.config, "
+        "mmr.visualize, mmr.report, mmr.weights; "
+        "print(sorted(m for m in ('ray', 'optuna') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert out.strip() == "[]"
