@@ -29,16 +29,14 @@ from pathlib import Path
 
 from mmr.config import DataConfig
 from mmr.errors import DataError
-from mmr.imagecache import (
+from mmr.imagecache import default_cache_dir, load_images, load_masks
+from mmr.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     augment_batch,
     batch_indices,
     center_crop,
     center_crop_masks,
-    default_cache_dir,
-    load_images,
-    load_masks,
     normalize,
 )
 

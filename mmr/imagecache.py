@@ -1,17 +1,10 @@
-"""Decoded-image cache and the batched tensor transforms applied to cached images.
+"""Decoded-image cache: each image decoded once per (file content, size), shared by trials.
 
 Every trial of a search reads the same images. Decoding a ~900 px PNG and resizing it costs
 ~15 ms; doing it once per (file content, size) and keeping the result as a compact uint8
 ``.npy`` that later loads are memory-mapped from makes an epoch a few tensor ops. Keys are
 content hashes, so an edited file gets a new entry; entries are written atomically under a
 file lock, so concurrent trials on a node decode each list once.
-
-The transforms follow the official MMR code: resize to ``resize x resize`` (PIL bicubic, done
-at cache time, identical to torchvision's ``Resize((s, s))`` on a PIL image), then at train time
-``RandomResizedCrop(scale=(0.7, 1), ratio=(3/4, 4/3), bicubic)`` + horizontal flip, at test time
-a center crop; ImageNet normalisation in both. Random crops run batched on the batch's device as
-tiled matrix products with PIL's antialiased bicubic weights (crop and flip folded in) and
-match torchvision-on-PIL to one grey level.
 """
 
 from __future__ import annotations
@@ -19,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +21,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import PIL
 import torch
 from PIL import Image
 
@@ -42,25 +32,13 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "default_cache_dir",
     "load_images",
     "load_masks",
-    "augment_batch",
-    "sample_crops",
-    "resized_crop_batch",
-    "center_crop",
-    "center_crop_masks",
-    "normalize",
-    "batch_indices",
 ]
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_PIL_ORDERS_PASSES = int(PIL.__version__.split(".")[0]) >= 13
 _CACHE_VERSION = "v1"  # bump when the decoded format or the resize method changes
 _HASH_CHUNK = 1 << 20
 
@@ -318,294 +296,3 @@ def _decode_mask(mask_path: Path, image_path: Path, size: int) -> np.ndarray:
         arr = arr * np.uint8(255)
     small = Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR)
     return (np.asarray(small) > 127).astype(np.uint8)[None]
-
-
-# ----------------------------------------------------------------------------- transforms
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (or 0..255 float) N x 3 x H x W -> float32 ImageNet-normalised."""
-    mean, std = _stats(images.device)
-    return images.to(torch.float32, copy=True).mul_(1.0 / (255.0 * std)).sub_(mean / std)
-
-
-def center_crop(u8: torch.Tensor, *, image_size: int) -> torch.Tensor:
-    """Test transform: center crop to ``image_size`` (as torchvision CenterCrop) + normalise."""
-    return normalize(_center(u8, image_size))
-
-
-def center_crop_masks(masks: torch.Tensor, *, image_size: int) -> torch.Tensor:
-    """The same center crop for N x 1 x S x S masks (dtype kept)."""
-    return _center(masks, image_size)
-
-
-def _center(t: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = t.shape[-2:]
-    if size > h or size > w:
-        raise ValueError(f"crop size {size} is larger than the {h}x{w} images")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return t[..., top : top + size, left : left + size]
-
-
-def augment_batch(
-    u8: torch.Tensor,
-    *,
-    image_size: int,
-    generator: torch.Generator,
-    scale: tuple[float, float] = (0.7, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip: bool = True,
-) -> torch.Tensor:
-    """Train transform: RandomResizedCrop (bicubic) + horizontal flip + normalise, batched.
-
-    Runs on ``u8``'s device; the random draws come from ``generator`` (seeded by the caller),
-    so the same seed gives the same batch.
-    """
-    n, _, h, w = u8.shape
-    boxes, flips = sample_crops(
-        n, height=h, width=w, generator=generator, scale=scale, ratio=ratio, flip=flip
-    )
-    return resized_crop_batch(u8, boxes, flips, size=image_size)
-
-
-def sample_crops(
-    n: int,
-    *,
-    height: int,
-    width: int,
-    generator: torch.Generator,
-    scale: tuple[float, float] = (0.7, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip: bool = True,
-    attempts: int = 10,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RandomResizedCrop boxes as torchvision draws them, vectorised over ``n`` samples.
-
-    Returns:
-        ``(boxes, flips)``: int64 ``n x 4`` (top, left, height, width) and bool ``n``.
-    """
-    dev = generator.device
-
-    def uniform(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator, device=dev, dtype=torch.float64)
-
-    area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * uniform(n, attempts))
-    lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(lo + (hi - lo) * uniform(n, attempts))
-    cw = torch.round(torch.sqrt(target * aspect))
-    ch = torch.round(torch.sqrt(target / aspect))
-    ok = (cw > 0) & (cw <= width) & (ch > 0) & (ch <= height)
-    first = torch.argmax(ok.to(torch.int8), dim=1, keepdim=True)  # first valid attempt
-    cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
-    found = ok.any(dim=1)
-    # Fallback as torchvision: the whole image, cropped to the nearest allowed aspect ratio.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
-    cw = torch.where(found, cw, torch.full_like(cw, fw))
-    ch = torch.where(found, ch, torch.full_like(ch, fh))
-    top = torch.floor(uniform(n) * (height - ch + 1))
-    left = torch.floor(uniform(n) * (width - cw + 1))
-    top = torch.where(found, top, torch.full_like(top, (height - fh) // 2))
-    left = torch.where(found, left, torch.full_like(left, (width - fw) // 2))
-    flips = uniform(n) < 0.5 if flip else torch.zeros(n, dtype=torch.bool, device=dev)
-    return torch.stack([top, left, ch, cw], dim=1).long(), flips
-
-
-def resized_crop_batch(
-    u8: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, *, size: int
-) -> torch.Tensor:
-    """Crops ``boxes`` (top, left, height, width) of square uint8 images, resizes the crops to
-    ``size`` (PIL's antialiased bicubic), mirrors where ``flips``, and normalises.
-
-    Matches torchvision's ``resized_crop`` + ``hflip`` on PIL images to one grey level; runs
-    as batched matrix products on ``u8``'s device.
-    """
-    n, _, h, w = u8.shape
-    if h != w:
-        raise ValueError(f"expected square images (as load_images returns), got {h}x{w}")
-    dev = u8.device
-    boxes = boxes.to(dev, torch.float32)
-    rows = _taps(boxes[:, 0], boxes[:, 2], h, size)
-    cols = _taps(boxes[:, 1], boxes[:, 3], w, size, reverse=flips.to(dev))
-    # PIL resamples in two passes with an 8-bit image in between (which shapes the bicubic
-    # overshoot at sharp edges), horizontal first; Pillow >= 13 goes vertical first when the
-    # height shrinks much more than the width. Such a sample is run horizontal-first on its
-    # transposed image (taps swapped) and its result transposed back.
-    swap = _vertical_first(boxes[:, 2] / size, boxes[:, 3] / size).nonzero()[:, 0]
-    if swapped := len(swap) > 0:
-        u8 = _SCRATCH.get("input", u8.shape, torch.uint8, dev).copy_(u8)  # keep the caller's
-        u8[swap] = u8[swap].transpose(2, 3)
-        rows, cols = (
-            tuple(r.index_copy(0, swap, c[swap]) for r, c in zip(rows, cols, strict=True)),
-            tuple(c.index_copy(0, swap, r[swap]) for r, c in zip(rows, cols, strict=True)),
-        )
-    # Round half up, as PIL's fixed point does: +0.5, clamp, then truncate to uint8.
-    middle = _banded(u8, cols, dim=3, tag="h").add_(0.5).clamp_(0, 255)
-    middle = _SCRATCH.get("middle", middle.shape, torch.uint8, dev).copy_(middle)
-    out = _banded(middle, rows, dim=2, tag="v").add_(0.5).clamp_(0, 255).floor_()
-    mean, std = _stats(dev)
-    out = torch.addcmul(-mean / std, out, 1.0 / (255.0 * std))  # a fresh tensor: scratch is reused
-    if swapped:
-        out[swap] = out[swap].transpose(2, 3)
-    return out
-
-
-_Taps = tuple[torch.Tensor, torch.Tensor]  # (positions n x out x k int64, weights n x out x k)
-
-
-def _taps(
-    start: torch.Tensor,
-    length: torch.Tensor,
-    in_size: int,
-    out_size: int,
-    *,
-    reverse: torch.Tensor | None = None,
-) -> _Taps:
-    """PIL's resampling taps (bicubic a=-0.5, support widened when shrinking) mapping the
-    window ``[start, start + length)`` of an axis onto ``out_size`` pixels, mirrored where
-    ``reverse``. Pixels outside the window get weight 0 (PIL crops first); rows sum to 1."""
-    dev = start.device
-    scale = length / out_size  # input pixels per output pixel
-    stretch = scale.clamp(min=1.0)[:, None, None]  # antialiasing
-    k = torch.arange(out_size, device=dev, dtype=torch.float32).expand(len(start), out_size)
-    if reverse is not None:
-        k = torch.where(reverse[:, None], out_size - 1 - k, k)
-    centers = (start[:, None] + (k + 0.5) * scale[:, None])[..., None]
-    count = 2 * math.ceil(2.0 * max(in_size / out_size, 1.0)) + 1  # taps of the widest filter
-    pos = torch.floor(centers - 2.0 * stretch + 0.5) + torch.arange(count, device=dev)
-    inside = (pos >= start[:, None, None]) & (pos < (start + length)[:, None, None])
-    weights = _cubic((pos + 0.5 - centers) / stretch) * inside
-    return pos.long(), weights / weights.sum(dim=-1, keepdim=True)
-
-
-def _banded(
-    x: torch.Tensor, taps: _Taps, *, dim: int, tag: str = "", tile: int = 32
-) -> torch.Tensor:
-    """Resamples axis ``dim`` (2: rows, 3: columns) of ``x`` (n x C x H x W, any dtype) into a
-    float32 scratch tensor, tile by tile: the ``tile`` outputs of a tile read only the short
-    input span their taps reach, one small matrix product per tile (~5x less work than a
-    dense product; gathering uint8 spans is also ~3x cheaper than gathering floats)."""
-    pos, weights = taps
-    n, c, in_size, dev = x.shape[0], x.shape[1], x.shape[dim], x.device
-    out_size, count = pos.shape[1:]
-    tiles = -(-out_size // tile)
-    span = min(in_size, math.ceil(tile * in_size / out_size) + count + 1)
-    pad = (0, 0, 0, tiles * tile - out_size)
-    pos = torch.nn.functional.pad(pos, pad).view(n, tiles, tile, count)
-    weights = torch.nn.functional.pad(weights, pad).view(n, tiles, tile, count)
-    first = torch.where(weights != 0, pos, in_size).amin(dim=(2, 3))
-    start = first.clamp(max=in_size - span)  # n x tiles: where each tile's span begins
-    local = (pos - start[..., None, None]).clamp(0, span - 1)
-    w = torch.zeros((n, tiles, tile, span), device=dev).scatter_add_(3, local, weights)
-    cols = start[..., None] + torch.arange(span, device=dev)  # n x tiles x span
-    other = x.shape[5 - dim]  # the axis that is not resampled
-    if dim == 3:  # per tile: (C*H x span) @ (span x tile)
-        index = cols[:, :, None, None, :].expand(n, tiles, c, other, span)
-        spans = _gather_float(x[:, None].expand(n, tiles, *x.shape[1:]), 4, index, tag)
-        prod = _SCRATCH.get(f"{tag}.prod", (n * tiles, c * other, tile), torch.float32, dev)
-        torch.bmm(
-            spans.view(n * tiles, c * other, span), w.transpose(2, 3).flatten(0, 1), out=prod
-        )
-        res = _SCRATCH.get(f"{tag}.res", (n, c, other, tiles * tile), torch.float32, dev)
-        res.view(n, c, other, tiles, tile).copy_(
-            prod.view(n, tiles, c, other, tile).permute(0, 2, 3, 1, 4)
-        )
-        return res[..., :out_size]
-    # dim == 2, per tile and channel: (tile x span) @ (span x W)
-    # A span of rows is one contiguous block: copy blocks (indexing windows of an unfold view)
-    # rather than gathering element by element.
-    windows = x.unfold(2, span, 1).permute(0, 2, 1, 4, 3)  # n x positions x C x span x W
-    raw = _SCRATCH.get(f"{tag}.raw", (n, tiles, c, span, other), x.dtype, dev)
-    raw.copy_(windows[torch.arange(n, device=dev)[:, None], start])
-    spans = _as_float(raw, tag)
-    prod = _SCRATCH.get(f"{tag}.prod", (n * tiles * c, tile, other), torch.float32, dev)
-    w = w[:, :, None].expand(n, tiles, c, tile, span).reshape(n * tiles * c, tile, span)
-    torch.bmm(w, spans.view(n * tiles * c, span, other), out=prod)
-    res = _SCRATCH.get(f"{tag}.res", (n, c, tiles * tile, other), torch.float32, dev)
-    res.view(n, c, tiles, tile, other).copy_(prod.view(n, tiles, c, tile, other).transpose(1, 2))
-    return res[:, :, :out_size]
-
-
-def _gather_float(x: torch.Tensor, dim: int, index: torch.Tensor, tag: str) -> torch.Tensor:
-    raw = _SCRATCH.get(f"{tag}.raw", index.shape, x.dtype, x.device)
-    return _as_float(torch.gather(x, dim, index, out=raw), tag)
-
-
-def _as_float(raw: torch.Tensor, tag: str) -> torch.Tensor:
-    if raw.dtype == torch.float32:
-        return raw
-    return _SCRATCH.get(f"{tag}.float", raw.shape, torch.float32, raw.device).copy_(raw)
-
-
-class _Scratch(threading.local):
-    """Per-thread reusable CPU buffers. A fresh multi-MB CPU tensor costs page faults (the
-    kernel zeroes every new page): about half the time of an augmented batch here. CUDA's
-    caching allocator already reuses memory, so other devices get plain new tensors."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(
-        self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        if device.type != "cpu":
-            return torch.empty(tuple(shape), dtype=dtype, device=device)
-        numel = math.prod(shape)
-        buf = self.buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            buf = self.buffers[name] = torch.empty(numel, dtype=dtype)
-        return buf[:numel].view(tuple(shape))
-
-
-_SCRATCH = _Scratch()
-
-
-def _vertical_first(scale_y: torch.Tensor, scale_x: torch.Tensor) -> torch.Tensor:
-    """Where Pillow runs its vertical pass first (python-pillow/Pillow#9549, Pillow 13)."""
-    if not _PIL_ORDERS_PASSES:
-        return torch.zeros_like(scale_y, dtype=torch.bool)
-    sy, sx = scale_y.clamp(min=1.0), scale_x.clamp(min=1.0)
-    return (sy - 1.0) > 2.0 * (sx - 1.0)
-
-
-def _cubic(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
-    t = t.abs()
-    near = ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0
-    far = (((t - 5.0) * t + 8.0) * t - 4.0) * a
-    return torch.where(t < 1.0, near, torch.where(t < 2.0, far, torch.zeros_like(t)))
-
-
-def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return mean, std
-
-
-def batch_indices(
-    n: int,
-    *,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-) -> list[torch.Tensor]:
-    """One epoch of index batches: a seeded permutation (or ``range(n)`` without a generator).
-
-    Args:
-        n: number of samples.
-        batch_size: indices per batch; the last batch may be shorter unless ``drop_last``.
-        generator: shuffles when given (seed it once per run, draw once per epoch).
-        drop_last: drop a final incomplete batch.
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    batches = list(order.split(batch_size))
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
-    return batches

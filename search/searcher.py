@@ -9,6 +9,7 @@ pruners do). ``PerCategorySearch`` runs one such study per category inside a sin
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.config import SweepSpec
-from spaces import Space
+from spaces import Space, SpaceError
 
 __all__ = ["StudySearch", "PerCategorySearch", "make_sampler", "make_searcher", "study_storage"]
 
@@ -29,6 +30,28 @@ log = logging.getLogger(__name__)
 
 OBJECTIVE = "objective"  # the reported key the searcher and scheduler optimise
 ROUNDS_KEY = "rounds_total"  # reported with every result: rounds of a full run
+
+
+class BaselineFirstGridSampler(optuna.samplers.GridSampler):
+    """Grid search whose first trial is the base config's grid point.
+
+    GridSampler shuffles its points and does not count an enqueued trial as a visited point
+    (it would run the baseline twice), so instead of enqueueing, the baseline is moved to the
+    front: Optuna gives trial ``n`` grid point ``n`` while unvisited points remain.
+    """
+
+    def __init__(
+        self, search_space: dict[str, list[Any]], *, baseline: Mapping[str, Any], seed: int
+    ) -> None:
+        super().__init__(search_space, seed=seed)
+        point = tuple(baseline[name] for name in self._param_names)
+        if point not in self._all_grids:
+            raise SpaceError(
+                f"the base config {dict(baseline)} is not a point of the grid: "
+                "give each parameter a step or choices that include its value"
+            )
+        i = self._all_grids.index(point)
+        self._all_grids[0], self._all_grids[i] = self._all_grids[i], self._all_grids[0]
 
 
 def make_sampler(
@@ -39,6 +62,11 @@ def make_sampler(
     seed = s.seed + seed_offset
     startup = s.n_startup_trials
     if s.sampler == "tpe":
+        warnings.filterwarnings(
+            "ignore",
+            message=".*``group`` is an experimental",
+            category=optuna.exceptions.ExperimentalWarning,
+        )
         # multivariate+group model conditional spaces jointly; constant_liar keeps parallel
         # workers from sampling the same point while earlier trials still run.
         return optuna.samplers.TPESampler(
@@ -54,7 +82,7 @@ def make_sampler(
         )
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    return BaselineFirstGridSampler(space.grid(), baseline=space.baseline(spec.base), seed=seed)
 
 
 def study_storage(experiment_dir: Path) -> JournalStorage:
@@ -81,11 +109,13 @@ class StudySearch(OptunaSearch):
         sampler: optuna.samplers.BaseSampler,
         category: str | None = None,
     ) -> None:
+        # A grid sampler puts the baseline first itself (see BaselineFirstGridSampler).
+        enqueue = not isinstance(sampler, optuna.samplers.GridSampler)
         super().__init__(
             space=space.define,
             metric=OBJECTIVE,
             mode="max",
-            points_to_evaluate=[dict(baseline)],
+            points_to_evaluate=[dict(baseline)] if enqueue else None,
             sampler=sampler,
             study_name=study_name,
             storage=storage,
@@ -93,6 +123,7 @@ class StudySearch(OptunaSearch):
         self._category = category
         self._baseline_params = dict(baseline)
         self._baseline_taken = False
+        self._enqueue = enqueue
 
     def _suggest_from_define_by_run_func(self, func: Any, ot_trial: Any) -> dict:
         # Keep the define-by-run return (config keys), not Optuna's parameter names.
@@ -147,7 +178,7 @@ class StudySearch(OptunaSearch):
         for number in orphans:
             self._ot_study.tell(number, state=TrialState.FAIL)
         owned_baseline = any(t.params == self._baseline_params for t in self._ot_trials.values())
-        if self._baseline_taken and not owned_baseline:
+        if self._enqueue and self._baseline_taken and not owned_baseline:
             # The baseline's Tune trial was never checkpointed: run the base config again.
             self._baseline_taken = False
             self._ot_study.enqueue_trial(self._baseline_params)

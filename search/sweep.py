@@ -194,6 +194,7 @@ def run_sweep(
             num_samples=num_samples,
             max_concurrent_trials=s.max_concurrent,
             trial_dirname_creator=_trial_dirname,
+            reuse_actors=True,  # a new trial skips the worker's torch/timm start-up
             trial_name_creator=_trial_dirname,
         ),
         run_config=_run_config(spec, write, started),

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 from mmr.config import Config
@@ -18,6 +21,7 @@ __all__ = ["train_trial", "trial_config", "META_KEYS", "FAILED_MARKER"]
 
 META_KEYS = ("baseline", "category", "study_trial")  # trial-config keys that are not params
 FAILED_MARKER = "trial_failed.json"  # a deterministic failure: retries end at once
+WORKER_FILE = "worker.json"  # pid, host and Ray node of the process running the trial
 
 
 def trial_config(spec: SweepSpec, config: dict[str, Any]) -> Config:
@@ -42,8 +46,18 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     sweep = SweepSpec.from_dict(spec)
     cfg = trial_config(sweep, config)
-    prefix = ""
-    marker = Path(tune.get_context().get_trial_dir()) / FAILED_MARKER
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    marker = trial_dir / FAILED_MARKER
+    # Where this attempt runs (a retried trial may move to another node).
+    (trial_dir / WORKER_FILE).write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "hostname": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id(),
+            }
+        )
+    )
     if marker.is_file():
         raise RuntimeError(json.loads(marker.read_text())["error"])
 
@@ -53,7 +67,7 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
         def report(round_: int, metrics: dict[str, float]) -> None:
             metrics = dict(metrics)
             metrics[ROUNDS_KEY] = cfg.num_rounds
-            metrics[OBJECTIVE] = sweep.objective_value(metrics, prefix)
+            metrics[OBJECTIVE] = sweep.objective_value(metrics)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
         try:

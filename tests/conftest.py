@@ -158,3 +158,22 @@ def fake_folder(tmp_path: Path) -> Path:
         write_mask(root / "ground_truth/dent" / f"dent_{i}.png")
     add_junk(root / "test")
     return root
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[str]:
+    """One local Ray for the whole test session (no dashboard, no token auth); yields the
+    GCS address so that driver subprocesses can join it."""
+    import os
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["MMR_DASHBOARD"] = "0"
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

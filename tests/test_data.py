@@ -15,7 +15,7 @@ from conftest import AEBAD_DOMAINS, write_image, write_mask
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from mmr import data, imagecache
+from mmr import data, imagecache, transforms
 from mmr.config import DataConfig
 from mmr.data import Sample, Task, list_tasks, split_task, split_test
 from mmr.errors import DataError
@@ -416,7 +416,7 @@ def test_resized_crop_matches_torchvision_on_pil() -> None:
     boxes = torch.tensor([[0, 0, 64, 64], [5, 9, 50, 41], [12, 3, 47, 60], [0, 4, 64, 40],
                           [2, 1, 62, 52]])  # fmt: skip
     flips = torch.tensor([False, True, False, True, False])
-    out = imagecache.resized_crop_batch(u8, boxes, flips, size=48)
+    out = transforms.resized_crop_batch(u8, boxes, flips, size=48)
     std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
     mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
     for i, (top, left, h, w) in enumerate(boxes.tolist()):
@@ -438,24 +438,24 @@ def test_banded_resampling_equals_the_dense_product() -> None:
     lengths = torch.tensor([70.0, 60.0, 40.0, 70.0, 20.0, 65.0])
     reverse = torch.tensor([False, True, False, True, False, False])
     for out_size in (50, 33):
-        pos, weights = imagecache._taps(starts, lengths, 70, out_size, reverse=reverse)
+        pos, weights = transforms._taps(starts, lengths, 70, out_size, reverse=reverse)
         assert torch.allclose(weights.sum(-1), torch.ones(6, out_size))
         dense = torch.zeros(6, out_size, 70).scatter_add_(2, pos.clamp(0, 69), weights)
-        plain = imagecache._taps(starts, lengths, 70, out_size)
+        plain = transforms._taps(starts, lengths, 70, out_size)
         unmirrored = torch.zeros(6, out_size, 70).scatter_add_(2, plain[0].clamp(0, 69), plain[1])
         assert torch.allclose(dense[reverse], unmirrored[reverse].flip(1))
         assert torch.allclose(dense[~reverse], unmirrored[~reverse])
         outside = torch.arange(70) < starts[:, None]  # PIL crops first: no weight outside
         assert (dense.sum(1)[outside] == 0).all()
-        cols = imagecache._banded(x, (pos, weights), dim=3, tile=8, tag="a")
-        rows = imagecache._banded(x, (pos, weights), dim=2, tile=8, tag="b")
+        cols = transforms._banded(x, (pos, weights), dim=3, tile=8, tag="a")
+        rows = transforms._banded(x, (pos, weights), dim=2, tile=8, tag="b")
         assert torch.allclose(cols, x @ dense.transpose(1, 2)[:, None], atol=1e-3)
         assert torch.allclose(rows, dense[:, None] @ x, atol=1e-3)
 
 
 def test_sample_crops_follow_random_resized_crop_ranges() -> None:
     g = torch.Generator().manual_seed(0)
-    boxes, flips = imagecache.sample_crops(4000, height=256, width=256, generator=g)
+    boxes, flips = transforms.sample_crops(4000, height=256, width=256, generator=g)
     top, left, h, w = boxes.T.double()
     area = h * w / 256**2
     assert area.min() >= 0.69 and area.max() <= 1.0

@@ -1,0 +1,336 @@
+"""The search service end to end on a local Ray: sweeps, pruning, resume, failures, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from mmr.config import ConfigError, load_config
+from mmr.errors import UserInputError
+from search.config import ResourcesConfig, resolve_sweep
+from spaces import SpaceError
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+# A trial of a few seconds: 32 px images, a 2-block ViT, 4 rounds of one epoch.
+FAST = [
+    "data.resize=40",
+    "data.image_size=32",
+    "data.categories=[disk]",
+    "model.encoder_depth=2",
+    "train.epochs=4",
+    "train.eval_every=1",
+    "train.warmup_epochs=1",
+    "train.lr_milestones=[3]",
+    "train.batch_size=4",
+    "eval.blur_sigma=0.5",
+    "search.n_startup_trials=2",
+]
+
+
+def spec_for(tmp: Path, root: Path, *extra: str, name: str = "t", space: dict | None = None):
+    overrides = [f"data.root={root}", *FAST, *extra]
+    if space is not None:
+        path = tmp / f"space-{name}.yaml"
+        path.write_text(yaml.safe_dump(space))
+        overrides.append(f"space={path}")
+    return resolve_sweep(None, overrides, name=name, storage=str(tmp / "runs"))
+
+
+def study(exp: Path, name: str) -> optuna.Study:
+    from search.searcher import study_storage
+
+    return optuna.load_study(study_name=name, storage=study_storage(exp))
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_sweep_end_to_end_with_export_that_reproduces_the_best_trial(
+        ray_session, synthetic_root, tmp_path):
+    from mmr.train import fit
+    from search.results import load_trials
+    from search.sweep import run_sweep
+
+    spec = spec_for(tmp_path, synthetic_root, "search.num_trials=4", "scheduler.type=fifo")
+    lines: list[str] = []
+    run = run_sweep(spec, write=lines.append, dashboard=False)
+    text = "\n".join(lines)
+    assert "best" in text and "baseline" in text and "trials:" in text
+
+    df = load_trials(run.experiment_dir)
+    assert len(df) == 4 and set(df["state"]) == {"done"}
+    assert df["baseline"].sum() == 1
+    base = df[df["baseline"]].iloc[0]
+    assert base["mask_ratio"] == 0.4 and base["lr"] == pytest.approx(1e-3)
+    assert base["study_trial"] == 0
+
+    out = run.export_dir
+    for name in ("best.yaml", "model.pt", "results.md", "trials.csv", "summary.json",
+                 "plots/optimization_history.png", "plots/param_importances.png",
+                 "plots/parallel_coordinate.png", "plots/overlays_disk.png",
+                 "plots/overlays_disk.gif"):
+        assert (out / name).is_file(), name
+    trials = pd.read_csv(out / "trials.csv")
+    assert trials["baseline"].tolist().count(True) == 1 and len(trials) == 4
+    assert "disk/image_auroc" in trials.columns and "wall_s" in trials.columns
+    results = (out / "results.md").read_text()
+    assert "| baseline (test) |" in results and "| best (test) |" in results
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert set(state["students"]) == {"disk"}
+
+    # best.yaml retrains to exactly the metrics the best trial reported.
+    summary = json.loads((out / "summary.json").read_text())["studies"]["t"]
+    best = df[df["trial"] == summary["best_trial"]].iloc[0]
+    again = fit(load_config(out / "best.yaml"), final_test=False)
+    assert again["history"][-1]["image_auroc"] == pytest.approx(best["image_auroc"], abs=1e-9)
+    assert summary["best_val_objective"] >= summary["baseline_val_objective"]
+
+
+def test_asha_stops_trials_and_the_study_records_them_pruned(
+        ray_session, synthetic_root, tmp_path):
+    from search.results import load_trials
+    from search.sweep import run_sweep
+
+    spec = spec_for(tmp_path, synthetic_root, "search.num_trials=6", "search.max_concurrent=1",
+                    "scheduler.grace_period=1", "scheduler.reduction_factor=2", name="asha")
+    run = run_sweep(spec, write=lambda _: None, dashboard=False, export=False)
+    df = load_trials(run.experiment_dir)
+    stopped = df[df["state"] == "stopped"]
+    assert len(stopped) >= 1, df[["trial", "state", "rounds"]]
+    assert not df[df["baseline"]]["state"].eq("stopped").any()  # the baseline always finishes
+    trials = {t.number: t for t in study(run.experiment_dir, "asha").trials}
+    for _, row in stopped.iterrows():
+        t = trials[int(row["study_trial"])]
+        assert t.state == optuna.trial.TrialState.PRUNED
+        # Its intermediate values are there, up to the round it was stopped at.
+        assert max(t.intermediate_values) == row["rounds"]
+        assert t.value == pytest.approx(row["objective"])
+    done = df[df["state"] == "done"]
+    assert all(trials[int(n)].state == optuna.trial.TrialState.COMPLETE
+               for n in done["study_trial"])
+
+
+def test_failing_trial_does_not_stop_the_sweep(ray_session, synthetic_root, tmp_path):
+    from search.results import load_trials
+    from search.sweep import run_sweep
+
+    # One grid point names a category the dataset lacks: that trial fails at data loading.
+    space = {"data.categories": {"type": "categorical", "choices": [["disk"], ["nosuch"]]}}
+    spec = spec_for(tmp_path, synthetic_root, "search.sampler=grid", "search.num_trials=2",
+                    "max_failures=2", name="fail", space=space)
+    run = run_sweep(spec, write=lambda _: None, dashboard=False, export=False)
+    df = load_trials(run.experiment_dir)
+    assert sorted(df["state"]) == ["done", "failed"]
+    failed = df[df["state"] == "failed"].iloc[0]
+    error = (run.experiment_dir / f"trial_{failed['trial']}" / "error.txt").read_text()
+    assert "nosuch" in error
+    states = {t.state for t in study(run.experiment_dir, "fail").trials}
+    assert states == {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL}
+
+
+def test_per_category_mode_gives_one_best_config_per_category(
+        ray_session, synthetic_root, tmp_path):
+    from search.export import export_experiment
+    from search.results import load_trials
+    from search.sweep import run_sweep
+
+    spec = spec_for(tmp_path, synthetic_root, "data.categories=[disk,grid]",
+                    "objective.per_category=true", "search.num_trials=2", name="percat")
+    assert spec.categories == ("disk", "grid")
+    run = run_sweep(spec, write=lambda _: None, dashboard=False, export=False)
+    df = load_trials(run.experiment_dir)
+    assert sorted(df["category"]) == ["disk", "disk", "grid", "grid"]
+    assert df.groupby("category")["baseline"].sum().tolist() == [1, 1]
+    out = export_experiment(run.experiment_dir, tmp_path / "export")
+    for category in ("disk", "grid"):
+        cfg = load_config(out / category / "best.yaml")
+        assert cfg.data.categories == (category,)
+        assert (out / category / "model.pt").is_file()
+        assert study(run.experiment_dir, f"percat/{category}").trials
+    assert "| Image AUROC | Avg | disk | grid |" in (out / "results.md").read_text()
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _sweep_args(tmp: Path, root: Path, name: str, *extra: str) -> list[str]:
+    args = ["--set", f"data.root={root}", "--name", name, "--storage", str(tmp / "runs")]
+    for item in (*FAST, *extra):
+        args += ["--set", item]
+    return args
+
+
+def _driver_env() -> dict:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "MMR_DASHBOARD": "0"}
+
+
+def test_driver_killed_mid_sweep_then_resume_completes_exactly_num_trials(
+        ray_session, synthetic_root, tmp_path):
+    from search.results import load_trials
+
+    exp = tmp_path / "runs" / "killed"
+    args = ["sweep", "--address", ray_session, *_sweep_args(
+        tmp_path, synthetic_root, "killed", "search.num_trials=5", "search.max_concurrent=1",
+        "train.epochs=6", "scheduler.type=fifo")]
+    driver = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT,
+                              env=_driver_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        # Kill the driver once two trials are under way (the second has checkpointed).
+        _wait_for(lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= 2, 300,
+                  "two trials to checkpoint")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert len(load_trials(exp)) < 5
+    proc = cli("resume", str(exp), "--address", ray_session, env=_driver_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = load_trials(exp)
+    assert len(df) == 5 and set(df["state"]) == {"done"}
+    assert df["study_trial"].is_unique and df["trial"].is_unique
+    assert df["baseline"].sum() == 1
+    finished = [t for t in study(exp, "killed").trials
+                if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 5
+    assert (exp / "export" / "best.yaml").is_file()
+
+
+def test_worker_killed_mid_trial_resumes_from_its_checkpoint(
+        ray_session, synthetic_root, tmp_path):
+    from search.results import load_trials
+    from search.scheduler import read_histories
+
+    exp = tmp_path / "runs" / "worker"
+    args = ["sweep", "--address", ray_session, *_sweep_args(
+        tmp_path, synthetic_root, "worker", "search.num_trials=1", "train.epochs=8",
+        "scheduler.type=fifo", "max_failures=2")]
+    driver = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT,
+                              env=_driver_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= 1, 300,
+                  "the first round checkpoint")
+        worker = json.loads(next(exp.glob("trial_*/worker.json")).read_text())
+        os.kill(worker["pid"], signal.SIGKILL)
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-3000:]
+    df = load_trials(exp)
+    assert list(df["state"]) == ["done"]
+    (_, _, results), = read_histories(exp)
+    rounds = [r["training_iteration"] for r in results]
+    assert sorted(set(rounds)) == list(range(1, 9))
+    restarts = [r["training_iteration"] for r in results if r["iterations_since_restore"] == 1]
+    # The retry started after the last checkpoint, not from round 1 again.
+    assert len(restarts) == 2 and restarts[1] > 1
+    assert json.loads(next(exp.glob("trial_*/worker.json")).read_text())["pid"] != worker["pid"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_sweep_inputs_fail_before_ray_starts(synthetic_root, tmp_path):
+    with pytest.raises(ConfigError, match="search.num_trials must be >= 1"):
+        spec_for(tmp_path, synthetic_root, "search.num_trials=0")
+    with pytest.raises(ConfigError, match="unknown config key 'search.num_trails'"):
+        spec_for(tmp_path, synthetic_root, "search.num_trails=3")
+    with pytest.raises(SpaceError, match="unknown config key"):
+        spec_for(tmp_path, synthetic_root, space={"mask_rato": {"type": "float", "low": 0.1,
+                                                               "high": 0.5}})
+    with pytest.raises(SpaceError, match="patch_size=24"):
+        spec_for(tmp_path, synthetic_root, space={
+            "patch_size": {"type": "categorical", "choices": [8, 24]}})
+    with pytest.raises(ConfigError, match="objective.metric"):
+        spec_for(tmp_path, synthetic_root, "objective.metric=accuracy")
+
+
+def test_gpu_request_on_a_cluster_without_gpus_fails_at_once(ray_session):
+    from search.sweep import check_resources
+
+    with pytest.raises(UserInputError, match="no GPU.*resources.gpu=0"):
+        check_resources(ResourcesConfig(cpu=1, gpu=1))
+    with pytest.raises(UserInputError, match="fit on no node"):
+        check_resources(ResourcesConfig(cpu=64))
+    check_resources(ResourcesConfig(cpu=1))
+
+
+def test_unwritable_storage_and_existing_experiment_are_refused(
+        ray_session, synthetic_root, tmp_path):
+    from search.config import SPEC_FILE
+    from search.sweep import run_sweep
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    spec = spec_for(tmp_path, synthetic_root)
+    bad = resolve_sweep(None, [f"data.root={synthetic_root}", *FAST], name="t",
+                        storage=str(blocker))
+    with pytest.raises(UserInputError, match="not writable.*--storage"):
+        run_sweep(bad, write=lambda _: None, dashboard=False)
+    spec.experiment_dir.mkdir(parents=True)
+    (spec.experiment_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict()))
+    with pytest.raises(UserInputError, match="already exists.*resume"):
+        run_sweep(spec, write=lambda _: None, dashboard=False)
+
+
+@pytest.mark.parametrize("command", [["resume"], ["status"], ["export", "--out", "x"]])
+def test_commands_on_a_directory_that_is_not_an_experiment(tmp_path, command):
+    proc = cli(command[0], str(tmp_path), *command[1:], timeout=120)
+    assert proc.returncode == 2
+    assert "not an mmr-sweep experiment directory" in proc.stderr
+
+
+def test_resumed_asha_rebuilds_its_rungs_from_disk_and_still_stops_trials(tmp_path):
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from search.scheduler import ResumableASHA
+
+    # Three finished trials of an interrupted sweep, as Tune wrote them (one line per round).
+    for i, values in enumerate(([0.9, 0.92, 0.95, 0.96], [0.6, 0.61], [0.8, 0.85, 0.86, 0.9])):
+        trial_dir = tmp_path / f"trial_{i}"
+        trial_dir.mkdir()
+        lines = [json.dumps({"trial_id": f"old{i}", "training_iteration": r + 1,
+                             "objective": v, "config": {}}) for r, v in enumerate(values)]
+        (trial_dir / "result.json").write_text("\n".join(lines) + "\n")
+
+    asha = ResumableASHA(experiment_dir=tmp_path, metric="objective", max_t=4,
+                         grace_period=1, reduction_factor=2)
+    new = SimpleNamespace(trial_id="new", config={})
+    asha.on_trial_add(None, new)  # the first trial after restore triggers the rebuild
+    recorded = {milestone: dict(r) for milestone, r in asha.rungs}
+    assert recorded[1] == {"old0": 0.9, "old1": 0.6, "old2": 0.8}
+    assert recorded[2] == {"old0": 0.92, "old1": 0.61, "old2": 0.85}
+    # A new trial well below the rebuilt cutoff is stopped at once: early stopping survives.
+    result = {"training_iteration": 1, "objective": 0.5}
+    assert asha.on_trial_result(None, new, result) == TrialScheduler.STOP
+    # The baseline is recorded like any trial but never stopped.
+    base = SimpleNamespace(trial_id="base", config={"baseline": True})
+    asha.on_trial_add(None, base)
+    assert asha.on_trial_result(None, base, result) == TrialScheduler.CONTINUE
+    assert "base" in dict(asha.rungs)[1]
