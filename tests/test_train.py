@@ -213,3 +213,21 @@ def test_mmr_imports_neither_ray_nor_optuna():
         check=True,
     ).stdout
     assert out.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def nut_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's object category at training size, with enough test images for a stable AUROC."""
+    from mmr import synth
+
+    return synth.generate(tmp_path_factory.mktemp("nut") / "data", categories=["nut"], size=72)
+
+
+def test_short_training_lowers_the_loss_and_detects_anomalies(nut_root: Path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml").override({
+        "data.root": str(nut_root), "model.teacher_layers": [2, 3], "train.threads": 2})
+    epochs: list[float] = []
+    result = fit(cfg, on_epoch=lambda e, s: epochs.append(s["loss"]), final_test=False)
+    assert epochs[-1] < 0.5 * epochs[1]  # epoch 0 runs at lr 0 (warm-up)
+    auroc = [h["image_auroc"] for h in result["history"]]
+    assert auroc[-1] >= 0.65, auroc  # measured 0.72 here; chance is 0.5
