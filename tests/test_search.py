@@ -334,3 +334,14 @@ def test_resumed_asha_rebuilds_its_rungs_from_disk_and_still_stops_trials(tmp_pa
     asha.on_trial_add(None, base)
     assert asha.on_trial_result(None, base, result) == TrialScheduler.CONTINUE
     assert "base" in dict(asha.rungs)[1]
+
+
+@pytest.mark.parametrize("name, fixture", [("sweep_mvtec", "fake_mvtec"),
+                                           ("sweep_aebad_s", "fake_aebad_s"),
+                                           ("demo_sweep", "synthetic_root")])
+def test_shipped_sweep_configs_resolve(name, fixture, request, tmp_path):
+    root = request.getfixturevalue(fixture)
+    spec = resolve_sweep(ROOT / "configs" / f"{name}.yaml", [f"data.root={root}"],
+                         storage=str(tmp_path))
+    assert spec.space.keys and spec.categories
+    assert spec.experiment_dir == tmp_path / spec.sweep.name
