@@ -240,6 +240,84 @@ def cmd_job_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    import shlex
+
+    from mmr.config import load_config
+
+    if args.config and _is_sweep_config(Path(args.config)):
+        raise UserError(
+            f"--config {args.config} is a sweep config: pass the training config it names "
+            "as `base:` (e.g. configs/mvtec.yaml), whose model.teacher/model.encoder are fetched"
+        )
+    cfg = load_config(args.config)
+    from mmr.weights import fetch_weights
+
+    paths = fetch_weights(cfg.model, args.to)
+    print(f"wrote the weights of {cfg.model.teacher} and {cfg.model.encoder}:")
+    for role, path in paths.items():
+        print(f"  {role}: {path}")
+    print("point the training config at them (or add these to `train`, `sweep`, `submit`):")
+    print(
+        "  "
+        + " ".join(
+            f"--set {shlex.quote(f'model.{role}_checkpoint={path}')}"
+            for role, path in paths.items()
+        )
+    )
+    return 0
+
+
+def _is_sweep_config(path: Path) -> bool:
+    """A YAML mapping with a sweep's `base` and `space` keys (not a training config)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # load_config reports it
+    return isinstance(raw, dict) and {"base", "space"} <= set(raw)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import errno
+    import socket
+
+    from search.config import load_spec
+
+    spec = load_spec(args.experiment)
+    exp = Path(args.experiment).resolve()
+    from optuna_dashboard import run_server
+
+    from search.searcher import study_storage
+
+    storage = study_storage(exp)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: optuna-dashboard binds {args.host}: anyone who can reach this machine "
+            "on that address can read and edit the study (it has no authentication)",
+            file=sys.stderr,
+        )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"optuna-dashboard of sweep {spec.sweep.name}: http://{host}:{args.port}/")
+    print(f"  study journal {exp / 'study.journal'}; Ctrl-C stops it", flush=True)
+    try:
+        run_server(storage, host=args.host, port=args.port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(
+                f"port {args.port} on {args.host} is already in use: pass another --port"
+            ) from None
+        if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
+            raise UserError(
+                f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}): pass "
+                "--host 127.0.0.1 (the default) or an address of this machine, and a --port "
+                "above 1023"
+            ) from None
+        raise
+    return 0
+
+
 def _dashboard_wanted() -> bool:
     """The embedded Ray dashboard is on unless MMR_DASHBOARD=0 (tests, tiny machines)."""
     import os
@@ -259,6 +337,8 @@ COMMANDS = {
     "status": cmd_status,
     "export": cmd_export,
     "submit": cmd_submit,
+    "weights": cmd_weights,
+    "dashboard": cmd_dashboard,
 }
 
 

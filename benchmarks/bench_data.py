@@ -31,6 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from benchmarks.common import format_row, row
 from mmr import synth
 from mmr.data import (
     IMAGENET_MEAN,
@@ -49,17 +50,19 @@ RESIZE, IMAGE_SIZE, BATCH = 256, 224, 16
 class ReferenceDataset(Dataset):
     """The official pipeline: decode + transform each image on every access."""
 
-    def __init__(self, paths: list[Path], *, train: bool) -> None:
+    def __init__(
+        self, paths: list[Path], *, train: bool, resize: int = RESIZE, image_size: int = IMAGE_SIZE
+    ) -> None:
         self.paths = paths
         bicubic = T.InterpolationMode.BICUBIC
         crop = (
-            [T.RandomResizedCrop(IMAGE_SIZE, scale=(0.7, 1.0), interpolation=bicubic),
+            [T.RandomResizedCrop(image_size, scale=(0.7, 1.0), interpolation=bicubic),
              T.RandomHorizontalFlip()]
             if train
-            else [T.CenterCrop(IMAGE_SIZE)]
+            else [T.CenterCrop(image_size)]
         )  # fmt: skip
         self.transform = T.Compose(
-            [T.Resize((RESIZE, RESIZE), interpolation=bicubic), *crop, T.ToTensor(),
+            [T.Resize((resize, resize), interpolation=bicubic), *crop, T.ToTensor(),
              T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         )  # fmt: skip
 
@@ -100,13 +103,22 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
-    """Runs the benchmark; returns rows ``{benchmark, figure, project_s, reference_s, ratio,
-    note}`` with ``ratio = reference_s / project_s``."""
-    n_images, repeats = (48, 3) if quick else (100, 5)
+SECTION = "data"
+TARGET = ">= 10x"
+
+
+def run(quick: bool = False, smoke: bool = False) -> list[dict[str, Any]]:
+    """Runs the benchmark; returns rows (see ``benchmarks.common``) with ``ratio =
+    reference_s / project_s``.
+
+    Args:
+        quick: 48 images and 3 repeats instead of 100 and 5.
+        smoke: a code-path check only (8 small images, 1 repeat): the figures mean nothing.
+    """
+    n_images, size, repeats = (8, 300, 1) if smoke else (48, 900, 3) if quick else (100, 900, 5)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         root = synth.generate(
-            Path(tmp) / "images", categories=["disk"], size=900, seed=0, n_train=n_images,
+            Path(tmp) / "images", categories=["disk"], size=size, seed=0, n_train=n_images,
             n_test_good=0, n_test_defect=0,
         )  # fmt: skip
         paths = sorted((root / "disk/train/good").glob("*.png"))
@@ -131,34 +143,43 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             med = {k: statistics.median(v) for k, v in times.items()}
             best = "w0" if med["w0"] <= med["w2"] else "w2"
             what = "RandomResizedCrop+flip" if train else "center crop"
-            rows.append({
-                "benchmark": "train_epoch" if train else "eval_epoch",
-                "figure": f"s/epoch, {n_images} PNGs {mb:.1f} MB 900px -> {RESIZE} -> "
-                          f"{what} {IMAGE_SIZE} + normalise, batch {BATCH}",
-                "project_s": med["project"],
-                "reference_s": med[best],
-                "ratio": med[best] / med["project"],
-                "note": f"reference = PIL + torchvision DataLoader, num_workers="
-                        f"{best[1:]} (faster of 0: {med['w0']:.2f} s, 2: {med['w2']:.2f} s); "
-                        f"project = cached uint8 + batched tensor ops, median of {repeats}",
-            })  # fmt: skip
+            ratio = med[best] / med["project"]
+            rows.append(
+                row(
+                    "train_epoch" if train else "eval_epoch",
+                    f"s/epoch, {n_images} PNGs {mb:.1f} MB {size}px -> {RESIZE} -> {what} "
+                    f"{IMAGE_SIZE} + normalise, batch {BATCH}",
+                    med["project"],
+                    med[best],
+                    note=f"reference = PIL + torchvision DataLoader, num_workers={best[1:]} "
+                    f"(faster of 0: {med['w0']:.2f} s, 2: {med['w2']:.2f} s); project = cached "
+                    f"uint8 + batched tensor ops, median of {repeats}",
+                    section=SECTION,
+                    target=TARGET,
+                    met=ratio >= 10,
+                )
+            )
         ref_epoch = rows[0]["reference_s"]
-        rows.append({
-            "benchmark": "cache_build",
-            "figure": f"one-time: hash + decode + resize {n_images} images into the cache",
-            "project_s": build_s,
-            "reference_s": ref_epoch,
-            "ratio": ref_epoch / build_s,
-            "note": "paid once per node and file content; reference = one official train epoch",
-        })  # fmt: skip
-        rows.append({
-            "benchmark": "cache_hit",
-            "figure": "load_images on a warm cache: hash the files + memory-map the entry",
-            "project_s": statistics.median(hit),
-            "reference_s": ref_epoch,
-            "ratio": ref_epoch / statistics.median(hit),
-            "note": "paid once per trial start; reference = one official train epoch",
-        })  # fmt: skip
+        rows.append(
+            row(
+                "cache_build",
+                f"one-time: hash + decode + resize {n_images} images into the cache",
+                build_s,
+                ref_epoch,
+                note="paid once per node and file content; reference = one official train epoch",
+                section=SECTION,
+            )
+        )
+        rows.append(
+            row(
+                "cache_hit",
+                "load_images on a warm cache: hash the files + memory-map the entry",
+                statistics.median(hit),
+                ref_epoch,
+                note="paid once per trial start; reference = one official train epoch",
+                section=SECTION,
+            )
+        )
     return rows
 
 
@@ -167,12 +188,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="48 images, 3 repeats")
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
-    for row in run(quick=args.quick):
-        print(
-            f"{row['benchmark']:<12} project {row['project_s']:8.3f} s  reference "
-            f"{row['reference_s']:8.3f} s  ratio {row['ratio']:7.1f}x  | {row['figure']}\n"
-            f"{'':12} {row['note']}"
-        )
+    for result in run(quick=args.quick):
+        print(format_row(result))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
+from benchmarks.common import format_row, row
 from mmr.metrics import aupro, evaluate, pixel_auroc, pixel_f1_max
 
 __all__ = ["make_data", "reference_aupro", "reference_evaluate", "run"]
@@ -129,40 +130,59 @@ def _side_by_side(
     return statistics.median(project_s), statistics.median(reference_s)
 
 
-def _row(benchmark: str, figure: str, times: tuple[float, float], note: str) -> dict:
+SECTION = "metrics"
+TARGET = ">= 20x, |diff| < 1e-3"
+
+
+def _row(
+    benchmark: str,
+    figure: str,
+    times: tuple[float, float],
+    note: str,
+    *,
+    diff: float,
+    with_target: bool = False,
+) -> dict:
     project_s, reference_s = times
-    return {
-        "benchmark": benchmark,
-        "figure": figure,
-        "project_s": project_s,
-        "reference_s": reference_s,
-        "ratio": reference_s / project_s,
-        "note": note,
-    }
+    ratio = reference_s / project_s
+    return row(
+        benchmark,
+        figure,
+        project_s,
+        reference_s,
+        note=note,
+        section=SECTION,
+        target=TARGET if with_target else None,
+        met=(ratio >= 20 and diff < 1e-3) if with_target else None,
+        diff=diff,
+    )
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, smoke: bool = False) -> list[dict]:
     """Times each metric against its reference on the same data, in this process.
 
     Args:
         quick: 32 maps and one repeat instead of 64 maps and the median of 3.
+        smoke: a code-path check only (4 maps of 64 px, 20 thresholds): figures mean nothing.
 
     Returns:
-        One dict per benchmark: benchmark, figure, project_s, reference_s, ratio
-        (reference_s / project_s) and note.
+        One row per benchmark (see ``benchmarks.common``), ``ratio = reference_s / project_s``
+        and ``diff`` = largest |project - reference| of the metric values.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the references run on one core: compare like with like
     try:
+        if smoke:
+            return _run(4, 20, 1, size=64)
         return _run(*((32, 200, 1) if quick else (64, 200, 3)))
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(n: int, num_thresholds: int, repeats: int) -> list[dict]:
+def _run(n: int, num_thresholds: int, repeats: int, *, size: int = 224) -> list[dict]:
     """The rows of ``run`` for ``n`` maps and a reference with ``num_thresholds`` thresholds."""
-    maps, masks, labels = make_data(n, 224)
-    figure = f"median s/call, {n} maps 224x224 float32, 1 thread"
+    maps, masks, labels = make_data(n, size)
+    figure = f"median s/call, {n} maps {size}x{size} float32, 1 thread"
     rows = []
 
     def ref_aupro() -> float:
@@ -179,6 +199,8 @@ def _run(n: int, num_thresholds: int, repeats: int) -> list[dict]:
             _side_by_side(lambda: aupro(maps, masks), ref_aupro, repeats, warm_aupro),
             f"|diff|={abs(ours - theirs):.1e} (value {ours:.4f}); reference: "
             f"{num_thresholds} thresholds, per-threshold region loop",
+            diff=abs(ours - theirs),
+            with_target=True,
         )
     )
     for name, fn, ref in (
@@ -192,6 +214,7 @@ def _run(n: int, num_thresholds: int, repeats: int) -> list[dict]:
                 figure,
                 _side_by_side(lambda fn=fn: fn(maps, masks), ref, repeats),
                 f"|diff|={diff:.1e}; reference: sklearn",
+                diff=diff,
             )
         )
     ours_all = evaluate(maps, masks, labels)
@@ -208,6 +231,8 @@ def _run(n: int, num_thresholds: int, repeats: int) -> list[dict]:
                 lambda: reference_evaluate(maps, masks, labels, num_thresholds=2),
             ),
             f"max |diff|={diff:.1e} over 4 metrics; reference: sklearn x3 + reference AUPRO",
+            diff=diff,
+            with_target=True,
         )
     )
     return rows
@@ -217,8 +242,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller, under a minute")
     for result in run(quick=parser.parse_args().quick):
-        print(
-            f"{result['benchmark']:<13} project {result['project_s']:8.3f} s  reference "
-            f"{result['reference_s']:8.3f} s  ratio {result['ratio']:7.1f}x  "
-            f"[{result['figure']}] {result['note']}"
-        )
+        print(format_row(result))

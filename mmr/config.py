@@ -32,6 +32,7 @@ __all__ = [
     "build_dataclass",
     "coerce",
     "resolve_key",
+    "to_plain",
     "SHORT_KEYS",
 ]
 
@@ -104,7 +105,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain-Python dict (lists, not tuples) that ``from_dict`` reads back equal."""
-        return _plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     def override(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with dotted/nested ``overrides`` applied on top of this config."""
@@ -473,9 +474,10 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
-def _plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
+    """Tuples -> lists, recursively: what YAML/JSON dumps and ``from_dict`` reads back."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value

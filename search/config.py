@@ -23,6 +23,7 @@ from mmr.config import (
     ConfigError,
     build_dataclass,
     load_config,
+    to_plain,
 )
 from mmr.errors import UserInputError
 from mmr.report import METRICS
@@ -127,7 +128,7 @@ class SweepConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -294,11 +295,3 @@ def _find(value: str, config_dir: Path, key: str) -> Path:
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key} {message}")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value

@@ -61,13 +61,28 @@ def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write
     )
     url = getattr(context, "dashboard_url", None)
     if dashboard and url:
-        token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
-        auth = (
-            f"; log in with the token in {token}"
-            if token.is_file() and os.environ.get("RAY_AUTH_MODE") != "disabled"
-            else ""
-        )
-        write(f"Ray dashboard: http://{url} (local only{auth})")
+        write(f"Ray dashboard: http://{url} (local only; {_dashboard_login()})")
+
+
+def _dashboard_login() -> str:
+    """How to log in to the embedded dashboard: where its token is (never the token itself).
+
+    ``ray.init`` sets RAY_AUTH_MODE=token when it turns token auth on by default, and reads
+    the token in this order: RAY_AUTH_TOKEN, the RAY_AUTH_TOKEN_PATH file, ~/.ray/auth_token.
+    """
+    from cluster.auth import TokenError, find_token
+
+    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    if mode != "token":
+        return f"token auth off: RAY_AUTH_MODE={mode}" if mode else "token auth off"
+    try:
+        secret, source = find_token()
+    except TokenError:
+        secret, source = None, ""
+    if secret is None:
+        return "token auth on"
+    where = "$RAY_AUTH_TOKEN" if source == "RAY_AUTH_TOKEN" else source.split("=", 1)[-1]
+    return f"token auth on: log in with the token in {where}"
 
 
 def check_resources(res: ResourcesConfig) -> None:

@@ -46,7 +46,11 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     sweep = SweepSpec.from_dict(spec)
     cfg = trial_config(sweep, config)
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    # The trial's dir on the experiment storage, which every node sees. (get_trial_dir() is
+    # the driver's local staging dir, absent on other nodes; for a reused actor, a node-local
+    # working dir that is never synced.)
+    trial_dir = Path(tune.get_context().get_storage().trial_fs_path)
+    trial_dir.mkdir(parents=True, exist_ok=True)
     marker = trial_dir / FAILED_MARKER
     # Where this attempt runs (a retried trial may move to another node).
     (trial_dir / WORKER_FILE).write_text(

@@ -52,9 +52,13 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MARKER_VAR",
     "ClusterStartError",
     "LocalCluster",
+    "end_marked",
+    "external_addresses",
     "free_port",
+    "listening_addresses",
     "local_cluster",
     "marked_processes",
 ]
@@ -123,6 +127,47 @@ def marked_processes(marker: str) -> list[Any]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
     return found
+
+
+def end_marked(marker: str, *, timeout: float = 60.0) -> list[int]:
+    """Wait for the processes carrying ``MMR_TEST_RAY_NODE=marker`` to exit on their own.
+
+    For Ray started by a driver the test launched with the marker in its environment (an
+    embedded ``ray.init``): its GCS, raylet, dashboard and workers inherit the marker. Whatever
+    is still alive after ``timeout`` seconds is SIGKILLed by PID; returns those PIDs (empty
+    when everything ended by itself).
+    """
+    psutil = _psutil()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and marked_processes(marker):
+        time.sleep(0.3)
+    forced = []
+    for proc in marked_processes(marker):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()  # psutil refuses if the PID now names another process
+            forced.append(proc.pid)
+    return forced
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local IP addresses on which some process of this machine listens on TCP ``port``."""
+    psutil = _psutil()
+    return {
+        c.laddr.ip
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+    }
+
+
+def external_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than loopback (where a 0.0.0.0 bind would answer)."""
+    psutil = _psutil()
+    return sorted(
+        a.address
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    )
 
 
 @dataclass

@@ -7,19 +7,32 @@ import copy
 import json
 import os
 import re
+import secrets
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
-from raycluster import LocalCluster, free_port, local_cluster, marked_processes
+from raycluster import (
+    MARKER_VAR,
+    LocalCluster,
+    end_marked,
+    external_addresses,
+    free_port,
+    listening_addresses,
+    local_cluster,
+    marked_processes,
+)
 
 from cluster import auth, jobs
 
@@ -27,6 +40,20 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 RAY_UP_FILES = ["aws.yaml", "gcp.yaml", "onprem.yaml"]
 RAY_VERSION = "2.60.0"  # the Ray the configs and images pin; must match the installed one
+# Trials of a second or two, as in tests/test_search.py: 32 px, a 2-block ViT, 4 rounds.
+FAST = [
+    "data.resize=40",
+    "data.image_size=32",
+    "data.categories=[disk]",
+    "model.encoder_depth=2",
+    "train.epochs=4",
+    "train.eval_every=1",
+    "train.warmup_epochs=1",
+    "train.lr_milestones=[3]",
+    "train.batch_size=4",
+    "eval.blur_sigma=0.5",
+]
+T = TypeVar("T")
 
 
 def _ray_up(name: str) -> dict[str, Any]:
@@ -407,6 +434,212 @@ def test_commands_in_the_cluster_docs_follow_the_cli() -> None:
             pytest.fail(f"docs/cluster.md: `launch.py {command}` does not parse")
 
 
+# ------------------------------------------------------------------------------- helpers
+
+
+def _wait_for(
+    probe: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[str] | None = None,
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds or as
+    soon as ``proc`` (the process that should make it happen) has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"process exited with {proc.returncode} while waiting for {what}")
+        time.sleep(0.3)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _sweep_args(data_root: Path, storage: Path, name: str, *extra: str) -> list[str]:
+    """`launch.py sweep/submit` options of a tiny demo sweep (fifo: every trial finishes)."""
+    args = ["--name", name, "--storage", str(storage)]
+    for item in (f"data.root={data_root}", *FAST, "scheduler.type=fifo", *extra):
+        args += ["--set", item]
+    return args
+
+
+def _workers(exp: Path) -> dict[str, dict[str, Any]]:
+    """Trial dir name -> the worker.json its (last) process wrote: pid, hostname, node_id."""
+    found = {}
+    for path in exp.glob("trial_*/worker.json"):
+        try:
+            found[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being written right now
+    return found
+
+
+def _trial_nodes(exp: Path) -> dict[str, str]:
+    """Trial dir name -> Ray node id of the (last) process that ran it."""
+    return {trial: info["node_id"] for trial, info in _workers(exp).items()}
+
+
+def _http_json(url: str, *, token: str | None = None, timeout: float = 10.0) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers=headers), timeout=timeout
+    ) as r:
+        return json.loads(r.read().decode())
+
+
+def _assert_loopback_only(port: int) -> None:
+    """Whatever listens on ``port`` is bound to 127.0.0.1 only, and no other address answers."""
+    assert listening_addresses(port) == {"127.0.0.1"}, listening_addresses(port)
+    for ip in external_addresses():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            assert s.connect_ex((ip, port)) != 0, f"port {port} answers on {ip}"
+
+
+# ---------------------------------------------- `weights` and `dashboard` commands (no Ray)
+
+
+def test_weights_fetch_writes_the_files_and_prints_the_overrides_to_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import timm
+    import torch
+
+    import launch
+    from mmr import weights
+    from mmr.config import load_config
+    from mmr.model import build_teacher
+
+    made: dict[str, torch.nn.Module] = {}
+
+    def fake_hub_model(name: str, *, role: str, key: str, **kwargs: Any) -> torch.nn.Module:
+        torch.manual_seed(len(made) + 1)  # timm without the download
+        made[role] = timm.create_model(name, pretrained=False, **kwargs)
+        return made[role]
+
+    monkeypatch.setattr(weights, "create_hub_model", fake_hub_model)
+    to = tmp_path / "shared weights"  # a space: the printed overrides must be quoted
+    rc = launch.main(["weights", "fetch", "--to", str(to), "--config", "configs/tiny.yaml"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    teacher = to / "resnet18.tv_in1k.pth"
+    encoder = to / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.pth"
+    assert teacher.is_file() and encoder.is_file()
+    assert f"teacher: {teacher}" in out and f"encoder: {encoder}" in out
+    line = next(x for x in out.splitlines() if "--set" in x)
+    # The printed line is what a user pastes: it parses and points the config at the files.
+    args = launch.build_parser().parse_args(
+        ["train", "--config", "configs/tiny.yaml", *shlex.split(line)]
+    )
+    cfg = load_config(args.config, args.overrides)
+    assert (cfg.model.teacher_checkpoint, cfg.model.encoder_checkpoint) == (
+        str(teacher),
+        str(encoder),
+    )
+    net = build_teacher(cfg.model).net
+    fetched = made["teacher"].state_dict()
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, fetched[k]), k
+
+    # A sweep config is not a training config: say which file to pass instead.
+    rc = launch.main(["weights", "fetch", "--to", str(to), "--config", "configs/demo_sweep.yaml"])
+    assert rc == 2 and "base:" in capsys.readouterr().err
+
+
+def test_a_missing_checkpoint_file_fails_at_once_with_the_path_and_the_fix(
+    tmp_path: Path, synthetic_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import launch
+    from mmr.config import load_config
+    from mmr.errors import ConfigError
+    from mmr.train import fit
+    from search.trainable import _deterministic
+
+    missing = tmp_path / "weights" / "resnet18.tv_in1k.pth"
+    overrides = [f"data.root={synthetic_root}", *FAST]
+    argv = ["train", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "out")]
+    for item in (*overrides, f"model.teacher_checkpoint={missing}"):
+        argv += ["--set", item]
+    started = time.monotonic()
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "launch.py weights fetch --to DIR" in err
+    assert time.monotonic() - started < 60
+
+    # In a trial (fit), the same error is deterministic: Tune's retries end at once.
+    cfg = load_config(
+        "configs/tiny.yaml", [*overrides, f"model.encoder_checkpoint={tmp_path / 'nope.pth'}"]
+    ).resolve_paths()
+    with pytest.raises(
+        ConfigError, match="model.encoder_checkpoint.*nope.pth.*weights fetch"
+    ) as e:
+        fit(cfg, final_test=False)
+    assert _deterministic(e.value)
+
+
+def test_dashboard_refuses_a_directory_that_is_not_an_experiment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import launch
+
+    assert launch.main(["dashboard", str(tmp_path)]) == 2
+    assert "not an mmr-sweep experiment directory" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_dashboard_command_serves_the_study_journal_on_loopback(tmp_path: Path) -> None:
+    import optuna
+
+    from search.config import SPEC_FILE, resolve_sweep
+    from search.searcher import study_storage
+
+    # An experiment dir as a sweep leaves it: sweep.json + the study journal.
+    spec = resolve_sweep(None, [f"data.root={tmp_path}"], name="dash", storage=str(tmp_path))
+    exp = spec.experiment_dir
+    exp.mkdir()
+    (exp / SPEC_FILE).write_text(json.dumps(spec.to_dict()))
+    study = optuna.create_study(
+        study_name="dash", storage=study_storage(exp), direction="maximize"
+    )
+    dist = {"model.mask_ratio": optuna.distributions.FloatDistribution(0.1, 0.8)}
+    for x in (0.2, 0.5, 0.7):
+        study.add_trial(
+            optuna.trial.create_trial(params={"model.mask_ratio": x}, distributions=dist, value=x)
+        )
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "launch.py", "dashboard", str(exp), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def studies() -> Any:
+            try:
+                return _http_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+            except (urllib.error.URLError, OSError):
+                return None
+
+        found = _wait_for(studies, 120, "optuna-dashboard to answer", proc)
+        assert [s["study_name"] for s in found] == ["dash"]
+        detail = _http_json(f"http://127.0.0.1:{port}/api/studies/{found[0]['study_id']}")
+        assert sorted(t["values"][0] for t in detail["trials"]) == [0.2, 0.5, 0.7]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard", timeout=10) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        _assert_loopback_only(port)
+    finally:
+        proc.terminate()  # by PID: the dashboard is this test's child
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert f"http://127.0.0.1:{port}/" in out and str(exp / "study.journal") in out
+
+
 # ------------------------------------------------- a real two-node cluster, token auth on
 
 _DRIVER = """
@@ -531,34 +764,59 @@ class TestTwoNodeCluster:
         probes = cluster.actors(class_name="Probe")
         assert probes and {a["node_id"] for a in probes} == {cluster.worker_node_id()}
 
-    def test_cli_submit_and_status_through_the_job_api(
-        self, cluster: LocalCluster, tmp_path: Path, token_env: None
+    def test_sweep_with_address_runs_its_trials_on_the_second_node(
+        self, cluster: LocalCluster, synthetic_root: Path, tmp_path: Path
     ) -> None:
-        env = cluster.client_env()
-        storage = str(tmp_path / "runs")
-        sub = _launch(
-            ["submit", "--address", cluster.dashboard_url, "--name", "clustertest",
-             "--set", "search.num_trials=1", "--storage", storage],
-            env,
+        from search.results import load_trials
+
+        # Trials need {"worker_node": 1}: only the second node has it.
+        args = _sweep_args(
+            synthetic_root, tmp_path / "runs", "onworker", "search.num_trials=2",
+            "search.max_concurrent=1", "resources.custom={worker_node: 1}",
         )  # fmt: skip
+        out = _launch(["sweep", "--address", cluster.gcs_address, *args], cluster.client_env())
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        exp = tmp_path / "runs" / "onworker"
+        df = load_trials(exp)
+        assert len(df) == 2 and set(df["state"]) == {"done"}, df
+        nodes = _trial_nodes(exp)
+        assert sorted(nodes) == sorted(f"trial_{t}" for t in df["trial"])
+        assert set(nodes.values()) == {cluster.worker_node_id()} != {cluster.head_node_id()}
+        assert cluster.token not in out.stdout + out.stderr
+
+    def test_cli_submit_runs_a_real_sweep_and_status_reports_it(
+        self, cluster: LocalCluster, synthetic_root: Path, tmp_path: Path, token_env: None
+    ) -> None:
+        from search.results import load_trials
+
+        env = cluster.client_env()
+        storage = tmp_path / "runs"
+        sweep = _sweep_args(synthetic_root, storage, "submitted", "search.num_trials=1")
+        sub = _launch(["submit", "--address", cluster.dashboard_url, *sweep], env)
         assert sub.returncode == 0, sub.stderr[-3000:]
         job_id = sub.stdout.splitlines()[0].strip()
         assert re.fullmatch(r"raysubmit_\w+", job_id), sub.stdout
-        # The sweep itself is not under test here: stop it, keep the machine free.
-        jobs.stop_job(cluster.dashboard_url, job_id)
-        final = jobs.wait_for_job(cluster.dashboard_url, job_id, timeout=120)
+        final = jobs.wait_for_job(cluster.dashboard_url, job_id, timeout=300)
+        st = _launch(["status", "--job", job_id, "--address", cluster.dashboard_url], env)
+        assert st.returncode == 0, st.stderr[-3000:]
+        lines = st.stdout.splitlines()
+        assert (final, lines[0]) == ("SUCCEEDED", f"job {job_id}: SUCCEEDED"), st.stdout[-3000:]
+        # The log tail is the sweep driver's own output, run on the cluster.
+        tail = lines[lines.index("--- last log lines ---") + 1 :]
+        assert f"experiment: {storage / 'submitted'} (" in "\n".join(tail)
+        df = load_trials(storage / "submitted")
+        assert list(df["state"]) == ["done"]
         from ray.job_submission import JobSubmissionClient
 
         info = JobSubmissionClient(
             cluster.dashboard_url, headers=cluster.auth_headers()
         ).get_job_info(job_id)
+        sets = [a for i, a in enumerate(sweep) if i and sweep[i - 1] == "--set"]
         assert shlex.split(info.entrypoint) == [
-            "python", "launch.py", "sweep", "--address", "auto", "--set",
-            "search.num_trials=1", "--name", "clustertest", "--storage", storage,
+            "python", "launch.py", "sweep", "--address", "auto",
+            *[x for item in sets for x in ("--set", item)],
+            "--name", "submitted", "--storage", str(storage),
         ]  # fmt: skip
-        st = _launch(["status", "--job", job_id, "--address", cluster.dashboard_url], env)
-        assert st.returncode == 0, st.stderr[-3000:]
-        assert st.stdout.splitlines()[0] == f"job {job_id}: {final}"
         for text in (sub.stdout, sub.stderr, st.stdout, st.stderr):
             assert cluster.token not in text
 
@@ -579,10 +837,9 @@ class TestTwoNodeCluster:
 
     def test_dashboard_answers_on_loopback_only(self, cluster: LocalCluster) -> None:
         assert cluster.api_get("/api/version")  # 127.0.0.1 answers
-        ips = {n["node_ip"] for n in cluster.nodes()} - {"127.0.0.1"}
-        if not ips:
-            pytest.skip("this machine has no network interface besides loopback to probe")
-        for ip in ips:
+        _assert_loopback_only(cluster.dashboard_port)
+        # Ray reports the node by the machine's address, where the dashboard must not answer.
+        for ip in {n["node_ip"] for n in cluster.nodes()} - {"127.0.0.1"}:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 s.settimeout(5)
                 assert s.connect_ex((ip, cluster.dashboard_port)) != 0, ip
@@ -590,40 +847,170 @@ class TestTwoNodeCluster:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_killing_the_second_node_leaves_the_head_working(
-    monkeypatch: pytest.MonkeyPatch,
+def test_losing_the_second_node_mid_sweep_retries_its_trial_on_the_head(
+    synthetic_root: Path, tmp_path: Path
 ) -> None:
-    # Both nodes offer a "slot"; only the second one has "worker_node".
+    from search.results import load_trials
+
+    # Both nodes offer one "slot" (and one CPU): one trial runs on each.
     with local_cluster(
         head_cpus=1, worker_cpus=1, head_resources={"slot": 1},
         worker_resources={"slot": 1, "worker_node": 1},
     ) as c:  # fmt: skip
-        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(c.token_file))
-        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
         head_pid = c.head.popen.pid
         worker_id, head_id = c.worker_node_id(), c.head_node_id()
         node_dirs = [c.head.temp_dir, c.worker.temp_dir]
-        killed = c.kill_worker(sig=signal.SIGKILL)
-        assert killed and head_pid not in killed
-        for pid in killed:
-            assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), pid
-        c.wait_node_dead(worker_id, timeout=90)
-        assert c.head.popen.poll() is None
-        assert [n["node_id"] for n in c.alive_nodes()] == [head_id]
-        # Work that needs a "slot" now runs on the remaining capacity: the head.
-        code = (
-            "import ray; ray.init()\n"
-            "f = ray.remote(num_cpus=0.5, resources={'slot': 1})("
-            "lambda: ray.get_runtime_context().get_node_id())\n"
-            "print('ran on', ray.get(f.remote(), timeout=120))\n"
+        exp = tmp_path / "runs" / "failover"
+        # Trials of ~10 s (64 px, 8 rounds of 6 epochs): long enough to lose one midway.
+        args = _sweep_args(
+            synthetic_root, tmp_path / "runs", "failover", "search.num_trials=2",
+            "search.max_concurrent=2", "resources.custom={slot: 1}", "max_failures=1",
+            "data.resize=72", "data.image_size=64", "train.epochs=48", "train.eval_every=6",
+        )  # fmt: skip
+        driver = subprocess.Popen(
+            [sys.executable, "launch.py", "sweep", "--address", c.gcs_address, *args],
+            cwd=ROOT,
+            env=c.client_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
-        job_id = jobs.submit_job(c.dashboard_url, ["python", "-c", code], working_dir=ROOT)
-        assert jobs.wait_for_job(c.dashboard_url, job_id, timeout=240) == "SUCCEEDED"
-        assert f"ran on {head_id}" in jobs.job_status(c.dashboard_url, job_id)[1]
+        try:
+
+            def checkpointed_on_the_second_node() -> str | None:
+                for trial, node in _trial_nodes(exp).items():
+                    if node == worker_id and any((exp / trial).glob("checkpoint_*")):
+                        return trial
+                return None
+
+            victim = _wait_for(
+                checkpointed_on_the_second_node, 240, "a trial on node 2 to checkpoint", driver
+            )
+            killed = c.kill_worker(sig=signal.SIGKILL)  # every process of node 2, by PID
+            out, _ = driver.communicate(timeout=400)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait(timeout=30)
+        assert driver.returncode == 0, out[-4000:]
+        assert killed and head_pid not in killed
+        assert all(not Path(f"/proc/{pid}").exists() or _is_zombie(pid) for pid in killed)
+        assert c.head.popen.poll() is None
+        assert {n["node_id"]: n["state"] for n in c.nodes()} == {
+            head_id: "ALIVE",
+            worker_id: "DEAD",
+        }
+        df = load_trials(exp)
+        assert len(df) == 2 and set(df["state"]) == {"done"}, df
+        # The lost trial ran again on the remaining capacity, from its last checkpoint: a
+        # second start after round 1 (a trial that had finished would not restart at all).
+        assert _trial_nodes(exp)[victim] == head_id
+        results = [json.loads(x) for x in (exp / victim / "result.json").read_text().splitlines()]
+        starts = [r["training_iteration"] for r in results if r["iterations_since_restore"] == 1]
+        assert len(starts) == 2 and starts[1] > 1, starts
+        assert sorted({r["training_iteration"] for r in results}) == list(range(1, 9))
         recorded = c.pids()
     # The context ended exactly what it started: nothing of either node is left.
     assert not [p for d in node_dirs for p in marked_processes(str(d))]
     assert all(not Path(f"/proc/{p}").exists() or _is_zombie(p) for p in recorded)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_embedded_ray_dashboard_is_local_needs_the_token_and_lists_the_trial_actors(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """`launch.py sweep` without --address: its own Ray, dashboard on, token auth on."""
+    from search.results import load_trials
+
+    # A private token file and HOME: the shared ~/.ray is never read or written.
+    token_file = tmp_path / "auth_token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    token = token_file.read_text()
+    home = tmp_path / "home"
+    home.mkdir()
+    marker = f"embedded-{secrets.token_hex(8)}"  # inherited by every Ray process it starts
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API_SERVER")) and k != "MMR_DASHBOARD"
+    }
+    import matplotlib
+
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_file),
+        HOME=str(home),
+        MPLCONFIGDIR=matplotlib.get_cachedir(),  # no font-cache rebuild in the fresh HOME
+        RAY_USAGE_STATS_ENABLED="0",
+        **{MARKER_VAR: marker},
+    )
+    exp = tmp_path / "runs" / "embedded"
+    args = _sweep_args(
+        synthetic_root, tmp_path / "runs", "embedded", "search.num_trials=2",
+        "search.max_concurrent=1", "train.epochs=24", "train.eval_every=3",
+    )  # fmt: skip
+    driver = subprocess.Popen(
+        [sys.executable, "launch.py", "sweep", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
+    reader.start()
+    try:
+        banner = _wait_for(
+            lambda: next((x for x in list(lines) if x.startswith("Ray dashboard:")), None),
+            180,
+            "the dashboard's address",
+            driver,
+        )
+        m = re.fullmatch(r"Ray dashboard: http://127\.0\.0\.1:(\d+) \((.*)\)\n", banner)
+        assert m, banner
+        assert m.group(2) == f"local only; token auth on: log in with the token in {token_file}"
+        url = f"http://127.0.0.1:{m.group(1)}"
+
+        def trial_actors() -> list[dict[str, Any]] | None:
+            """Alive actors the REST API lists that are running this sweep's trials."""
+            pids = {info["pid"] for info in _workers(exp).values()}
+            try:
+                body = _http_json(f"{url}/api/v0/actors?detail=1&limit=1000", token=token)
+            except (urllib.error.URLError, OSError):
+                return None
+            actors = body["data"]["result"]["result"]
+            return [a for a in actors if a["state"] == "ALIVE" and a.get("pid") in pids] or None
+
+        found = _wait_for(trial_actors, 240, "the REST API to list a running trial", driver)
+        assert driver.poll() is None  # listed while the sweep runs
+        assert {a["class_name"] for a in found} == {"ImplicitFunc"}  # Tune's function trainable
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _http_json(f"{url}/api/v0/actors")  # no token
+        assert err.value.code == 401
+        _assert_loopback_only(int(m.group(1)))
+        driver.wait(timeout=400)
+    finally:
+        if driver.poll() is None:
+            driver.terminate()  # the driver shuts its Ray down on SIGTERM
+            try:
+                driver.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                driver.kill()
+                driver.wait(timeout=30)
+        reader.join(timeout=30)
+        # Ray's processes of the sweep end with its driver; any that do not are killed by PID.
+        forced = end_marked(marker, timeout=60)
+    output = "".join(lines)
+    assert driver.returncode == 0, output[-4000:]
+    assert not forced, f"embedded Ray processes {forced} outlived the sweep"
+    assert token not in output
+    assert not (home / ".ray").exists()
+    df = load_trials(exp)
+    assert len(df) == 2 and set(df["state"]) == {"done"}, df
 
 
 def _is_zombie(pid: int) -> bool:
