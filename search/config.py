@@ -27,6 +27,7 @@ from mmr.config import (
 )
 from mmr.errors import UserInputError
 from mmr.report import METRICS
+from search.storage import SPEC_FILE, exists, is_uri, join, mirror_dir, pull
 from spaces import Space, load_space
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SWEEP = ROOT / "configs" / "demo_sweep.yaml"
-SPEC_FILE = "sweep.json"  # the resolved sweep, written before the first trial starts
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
 SWEEP_SECTIONS = (
@@ -145,7 +145,17 @@ class SweepSpec:
         return load_space(self.space_spec)
 
     @property
+    def experiment_location(self) -> str:
+        """Where Tune keeps the trials: a directory, or a URI for remote storage."""
+        if is_uri(self.sweep.storage):
+            return join(self.sweep.storage, self.sweep.name)
+        return str(Path(self.sweep.storage) / self.sweep.name)
+
+    @property
     def experiment_dir(self) -> Path:
+        """The local directory of sweep.json and the study journal (see search.storage)."""
+        if is_uri(self.sweep.storage):
+            return mirror_dir(self.experiment_location)
         return Path(self.sweep.storage) / self.sweep.name
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,7 +173,7 @@ class SweepSpec:
             sweep, Config.from_dict(raw["base"]), dict(raw["space"]), tuple(raw["categories"])
         )
 
-    def objective_value(self, metrics: Mapping[str, float], prefix: str = "") -> float | None:
+    def objective_value(self, metrics: Mapping[str, float]) -> float | None:
         """The objective (a metric or a weighted mix) from flat validation metrics.
 
         Always to be maximised: with ``mode: min`` the value is negated.
@@ -172,7 +182,7 @@ class SweepSpec:
         weights = metric if isinstance(metric, dict) else {metric: 1.0}
         total = 0.0
         for name, weight in weights.items():
-            value = metrics.get(prefix + name)
+            value = metrics.get(name)
             if value is None:
                 return None
             total += weight * value
@@ -180,19 +190,34 @@ class SweepSpec:
         return -value if self.sweep.objective.mode == "min" else value
 
 
-def is_experiment(path: str | Path) -> bool:
-    return (Path(path) / SPEC_FILE).is_file()
+def is_experiment(location: str | Path) -> bool:
+    """Whether ``location`` (a directory or a storage URI) holds an mmr-sweep experiment."""
+    return exists(str(location), SPEC_FILE)
 
 
-def load_spec(experiment_dir: str | Path) -> SweepSpec:
-    """Reads the resolved sweep of an experiment dir; a clear error for any other dir."""
-    path = Path(experiment_dir)
-    if not is_experiment(path):
+def load_spec(experiment: str | Path) -> SweepSpec:
+    """Reads the resolved sweep of an experiment (directory or URI); a clear error otherwise.
+
+    For a URI, sweep.json and the study journal are downloaded into the local mirror first.
+    """
+    location = str(experiment)
+    if not is_experiment(location):
         raise UserInputError(
-            f"{str(path)!r} is not an mmr-sweep experiment directory (no {SPEC_FILE}): pass "
-            "the directory a sweep printed, e.g. runs/<name>"
+            f"{location!r} is not an mmr-sweep experiment directory (no {SPEC_FILE}): pass "
+            "the directory (or storage URI) a sweep printed, e.g. runs/<name>"
         )
-    return SweepSpec.from_dict(json.loads((path / SPEC_FILE).read_text()))
+    local = pull(location) if is_uri(location) else Path(location)
+    spec = SweepSpec.from_dict(json.loads((local / SPEC_FILE).read_text()))
+    if not is_uri(location) and Path(location).resolve() != spec.experiment_dir.resolve():
+        # The directory was moved or copied: keep working where it is now.
+        storage = str(Path(location).resolve().parent)
+        spec = dataclasses.replace(
+            spec,
+            sweep=dataclasses.replace(
+                spec.sweep, storage=storage, name=Path(location).resolve().name
+            ),
+        )
+    return spec
 
 
 def load_sweep_config(path: str | Path | None) -> tuple[dict[str, Any], Path]:
@@ -248,9 +273,7 @@ def resolve_sweep(
     space_path = _find(sweep.space, config_dir, "space")
     base = load_config(base_path, train_over).resolve_paths()
     storage_path = (
-        sweep.storage
-        if "://" in sweep.storage
-        else str(Path(sweep.storage).expanduser().resolve())
+        sweep.storage if is_uri(sweep.storage) else str(Path(sweep.storage).expanduser().resolve())
     )
     sweep = dataclasses.replace(
         sweep, base=str(base_path), space=str(space_path), storage=storage_path

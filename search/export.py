@@ -29,6 +29,7 @@ from mmr.report import flatten_metrics, results_markdown, write_json
 from search.config import SweepSpec, load_spec
 from search.results import best_trials, load_trials
 from search.searcher import OBJECTIVE
+from search.storage import local_checkpoint
 
 __all__ = ["export_experiment"]
 
@@ -36,11 +37,11 @@ log = logging.getLogger(__name__)
 
 
 def export_experiment(
-    experiment_dir: str | Path, out: str | Path, *, overlays: int = 8, device: str = "auto"
+    experiment: str | Path, out: str | Path, *, overlays: int = 8, device: str = "auto"
 ) -> Path:
     """Writes every export artefact of an experiment to ``out``; returns ``out``."""
-    exp = Path(experiment_dir).resolve()
-    spec = load_spec(exp)
+    spec = load_spec(experiment)
+    exp = spec.experiment_location
     out = Path(out).resolve()
     df = load_trials(exp)
     best = best_trials(df)
@@ -81,23 +82,25 @@ def _export(
     for category, row in best.items():
         target = out / category if category else out
         target.mkdir(exist_ok=True)
-        if row["checkpoint"] is None:
+        if not _has_checkpoint(row):
             raise UserInputError(
                 f"best trial {row['trial']} has no checkpoint: the sweep was "
                 "stopped before its first round; resume it first"
             )
-        state = load_checkpoint(row["checkpoint"])
-        cfg = Config.from_dict(state["config"])  # exactly the trial's training config
-        dump_config(cfg, target / "best.yaml")
-        tmp = target / "model.pt.tmp"
-        torch.save(model_file(state), tmp)
-        tmp.replace(target / "model.pt")
-        _, test_best, outputs = evaluate_checkpoint(row["checkpoint"], device=device)
+        with local_checkpoint(row["checkpoint"]) as ckpt:
+            state = load_checkpoint(ckpt)
+            cfg = Config.from_dict(state["config"])  # exactly the trial's training config
+            dump_config(cfg, target / "best.yaml")
+            tmp = target / "model.pt.tmp"
+            torch.save(model_file(state), tmp)
+            tmp.replace(target / "model.pt")
+            _, test_best, outputs = evaluate_checkpoint(ckpt, device=device)
         rows["best (test)"].update(test_best)
         base = _baseline_row(df, category)
         test_base = test_best
-        if base is not None and base["trial"] != row["trial"] and base["checkpoint"]:
-            _, test_base, _ = evaluate_checkpoint(base["checkpoint"], device=device)
+        if base is not None and base["trial"] != row["trial"] and _has_checkpoint(base):
+            with local_checkpoint(base["checkpoint"]) as ckpt:
+                _, test_base, _ = evaluate_checkpoint(ckpt, device=device)
         if base is not None:
             rows["baseline (test)"].update(test_base)
         summary["studies"][category or spec.sweep.name] = {
@@ -119,6 +122,12 @@ def _export(
     )
     write_json(summary, out / "summary.json")
     _study_plots(spec, out / "plots")
+
+
+def _has_checkpoint(row: pd.Series) -> bool:
+    from ray.tune import Checkpoint
+
+    return isinstance(row.get("checkpoint"), Checkpoint)
 
 
 def _baseline_row(df: pd.DataFrame, category: str | None) -> pd.Series | None:

@@ -26,7 +26,7 @@ def short_name(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def load_trials(experiment_dir: str | Path) -> pd.DataFrame:
+def load_trials(experiment: str | Path) -> pd.DataFrame:
     """One row per Tune trial: state, params, last validation metrics, epochs, wall time.
 
     States: ``done`` (all rounds), ``stopped`` (stopped early by the scheduler; PRUNED in the
@@ -34,10 +34,10 @@ def load_trials(experiment_dir: str | Path) -> pd.DataFrame:
     """
     from ray.tune import ExperimentAnalysis
 
-    exp = Path(experiment_dir).resolve()
-    spec = load_spec(exp)
+    spec = load_spec(experiment)
+    exp = spec.experiment_location
     try:
-        analysis = ExperimentAnalysis(str(exp))
+        analysis = ExperimentAnalysis(exp)
         trials = analysis.trials
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         log.debug("no Tune state in %s: %s", exp, exc)
@@ -85,7 +85,7 @@ def _row(spec: SweepSpec, trial: Any) -> dict[str, Any]:
     )
     row.update({m: result.get(m) for m in METRICS if m in result})
     row.update({k: v for k, v in result.items() if "/" in k and k.rsplit("/", 1)[-1] in METRICS})
-    row["checkpoint"] = checkpoint.path if checkpoint is not None else None
+    row["checkpoint"] = checkpoint  # a Tune Checkpoint (local or remote) or None
     return row
 
 
@@ -124,10 +124,10 @@ def best_trials(df: pd.DataFrame) -> dict[str | None, pd.Series]:
     return out
 
 
-def status_table(experiment_dir: str | Path) -> str:
+def status_table(experiment: str | Path) -> str:
     """``launch.py status``: every trial's state, params and metrics, and the best so far."""
-    exp = Path(experiment_dir)
-    spec = load_spec(exp)
+    spec = load_spec(experiment)
+    exp = spec.experiment_location
     df = load_trials(exp)
     if df.empty:
         return f"{exp}: no trials have started yet"
@@ -155,10 +155,10 @@ def status_table(experiment_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def summary_table(experiment_dir: str | Path) -> str:
+def summary_table(experiment: str | Path) -> str:
     """Best vs baseline on validation (per study), printed at the end of a sweep."""
-    exp = Path(experiment_dir)
-    spec = load_spec(exp)
+    spec = load_spec(experiment)
+    exp = spec.experiment_location
     df = load_trials(exp)
     counts = df["state"].value_counts() if not df.empty else {}
     head = f"sweep {spec.sweep.name}: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATE_ORDER)
@@ -177,6 +177,8 @@ def summary_table(experiment_dir: str | Path) -> str:
             entry.update({m: row.get(m) for m in (OBJECTIVE, *METRICS) if m in row})
             entry["epochs"] = row.get("epochs")
             rows.append(entry)
+    if not rows:
+        return head + "\nno trial reported a result (see each trial's error.txt)"
     table = pd.DataFrame(rows)
     gains = []
     for study, group in table.groupby("study"):

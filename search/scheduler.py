@@ -8,30 +8,17 @@ so that rungs compare trials of the same category only.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-__all__ = ["ResumableASHA", "PerCategoryScheduler", "read_histories"]
+from search.storage import read_histories
+
+__all__ = ["ResumableASHA", "PerCategoryScheduler"]
 
 log = logging.getLogger(__name__)
-
-
-def read_histories(experiment_dir: Path) -> Iterator[tuple[str, dict, list[dict]]]:
-    """Yields ``(trial_id, config, results)`` from every ``result.json`` under the experiment."""
-    for path in sorted(Path(experiment_dir).glob("*/result.json")):
-        results = []
-        for line in path.read_text().splitlines():
-            try:
-                results.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed driver
-        if results:
-            yield results[0]["trial_id"], results[-1].get("config", {}), results
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
@@ -44,7 +31,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
     def __init__(
         self,
         *,
-        experiment_dir: Path,
+        experiment: str,
         metric: str,
         max_t: int,
         grace_period: int,
@@ -60,7 +47,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
             reduction_factor=reduction_factor,
             brackets=1,
         )
-        self._experiment_dir = str(experiment_dir)
+        self._experiment = str(experiment)  # a directory or a storage URI
         self._category = category
         self._rebuilt = False
 
@@ -81,7 +68,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
         """Records every trial's value at each rung it reached; returns the number recorded."""
         bracket = self._brackets[0]
         count = 0
-        for trial_id, config, results in read_histories(Path(self._experiment_dir)):
+        for trial_id, config, results in read_histories(self._experiment):
             if self._category is not None and config.get("category") != self._category:
                 continue
             for milestone, recorded in bracket._rungs:
@@ -97,7 +84,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
                     recorded[trial_id] = self._metric_op * hit[self._metric]
                     count += 1
         if count:
-            log.info("ASHA: rebuilt %d rung record(s) from %s", count, self._experiment_dir)
+            log.info("ASHA: rebuilt %d rung record(s) from %s", count, self._experiment)
         return count
 
     @property

@@ -19,6 +19,7 @@ from search.config import SPEC_FILE, ResourcesConfig, SweepSpec, is_experiment, 
 from search.progress import ProgressTable
 from search.scheduler import PerCategoryScheduler, ResumableASHA
 from search.searcher import OBJECTIVE, make_searcher
+from search.storage import is_uri, probe_writable, push
 from search.trainable import train_trial
 
 __all__ = ["SweepRun", "init_ray", "check_resources", "run_sweep", "resume_sweep"]
@@ -32,9 +33,10 @@ Write = Callable[[str], None]
 class SweepRun:
     """What a finished (or interrupted) sweep leaves behind."""
 
-    experiment_dir: Path
+    experiment_dir: Path  # local: sweep.json, study journal (and trials, for local storage)
     seconds: float
     export_dir: Path | None
+    location: str  # where Tune keeps the trials: the experiment dir or a storage URI
 
 
 def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write = print) -> None:
@@ -56,9 +58,16 @@ def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write
                 "RAY_AUTH_MODE=token"
             ) from exc
         return
-    context = ray.init(
-        include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING
-    )
+    try:
+        context = ray.init(
+            include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING
+        )
+    except ray.exceptions.AuthenticationError as exc:
+        raise UserInputError(
+            f"the embedded Ray cannot set up token authentication: {exc}. Point "
+            "RAY_AUTH_TOKEN_PATH at an existing token file (or unset it: Ray then creates "
+            "~/.ray/auth_token), or export RAY_AUTH_TOKEN"
+        ) from exc
     url = getattr(context, "dashboard_url", None)
     if dashboard and url:
         write(f"Ray dashboard: http://{url} (local only; {_dashboard_login()})")
@@ -116,14 +125,14 @@ def _trainable(spec: SweepSpec) -> Any:
     return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), resources)
 
 
-def _scheduler(spec: SweepSpec, experiment_dir: Path) -> Any:
+def _scheduler(spec: SweepSpec, location: str) -> Any:
     sc = spec.sweep.scheduler
     if sc.type == "fifo":
         return tune.schedulers.FIFOScheduler()
 
     def make(category: str | None) -> ResumableASHA:
         return ResumableASHA(
-            experiment_dir=experiment_dir,
+            experiment=location,
             metric=OBJECTIVE,
             max_t=spec.base.num_rounds,
             grace_period=sc.grace_period,
@@ -149,34 +158,39 @@ def _run_config(spec: SweepSpec, write: Write, started: float) -> tune.RunConfig
         storage_path=spec.sweep.storage,
         failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[ProgressTable(spec, write=write, started=started)],
+        callbacks=[ProgressTable(spec, write=write, started=started)]
+        + ([MirrorSync(spec)] if is_uri(spec.sweep.storage) else []),
         verbose=0,
     )
 
 
-def _prepare_storage(spec: SweepSpec, resume: bool) -> Path:
-    exp = spec.experiment_dir
-    if "://" in spec.sweep.storage:
+def _prepare_storage(spec: SweepSpec) -> None:
+    location = spec.experiment_location
+    if is_experiment(location):
         raise UserInputError(
-            f"storage {spec.sweep.storage!r}: the study journal needs a POSIX path; use a "
-            "local directory or an NFS mount shared by the cluster"
+            f"experiment {location!r} already exists: continue it with `launch.py resume "
+            f"{location}` (or `sweep --resume`), or pick another --name"
         )
-    if is_experiment(exp) and not resume:
-        raise UserInputError(
-            f"experiment {str(exp)!r} already exists: continue it with `launch.py resume "
-            f"{exp}` (or `sweep --resume`), or pick another --name"
-        )
-    try:
-        exp.mkdir(parents=True, exist_ok=True)
-        probe = exp / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserInputError(
-            f"storage path {str(exp)!r} is not writable ({exc.strerror}): "
-            "pass --storage DIR on a writable disk"
-        ) from exc
-    return exp
+    # Probe the storage root: the experiment itself is created only once Ray is up and the
+    # resources fit, so a failed start leaves no half-made experiment behind.
+    probe_writable(spec.sweep.storage)
+
+
+class MirrorSync(tune.Callback):
+    """Uploads sweep.json and the study journal to URI storage as trials finish."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self._local = spec.experiment_dir
+        self._uri = spec.experiment_location
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        push(self._local, self._uri)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        push(self._local, self._uri)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        push(self._local, self._uri)
 
 
 def run_sweep(
@@ -189,23 +203,29 @@ def run_sweep(
     export: bool = True,
 ) -> SweepRun:
     """Runs (or with ``resume`` continues) a sweep and exports its best configuration."""
-    exp = spec.experiment_dir
-    if resume and is_experiment(exp):
-        return resume_sweep(exp, address=address, write=write, dashboard=dashboard, export=export)
-    exp = _prepare_storage(spec, resume=False)
+    location = spec.experiment_location
+    if resume and is_experiment(location):
+        return resume_sweep(
+            location, address=address, write=write, dashboard=dashboard, export=export
+        )
+    _prepare_storage(spec)
     init_ray(address, dashboard=dashboard, write=write)
     check_resources(spec.sweep.resources)
     started = time.time()
+    exp = spec.experiment_dir
+    exp.mkdir(parents=True, exist_ok=True)
     tmp = exp / (SPEC_FILE + ".tmp")
     tmp.write_text(json.dumps(spec.to_dict(), indent=2))
     tmp.replace(exp / SPEC_FILE)
+    if is_uri(location):
+        push(exp, location)
     s = spec.sweep.search
     num_samples = s.num_trials * (len(spec.categories) if spec.sweep.objective.per_category else 1)
     tuner = tune.Tuner(
         _trainable(spec),
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(spec, exp),
-            scheduler=_scheduler(spec, exp),
+            scheduler=_scheduler(spec, location),
             num_samples=num_samples,
             max_concurrent_trials=s.max_concurrent,
             trial_dirname_creator=_trial_dirname,
@@ -214,51 +234,55 @@ def run_sweep(
         ),
         run_config=_run_config(spec, write, started),
     )
-    write(f"sweep {spec.sweep.name}: {num_samples} trials, experiment dir {exp}")
+    write(f"sweep {spec.sweep.name}: {num_samples} trials, experiment {location}")
     tuner.fit()
-    return _finish(exp, started, write, export)
+    return _finish(spec, started, write, export)
 
 
 def resume_sweep(
-    experiment_dir: str | Path,
+    experiment: str | Path,
     *,
     address: str | None = None,
     write: Write = print,
     dashboard: bool = True,
     export: bool = True,
 ) -> SweepRun:
-    """Continues an interrupted sweep: finished trials kept, study and rungs restored."""
-    exp = Path(experiment_dir).resolve()
-    spec = load_spec(exp)
-    if not tune.Tuner.can_restore(str(exp)):
+    """Continues an interrupted sweep: finished trials kept, study and rungs restored.
+
+    ``experiment`` is the experiment directory or, for remote storage, its URI.
+    """
+    location = str(experiment) if is_uri(experiment) else str(Path(experiment).resolve())
+    spec = load_spec(location)
+    if not tune.Tuner.can_restore(location):
         raise UserInputError(
-            f"{str(exp)!r} has no Tune state to resume yet (the sweep was "
+            f"{location!r} has no Tune state to resume yet (the sweep was "
             "stopped before its first trial started): run the sweep again"
         )
     init_ray(address, dashboard=dashboard, write=write)
     check_resources(spec.sweep.resources)
     started = time.time()
     tuner = tune.Tuner.restore(
-        str(exp),
+        location,
         trainable=_trainable(spec),
         resume_unfinished=True,
         resume_errored=False,
         restart_errored=False,
     )
-    write(f"resuming sweep {spec.sweep.name} in {exp}")
+    write(f"resuming sweep {spec.sweep.name} in {location}")
     tuner.fit()
-    return _finish(exp, started, write, export)
+    return _finish(spec, started, write, export)
 
 
-def _finish(exp: Path, started: float, write: Write, export: bool) -> SweepRun:
+def _finish(spec: SweepSpec, started: float, write: Write, export: bool) -> SweepRun:
     from search.results import summary_table
 
     seconds = time.time() - started
+    exp = spec.experiment_location
     write(summary_table(exp))
     export_dir = None
     if export:
         from search.export import export_experiment
 
-        export_dir = export_experiment(exp, exp / "export")
+        export_dir = export_experiment(exp, spec.experiment_dir / "export")
         write(f"exported the best configuration to {export_dir}")
-    return SweepRun(exp, seconds, export_dir)
+    return SweepRun(spec.experiment_dir, seconds, export_dir, exp)

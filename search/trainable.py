@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -16,6 +15,7 @@ from ray import tune
 from mmr.config import Config
 from search.config import SweepSpec
 from search.searcher import OBJECTIVE, ROUNDS_KEY
+from search.storage import join, read_file, write_file
 
 __all__ = ["train_trial", "trial_config", "META_KEYS", "FAILED_MARKER"]
 
@@ -46,24 +46,27 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     sweep = SweepSpec.from_dict(spec)
     cfg = trial_config(sweep, config)
-    # The trial's dir on the experiment storage, which every node sees. (get_trial_dir() is
-    # the driver's local staging dir, absent on other nodes; for a reused actor, a node-local
-    # working dir that is never synced.)
-    trial_dir = Path(tune.get_context().get_storage().trial_fs_path)
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    marker = trial_dir / FAILED_MARKER
+    # The trial's dir on the experiment storage, which every node sees, through the storage's
+    # own filesystem (a local/NFS path or s3://...). get_trial_dir() is the driver's staging
+    # dir, absent on other nodes, and for a reused actor a node-local dir never synced.
+    storage = tune.get_context().get_storage()
+    fs, trial_dir = storage.storage_filesystem, storage.trial_fs_path
+    fs.create_dir(trial_dir, recursive=True)
     # Where this attempt runs (a retried trial may move to another node).
-    (trial_dir / WORKER_FILE).write_text(
+    write_file(
+        fs,
+        join(trial_dir, WORKER_FILE),
         json.dumps(
             {
                 "pid": os.getpid(),
                 "hostname": socket.gethostname(),
                 "node_id": ray.get_runtime_context().get_node_id(),
             }
-        )
+        ),
     )
-    if marker.is_file():
-        raise RuntimeError(json.loads(marker.read_text())["error"])
+    failed = read_file(fs, join(trial_dir, FAILED_MARKER))
+    if failed is not None:
+        raise RuntimeError(json.loads(failed)["error"])
 
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="mmr-ckpt-") as tmp:
@@ -88,7 +91,8 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
                     )
         except Exception as exc:
             if _deterministic(exc):
-                marker.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+                error = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+                write_file(fs, join(trial_dir, FAILED_MARKER), error)
             raise
 
 

@@ -1,5 +1,7 @@
-"""cluster/: `ray up` configs (Ray's own schema), KubeRay manifests, the job client, and a
-real two-node Ray cluster with token auth (tests/raycluster.py) for submit/status/failover."""
+"""cluster/: `ray up` configs (Ray's own schema), KubeRay manifests, the job client; the
+`weights` and `dashboard` commands; a real two-node Ray cluster with token auth
+(tests/raycluster.py) for sweeps with --address, submit/status and losing a node mid-sweep;
+the dashboard of the embedded Ray of `launch.py sweep`."""
 
 from __future__ import annotations
 
@@ -349,6 +351,29 @@ def test_client_token_mode_is_switched_on_only_with_a_token(
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # an explicit choice is respected
     assert auth.enable_client_token_auth() is None
     assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_embedded_dashboard_message_says_where_the_token_is_never_what(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search.sweep import _dashboard_login
+
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert _dashboard_login() == "token auth off: RAY_AUTH_MODE=disabled"
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # what ray.init sets when it turns auth on
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t0ken-in-home")
+    home_file = tmp_path / ".ray" / "auth_token"
+    assert _dashboard_login() == f"token auth on: log in with the token in {home_file}"
+    own = tmp_path / "own_token"
+    own.write_text("t0ken-in-file")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(own))
+    assert _dashboard_login() == f"token auth on: log in with the token in {own}"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t0ken-in-env")  # wins, as in Ray
+    assert _dashboard_login() == "token auth on: log in with the token in $RAY_AUTH_TOKEN"
 
 
 def test_unreachable_address_names_it_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -740,9 +765,10 @@ class TestTwoNodeCluster:
                 timeout=180,
             )
 
-        # The GCS itself refuses a driver without the token, or with a wrong one.
+        # The GCS itself refuses a driver without the token, or with a wrong one. (Ray retries
+        # the refused connection once a second for 20 s; two tries say the same.)
         for env in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"}):
-            out = driver("plain", **env)
+            out = driver("plain", RAY_gcs_server_port_wait_time_s="2", **env)
             assert out.returncode != 0 and "CONNECTED" not in out.stdout
             assert "InvalidAuthToken" in out.stderr, out.stderr[-2000:]
         # Ray sends a token found in RAY_AUTH_TOKEN(_PATH) only in token mode (checked by hand:
@@ -913,6 +939,9 @@ def test_losing_the_second_node_mid_sweep_retries_its_trial_on_the_head(
     # The context ended exactly what it started: nothing of either node is left.
     assert not [p for d in node_dirs for p in marked_processes(str(d))]
     assert all(not Path(f"/proc/{p}").exists() or _is_zombie(p) for p in recorded)
+
+
+# ------------------------------------------------------- the embedded Ray of `launch.py sweep`
 
 
 @pytest.mark.slow

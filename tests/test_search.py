@@ -56,12 +56,19 @@ def study(exp: Path, name: str) -> optuna.Study:
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "launch.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_sweep_end_to_end_with_export_that_reproduces_the_best_trial(
-        ray_session, synthetic_root, tmp_path):
+    ray_session, synthetic_root, tmp_path
+):
     from mmr.train import fit
     from search.results import load_trials
     from search.sweep import run_sweep
@@ -80,10 +87,18 @@ def test_sweep_end_to_end_with_export_that_reproduces_the_best_trial(
     assert base["study_trial"] == 0
 
     out = run.export_dir
-    for name in ("best.yaml", "model.pt", "results.md", "trials.csv", "summary.json",
-                 "plots/optimization_history.png", "plots/param_importances.png",
-                 "plots/parallel_coordinate.png", "plots/overlays_disk.png",
-                 "plots/overlays_disk.gif"):
+    for name in (
+        "best.yaml",
+        "model.pt",
+        "results.md",
+        "trials.csv",
+        "summary.json",
+        "plots/optimization_history.png",
+        "plots/param_importances.png",
+        "plots/parallel_coordinate.png",
+        "plots/overlays_disk.png",
+        "plots/overlays_disk.gif",
+    ):
         assert (out / name).is_file(), name
     trials = pd.read_csv(out / "trials.csv")
     assert trials["baseline"].tolist().count(True) == 1 and len(trials) == 4
@@ -102,12 +117,20 @@ def test_sweep_end_to_end_with_export_that_reproduces_the_best_trial(
 
 
 def test_asha_stops_trials_and_the_study_records_them_pruned(
-        ray_session, synthetic_root, tmp_path):
+    ray_session, synthetic_root, tmp_path
+):
     from search.results import load_trials
     from search.sweep import run_sweep
 
-    spec = spec_for(tmp_path, synthetic_root, "search.num_trials=6", "search.max_concurrent=1",
-                    "scheduler.grace_period=1", "scheduler.reduction_factor=2", name="asha")
+    spec = spec_for(
+        tmp_path,
+        synthetic_root,
+        "search.num_trials=6",
+        "search.max_concurrent=1",
+        "scheduler.grace_period=1",
+        "scheduler.reduction_factor=2",
+        name="asha",
+    )
     run = run_sweep(spec, write=lambda _: None, dashboard=False, export=False)
     df = load_trials(run.experiment_dir)
     stopped = df[df["state"] == "stopped"]
@@ -121,8 +144,9 @@ def test_asha_stops_trials_and_the_study_records_them_pruned(
         assert max(t.intermediate_values) == row["rounds"]
         assert t.value == pytest.approx(row["objective"])
     done = df[df["state"] == "done"]
-    assert all(trials[int(n)].state == optuna.trial.TrialState.COMPLETE
-               for n in done["study_trial"])
+    assert all(
+        trials[int(n)].state == optuna.trial.TrialState.COMPLETE for n in done["study_trial"]
+    )
 
 
 def test_failing_trial_does_not_stop_the_sweep(ray_session, synthetic_root, tmp_path):
@@ -131,8 +155,15 @@ def test_failing_trial_does_not_stop_the_sweep(ray_session, synthetic_root, tmp_
 
     # One grid point names a category the dataset lacks: that trial fails at data loading.
     space = {"data.categories": {"type": "categorical", "choices": [["disk"], ["nosuch"]]}}
-    spec = spec_for(tmp_path, synthetic_root, "search.sampler=grid", "search.num_trials=2",
-                    "max_failures=2", name="fail", space=space)
+    spec = spec_for(
+        tmp_path,
+        synthetic_root,
+        "search.sampler=grid",
+        "search.num_trials=2",
+        "max_failures=2",
+        name="fail",
+        space=space,
+    )
     run = run_sweep(spec, write=lambda _: None, dashboard=False, export=False)
     df = load_trials(run.experiment_dir)
     assert sorted(df["state"]) == ["done", "failed"]
@@ -144,13 +175,20 @@ def test_failing_trial_does_not_stop_the_sweep(ray_session, synthetic_root, tmp_
 
 
 def test_per_category_mode_gives_one_best_config_per_category(
-        ray_session, synthetic_root, tmp_path):
+    ray_session, synthetic_root, tmp_path
+):
     from search.export import export_experiment
     from search.results import load_trials
     from search.sweep import run_sweep
 
-    spec = spec_for(tmp_path, synthetic_root, "data.categories=[disk,grid]",
-                    "objective.per_category=true", "search.num_trials=2", name="percat")
+    spec = spec_for(
+        tmp_path,
+        synthetic_root,
+        "data.categories=[disk,grid]",
+        "objective.per_category=true",
+        "search.num_trials=2",
+        name="percat",
+    )
     assert spec.categories == ("disk", "grid")
     run = run_sweep(spec, write=lambda _: None, dashboard=False, export=False)
     df = load_trials(run.experiment_dir)
@@ -186,20 +224,39 @@ def _driver_env() -> dict:
 
 
 def test_driver_killed_mid_sweep_then_resume_completes_exactly_num_trials(
-        ray_session, synthetic_root, tmp_path):
+    ray_session, synthetic_root, tmp_path
+):
     from search.results import load_trials
 
     exp = tmp_path / "runs" / "killed"
-    args = ["sweep", "--address", ray_session, *_sweep_args(
-        tmp_path, synthetic_root, "killed", "search.num_trials=5", "search.max_concurrent=1",
-        "train.epochs=6", "scheduler.type=fifo")]
-    driver = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT,
-                              env=_driver_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    args = [
+        "sweep",
+        "--address",
+        ray_session,
+        *_sweep_args(
+            tmp_path,
+            synthetic_root,
+            "killed",
+            "search.num_trials=5",
+            "search.max_concurrent=1",
+            "train.epochs=6",
+            "scheduler.type=fifo",
+        ),
+    ]
+    driver = subprocess.Popen(
+        [sys.executable, "launch.py", *args],
+        cwd=ROOT,
+        env=_driver_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         # Kill the driver once two trials are under way (the second has checkpointed).
-        _wait_for(lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= 2, 300,
-                  "two trials to checkpoint")
+        _wait_for(
+            lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= 2,
+            300,
+            "two trials to checkpoint",
+        )
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
@@ -212,27 +269,48 @@ def test_driver_killed_mid_sweep_then_resume_completes_exactly_num_trials(
     assert len(df) == 5 and set(df["state"]) == {"done"}
     assert df["study_trial"].is_unique and df["trial"].is_unique
     assert df["baseline"].sum() == 1
-    finished = [t for t in study(exp, "killed").trials
-                if t.state == optuna.trial.TrialState.COMPLETE]
+    finished = [
+        t for t in study(exp, "killed").trials if t.state == optuna.trial.TrialState.COMPLETE
+    ]
     assert len(finished) == 5
     assert (exp / "export" / "best.yaml").is_file()
 
 
 def test_worker_killed_mid_trial_resumes_from_its_checkpoint(
-        ray_session, synthetic_root, tmp_path):
+    ray_session, synthetic_root, tmp_path
+):
     from search.results import load_trials
-    from search.scheduler import read_histories
+    from search.storage import read_histories
 
     exp = tmp_path / "runs" / "worker"
-    args = ["sweep", "--address", ray_session, *_sweep_args(
-        tmp_path, synthetic_root, "worker", "search.num_trials=1", "train.epochs=8",
-        "scheduler.type=fifo", "max_failures=2")]
-    driver = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT,
-                              env=_driver_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    args = [
+        "sweep",
+        "--address",
+        ray_session,
+        *_sweep_args(
+            tmp_path,
+            synthetic_root,
+            "worker",
+            "search.num_trials=1",
+            "train.epochs=8",
+            "scheduler.type=fifo",
+            "max_failures=2",
+        ),
+    ]
+    driver = subprocess.Popen(
+        [sys.executable, "launch.py", *args],
+        cwd=ROOT,
+        env=_driver_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        _wait_for(lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= 1, 300,
-                  "the first round checkpoint")
+        _wait_for(
+            lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= 1,
+            300,
+            "the first round checkpoint",
+        )
         worker = json.loads(next(exp.glob("trial_*/worker.json")).read_text())
         os.kill(worker["pid"], signal.SIGKILL)
         out, _ = driver.communicate(timeout=600)
@@ -242,7 +320,7 @@ def test_worker_killed_mid_trial_resumes_from_its_checkpoint(
     assert driver.returncode == 0, out[-3000:]
     df = load_trials(exp)
     assert list(df["state"]) == ["done"]
-    (_, _, results), = read_histories(exp)
+    ((_, _, results),) = read_histories(exp)
     rounds = [r["training_iteration"] for r in results]
     assert sorted(set(rounds)) == list(range(1, 9))
     restarts = [r["training_iteration"] for r in results if r["iterations_since_restore"] == 1]
@@ -260,11 +338,17 @@ def test_bad_sweep_inputs_fail_before_ray_starts(synthetic_root, tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'search.num_trails'"):
         spec_for(tmp_path, synthetic_root, "search.num_trails=3")
     with pytest.raises(SpaceError, match="unknown config key"):
-        spec_for(tmp_path, synthetic_root, space={"mask_rato": {"type": "float", "low": 0.1,
-                                                               "high": 0.5}})
+        spec_for(
+            tmp_path,
+            synthetic_root,
+            space={"mask_rato": {"type": "float", "low": 0.1, "high": 0.5}},
+        )
     with pytest.raises(SpaceError, match="patch_size=24"):
-        spec_for(tmp_path, synthetic_root, space={
-            "patch_size": {"type": "categorical", "choices": [8, 24]}})
+        spec_for(
+            tmp_path,
+            synthetic_root,
+            space={"patch_size": {"type": "categorical", "choices": [8, 24]}},
+        )
     with pytest.raises(ConfigError, match="objective.metric"):
         spec_for(tmp_path, synthetic_root, "objective.metric=accuracy")
 
@@ -280,15 +364,17 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_at_once(ray_session):
 
 
 def test_unwritable_storage_and_existing_experiment_are_refused(
-        ray_session, synthetic_root, tmp_path):
+    ray_session, synthetic_root, tmp_path
+):
     from search.config import SPEC_FILE
     from search.sweep import run_sweep
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     spec = spec_for(tmp_path, synthetic_root)
-    bad = resolve_sweep(None, [f"data.root={synthetic_root}", *FAST], name="t",
-                        storage=str(blocker))
+    bad = resolve_sweep(
+        None, [f"data.root={synthetic_root}", *FAST], name="t", storage=str(blocker)
+    )
     with pytest.raises(UserInputError, match="not writable.*--storage"):
         run_sweep(bad, write=lambda _: None, dashboard=False)
     spec.experiment_dir.mkdir(parents=True)
@@ -315,12 +401,17 @@ def test_resumed_asha_rebuilds_its_rungs_from_disk_and_still_stops_trials(tmp_pa
     for i, values in enumerate(([0.9, 0.92, 0.95, 0.96], [0.6, 0.61], [0.8, 0.85, 0.86, 0.9])):
         trial_dir = tmp_path / f"trial_{i}"
         trial_dir.mkdir()
-        lines = [json.dumps({"trial_id": f"old{i}", "training_iteration": r + 1,
-                             "objective": v, "config": {}}) for r, v in enumerate(values)]
+        lines = [
+            json.dumps(
+                {"trial_id": f"old{i}", "training_iteration": r + 1, "objective": v, "config": {}}
+            )
+            for r, v in enumerate(values)
+        ]
         (trial_dir / "result.json").write_text("\n".join(lines) + "\n")
 
-    asha = ResumableASHA(experiment_dir=tmp_path, metric="objective", max_t=4,
-                         grace_period=1, reduction_factor=2)
+    asha = ResumableASHA(
+        experiment=str(tmp_path), metric="objective", max_t=4, grace_period=1, reduction_factor=2
+    )
     new = SimpleNamespace(trial_id="new", config={})
     asha.on_trial_add(None, new)  # the first trial after restore triggers the rebuild
     recorded = {milestone: dict(r) for milestone, r in asha.rungs}
@@ -336,12 +427,57 @@ def test_resumed_asha_rebuilds_its_rungs_from_disk_and_still_stops_trials(tmp_pa
     assert "base" in dict(asha.rungs)[1]
 
 
-@pytest.mark.parametrize("name, fixture", [("sweep_mvtec", "fake_mvtec"),
-                                           ("sweep_aebad_s", "fake_aebad_s"),
-                                           ("demo_sweep", "synthetic_root")])
+@pytest.mark.parametrize(
+    "name, fixture",
+    [
+        ("sweep_mvtec", "fake_mvtec"),
+        ("sweep_aebad_s", "fake_aebad_s"),
+        ("demo_sweep", "synthetic_root"),
+    ],
+)
 def test_shipped_sweep_configs_resolve(name, fixture, request, tmp_path):
     root = request.getfixturevalue(fixture)
-    spec = resolve_sweep(ROOT / "configs" / f"{name}.yaml", [f"data.root={root}"],
-                         storage=str(tmp_path))
+    spec = resolve_sweep(
+        ROOT / "configs" / f"{name}.yaml", [f"data.root={root}"], storage=str(tmp_path)
+    )
     assert spec.space.keys and spec.categories
     assert spec.experiment_dir == tmp_path / spec.sweep.name
+
+
+def test_uri_storage_keeps_everything_remote_and_works_from_the_uri_alone(
+    ray_session, synthetic_root, tmp_path, monkeypatch
+):
+    """file:// goes through pyarrow exactly like s3:// or gs:// would."""
+    import shutil
+
+    from search.export import export_experiment
+    from search.results import load_trials, status_table
+    from search.storage import mirror_dir
+    from search.sweep import resume_sweep, run_sweep
+
+    monkeypatch.setenv("MMR_STATE_DIR", str(tmp_path / "state"))
+    remote = tmp_path / "bucket"
+    spec = resolve_sweep(
+        None,
+        [f"data.root={synthetic_root}", *FAST, "search.num_trials=2", "scheduler.type=fifo"],
+        name="uri",
+        storage=f"file://{remote}",
+    )
+    assert spec.experiment_location == f"file://{remote}/uri"
+    run = run_sweep(spec, write=lambda _: None, dashboard=False, export=False)
+    assert run.location == spec.experiment_location
+    assert (remote / "uri" / "sweep.json").is_file()
+    assert (remote / "uri" / "study.journal").is_file()
+    assert len(list(remote.glob("uri/trial_*/result.json"))) == 2
+
+    # Another machine: nothing local but the URI.
+    shutil.rmtree(mirror_dir(spec.experiment_location))
+    df = load_trials(spec.experiment_location)
+    assert len(df) == 2 and set(df["state"]) == {"done"}
+    assert "2 done" in status_table(spec.experiment_location)
+    out = export_experiment(spec.experiment_location, tmp_path / "export")
+    assert (out / "best.yaml").is_file() and (out / "plots" / "optimization_history.png").is_file()
+    finished = resume_sweep(
+        spec.experiment_location, write=lambda _: None, dashboard=False, export=False
+    )
+    assert len(load_trials(finished.location)) == 2
