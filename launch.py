@@ -161,7 +161,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     run = run_sweep(
         spec, address=args.address, resume=args.resume, write=print, dashboard=_dashboard_wanted()
     )
-    print(f"experiment: {run.experiment_dir} ({run.seconds:.0f} s)")
+    print(f"experiment: {run.location} ({run.seconds:.0f} s)")
     return 0
 
 
@@ -174,7 +174,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run = resume_sweep(
         args.experiment, address=args.address, write=print, dashboard=_dashboard_wanted()
     )
-    print(f"experiment: {run.experiment_dir} ({run.seconds:.0f} s)")
+    print(f"experiment: {run.location} ({run.seconds:.0f} s)")
     return 0
 
 
