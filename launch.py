@@ -162,7 +162,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec, address=args.address, resume=args.resume, write=print, dashboard=_dashboard_wanted()
     )
     print(f"experiment: {run.location} ({run.seconds:.0f} s)")
-    return 0
+    return 130 if run.interrupted else 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -175,7 +175,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         args.experiment, address=args.address, write=print, dashboard=_dashboard_wanted()
     )
     print(f"experiment: {run.location} ({run.seconds:.0f} s)")
-    return 0
+    return 130 if run.interrupted else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ class SweepRun:
     seconds: float
     export_dir: Path | None
     location: str  # where Tune keeps the trials: the experiment dir or a storage URI
+    interrupted: bool = False  # stopped by Ctrl-C with trials unfinished (resume continues)
 
 
 def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write = print) -> None:
@@ -274,11 +275,20 @@ def resume_sweep(
 
 
 def _finish(spec: SweepSpec, started: float, write: Write, export: bool) -> SweepRun:
-    from search.results import summary_table
+    from search.results import load_trials, summary_table
 
     seconds = time.time() - started
     exp = spec.experiment_location
     write(summary_table(exp))
+    unfinished = load_trials(exp)["state"].isin(["running", "pending"]).sum()
+    if unfinished:
+        # Ctrl-C: Tune stopped gracefully and saved its state; a partial export would
+        # present an unfinished search as its result.
+        write(
+            f"sweep interrupted with {unfinished} trial(s) unfinished; continue it with: "
+            f"launch.py resume {exp}"
+        )
+        return SweepRun(spec.experiment_dir, seconds, None, exp, interrupted=True)
     export_dir = None
     if export:
         from search.export import export_experiment

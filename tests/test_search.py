@@ -481,3 +481,50 @@ def test_uri_storage_keeps_everything_remote_and_works_from_the_uri_alone(
         spec.experiment_location, write=lambda _: None, dashboard=False, export=False
     )
     assert len(load_trials(finished.location)) == 2
+
+
+def test_ctrl_c_stops_without_exporting_and_says_how_to_resume(
+    ray_session, synthetic_root, tmp_path
+):
+    from search.results import load_trials
+
+    exp = tmp_path / "runs" / "ctrlc"
+    args = [
+        "sweep",
+        "--address",
+        ray_session,
+        *_sweep_args(
+            tmp_path,
+            synthetic_root,
+            "ctrlc",
+            "search.num_trials=2",
+            "search.max_concurrent=1",
+            "train.epochs=6",
+            "scheduler.type=fifo",
+        ),
+    ]
+    driver = subprocess.Popen(
+        [sys.executable, "launch.py", *args],
+        cwd=ROOT,
+        env=_driver_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(
+            lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= 1,
+            300,
+            "the first round checkpoint",
+        )
+        driver.send_signal(signal.SIGINT)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, out[-3000:]
+    assert f"launch.py resume {exp}" in out
+    assert not (exp / "export").exists()
+    proc = cli("resume", str(exp), "--address", ray_session, env=_driver_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(load_trials(exp)["state"]) == {"done"} and (exp / "export").is_dir()
