@@ -6,21 +6,20 @@ to scores outside [0, 1], which changes the result on raw anomaly scores). Ties 
 scikit-learn does: one threshold per distinct score, a pixel counts as positive when its score
 is >= the threshold.
 
-All pixel metrics come from ONE descending sort of the pixel scores: cumulative counts of
-anomalous and normal pixels at the end of each group of equal scores give the ROC curve
-(pixel AUROC), the precision/recall points (F1-max) and the FPR axis of the PRO curve. For
-AUPRO each anomalous pixel carries the weight ``1 / (num_regions * size_of_its_region)``, so the
-cumulative sum of weights in the same order is PRO (the mean over all ground-truth regions of
-the fraction of the region above the threshold). Regions are 8-connected components of each
-mask, as in the MVTec AD evaluation code; sorting and sums stay on the tensors' device, only
-the connected components are computed on the CPU (scipy). ``aupro`` on its own sorts only the
-pixels scored above the threshold where FPR passes ``fpr_limit`` (the rest of the curve does
-not enter the integral); ``evaluate`` sorts all pixels once for all three pixel metrics.
+All pixel metrics come from ONE pass over sorted scores: the normal pixels' values are sorted
+(values only, the cheap sort), the anomalous pixels argsorted, and for each distinct anomalous
+score the counts of normal pixels above and at it come from binary searches. Between two
+anomalous scores only normal pixels cross the threshold, so these points describe the ROC curve
+(pixel AUROC), the precision/recall points (F1-max) and the PRO curve exactly. For AUPRO each
+anomalous pixel carries the weight ``1 / (num_regions * size_of_its_region)``, so the cumulative
+sum of weights in descending score order is PRO (the mean over all ground-truth regions of the
+fraction of the region above the threshold). Regions are 8-connected components of each mask,
+as in the MVTec AD evaluation code; sorting and sums stay on the tensors' device, only the
+connected components are computed on the CPU (scipy).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,15 +38,22 @@ _REGION_STRUCTURE[1] = True
 
 @dataclass(frozen=True)
 class _Curve:
-    """Cumulative counts at each distinct score, scores taken in descending order."""
+    """Counts at each distinct *positive* score, in descending order.
 
-    order: torch.Tensor  # permutation that sorts the scores in descending order
-    tps: torch.Tensor  # int64: positives with score >= each distinct score
-    fps: torch.Tensor  # int64: negatives with score >= each distinct score
-    ends: torch.Tensor  # index (in sorted order) of the last element of each tie group
-    n_pos: int  # of the whole set, also when the curve is truncated
+    Between two consecutive distinct positive scores only negatives cross the threshold, so
+    every curve (ROC, precision/recall, PRO over FPR) moves horizontally there: the points at
+    the distinct positive scores, with the negatives counted strictly above (``fps_strict``) and
+    at-or-above (``fps``) each, describe the whole curve exactly, ties included.
+    """
+
+    positive: torch.Tensor  # bool mask of the positives among the input scores
+    order: torch.Tensor  # permutation that sorts the positives' scores in descending order
+    ends: torch.Tensor  # index (in that order) of the last positive of each tie group
+    tps: torch.Tensor  # int64: positives with score >= each distinct positive score
+    fps: torch.Tensor  # int64: negatives with score >= it
+    fps_strict: torch.Tensor  # int64: negatives with score > it
+    n_pos: int
     n_neg: int
-    kept: torch.Tensor | None = None  # truncated curve (AUPRO only): the elements sorted
 
 
 def _to_tensor(x: Array, name: str) -> torch.Tensor:
@@ -137,17 +143,19 @@ def _check_fpr_limit(fpr_limit: float) -> None:
         raise ValueError(f"fpr_limit must be in (0, 1] (MVTec AD uses 0.3); got {fpr_limit}.")
 
 
-def _curve(
-    scores: torch.Tensor, positive: torch.Tensor, *, what: str, fpr_limit: float | None = None
-) -> _Curve:
-    """Sorts ``scores`` once and counts positives/negatives at each distinct score.
+def _sorted_values(t: torch.Tensor) -> torch.Tensor:
+    """Ascending sort, values only: numpy's SIMD sort on CPU (~3x faster than an argsort)."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(np.sort(t.numpy()))
+    return torch.sort(t).values
 
-    ``what`` names the argument that holds ``positive`` ("labels" or "masks") in errors.
 
-    With ``fpr_limit``, the curve stops at the first threshold whose FPR exceeds it: only the
-    elements scored at or above the k-th highest negative score are sorted, k the number of
-    negatives that first pushes FPR past the limit. That is all AUPRO needs, and for
-    fpr_limit=0.3 it sorts about a third of the pixels.
+def _curve(scores: torch.Tensor, positive: torch.Tensor, *, what: str) -> _Curve:
+    """Counts positives and negatives at each distinct positive score.
+
+    Only the negatives' values are sorted in full; the positives (few pixels of a set) are
+    argsorted to carry their AUPRO weights. ``what`` names the argument that holds
+    ``positive`` ("labels" or "masks") in errors.
     """
     n_pos = int(positive.sum())
     n_neg = positive.numel() - n_pos
@@ -163,35 +171,46 @@ def _curve(
             f"labels has no {kind} images, so image AUROC is undefined: evaluate on a set with "
             "both normal (0) and anomalous (1) images."
         )
-    kept = None
-    k = math.floor(fpr_limit * n_neg) + 1 if fpr_limit is not None else n_neg + 1
-    if k <= n_neg:
-        # k-th highest negative: with positives at -inf it is the (n - k + 1)-th smallest of all
-        negatives = torch.where(positive, float("-inf"), scores)
-        cut = torch.kthvalue(negatives, scores.numel() - k + 1).values
-        kept = scores >= cut
-        scores, positive = scores[kept], positive[kept]
-    sorted_scores, order = torch.sort(scores, descending=True)
-    last = torch.tensor([scores.numel() - 1], device=scores.device)
-    ends = torch.cat([torch.nonzero(sorted_scores[1:] != sorted_scores[:-1]).flatten(), last])
-    tps = torch.cumsum(positive[order], 0, dtype=torch.int64)[ends]
-    fps = ends + 1 - tps
-    return _Curve(order=order, tps=tps, fps=fps, ends=ends, n_pos=n_pos, n_neg=n_neg, kept=kept)
+    negatives = _sorted_values(scores[~positive])
+    pos_sorted, order = torch.sort(scores[positive], descending=True)
+    last = torch.tensor([n_pos - 1], device=scores.device)
+    ends = torch.cat([torch.nonzero(pos_sorted[1:] != pos_sorted[:-1]).flatten(), last])
+    thresholds = pos_sorted[ends]
+    negatives = negatives.to(thresholds.device)
+    fps = n_neg - torch.searchsorted(negatives, thresholds, right=False)
+    fps_strict = n_neg - torch.searchsorted(negatives, thresholds, right=True)
+    return _Curve(
+        positive=positive,
+        order=order,
+        ends=ends,
+        tps=ends + 1,
+        fps=fps,
+        fps_strict=fps_strict,
+        n_pos=n_pos,
+        n_neg=n_neg,
+    )
 
 
-def _with_origin(t: torch.Tensor) -> torch.Tensor:
-    return torch.cat([t.new_zeros(1), t])
+def _previous(t: torch.Tensor) -> torch.Tensor:
+    """The value at the previous distinct positive score (0 before the first)."""
+    return torch.cat([t.new_zeros(1), t[:-1]])
 
 
 def _auroc(curve: _Curve) -> float:
-    """Trapezoidal ROC area, in exact integer arithmetic (ties give diagonal segments)."""
-    tp, fp = _with_origin(curve.tps), _with_origin(curve.fps)
-    twice_area = int(((fp[1:] - fp[:-1]) * (tp[1:] + tp[:-1])).sum())
+    """Trapezoidal ROC area in exact integer arithmetic, as sklearn's curve over all scores.
+
+    Per distinct positive score: a horizontal run (negatives alone) up to it, then the
+    diagonal of its tie group; after the last one, the horizontal run to FPR 1.
+    """
+    tp, fp, fs = curve.tps, curve.fps, curve.fps_strict
+    tp0, fp0 = _previous(tp), _previous(fp)
+    twice_area = int((2 * tp0 * (fs - fp0) + (fp - fs) * (tp0 + tp)).sum())
+    twice_area += 2 * curve.n_pos * (curve.n_neg - int(fp[-1]))
     return twice_area / (2 * curve.n_pos * curve.n_neg)
 
 
 def _f1_max(curve: _Curve) -> float:
-    """Max over thresholds of F1 = 2 TP / (TP + FP + P)."""
+    """Max over thresholds of F1 = 2 TP / (TP + FP + P); it peaks at a positive's score."""
     tps = curve.tps.double()
     return float((2 * tps / (tps + curve.fps.double() + curve.n_pos)).max())
 
@@ -207,10 +226,15 @@ def _region_weights(masks: torch.Tensor) -> torch.Tensor:
 
 def _aupro(curve: _Curve, weights: torch.Tensor, fpr_limit: float) -> float:
     """Area under PRO(FPR) on [0, fpr_limit], interpolated at fpr_limit, over fpr_limit."""
-    fpr = _with_origin(curve.fps.double() / curve.n_neg)
-    if curve.kept is not None:
-        weights = weights[curve.kept]
-    pro = _with_origin(torch.cumsum(weights[curve.order], 0)[curve.ends])
+    w = weights.to(curve.order.device)[curve.positive][curve.order]
+    pro = torch.cumsum(w, 0)[curve.ends]
+    # The curve's corners: per distinct positive score, (fps_strict, PRO before) then
+    # (fps, PRO after); it starts at (0, 0) and ends at FPR 1 once every region is covered.
+    n = curve.n_neg
+    corners_x = torch.stack([curve.fps_strict, curve.fps], 1).flatten().double() / n
+    corners_y = torch.stack([_previous(pro), pro], 1).flatten()
+    fpr = torch.cat([corners_x.new_zeros(1), corners_x, corners_x.new_ones(1)])
+    pro = torch.cat([corners_y.new_zeros(1), corners_y, corners_y[-1:]])
     inside = int((fpr <= fpr_limit).sum())  # fpr is non-decreasing and fpr[0] = 0
     x, y = fpr[:inside], pro[:inside]
     area = float(((x[1:] - x[:-1]) * (y[1:] + y[:-1])).sum()) / 2
@@ -282,7 +306,7 @@ def aupro(maps: Array, masks: Array, *, fpr_limit: float = 0.3) -> float:
     _check_fpr_limit(fpr_limit)
     m = _as_maps(maps)
     gt = _as_masks(masks, m)
-    curve = _curve(m.reshape(-1), gt.reshape(-1), what="masks", fpr_limit=fpr_limit)
+    curve = _curve(m.reshape(-1), gt.reshape(-1), what="masks")
     return _aupro(curve, _region_weights(gt), fpr_limit)
 
 
