@@ -21,15 +21,17 @@ class UserError(UserInputError):
     """Bad command-line input: printed as one clear line, exit code 2."""
 
 
+def _add_set_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="sweep config YAML (default: the built-in demo sweep)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a sweep or training key, e.g. search.num_trials=16 or "
+    _add_set_option(
+        p,
+        "override a sweep or training key, e.g. search.num_trials=16 or "
         "train.epochs=20 (repeatable)",
     )
     p.add_argument(
@@ -61,14 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="one MMR run over the config's categories")
     p.add_argument("--config", help="training config YAML (default: all defaults)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key, e.g. model.mask_ratio=0.5 (repeatable)",
-    )
+    _add_set_option(p, "override a key, e.g. model.mask_ratio=0.5 (repeatable)")
     p.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
 
     p = sub.add_parser("sweep", help="run a hyper-parameter search (no arguments: the demo)")

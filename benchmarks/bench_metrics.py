@@ -155,6 +155,7 @@ def _row(
         target=TARGET if with_target else None,
         met=(ratio >= 20 and diff < 1e-3) if with_target else None,
         diff=diff,
+        summary=f"|diff| {diff:.1e}",
     )
 
 

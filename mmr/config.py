@@ -81,7 +81,7 @@ class TrainConfig:
     seed: int = 54  # seeds model init, masking, augmentation and shuffling
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    threads: int | None = None  # torch CPU threads (None: leave torch's default)
+    threads: int | None = None  # torch CPU threads (None: $OMP_NUM_THREADS, which Ray sets)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -182,8 +183,11 @@ def fit(
     """
     started = time.perf_counter()
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    threads = t.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads:
+        # Ray sets OMP_NUM_THREADS to a trial's CPU allotment, but a reused worker process
+        # keeps the thread count torch read when it was first imported: set it explicitly.
+        torch.set_num_threads(threads)
     device = resolve_device(t.device)
     random.seed(t.seed)
     tasks = list_tasks(cfg.data)

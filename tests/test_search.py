@@ -223,6 +223,28 @@ def _driver_env() -> dict:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "MMR_DASHBOARD": "0"}
 
 
+def _driver_at_checkpoints(args: list[str], exp: Path, count: int) -> subprocess.Popen:
+    """Starts ``launch.py *args`` and returns once ``count`` round checkpoints exist."""
+    driver = subprocess.Popen(
+        [sys.executable, "launch.py", *args],
+        cwd=ROOT,
+        env=_driver_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(
+            lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= count,
+            300,
+            f"{count} round checkpoint(s)",
+        )
+    except BaseException:
+        driver.kill()
+        raise
+    return driver
+
+
 def test_driver_killed_mid_sweep_then_resume_completes_exactly_num_trials(
     ray_session, synthetic_root, tmp_path
 ):
@@ -243,20 +265,9 @@ def test_driver_killed_mid_sweep_then_resume_completes_exactly_num_trials(
             "scheduler.type=fifo",
         ),
     ]
-    driver = subprocess.Popen(
-        [sys.executable, "launch.py", *args],
-        cwd=ROOT,
-        env=_driver_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    # Kill the driver once two trials are under way (the second has checkpointed).
+    driver = _driver_at_checkpoints(args, exp, 2)
     try:
-        # Kill the driver once two trials are under way (the second has checkpointed).
-        _wait_for(
-            lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= 2,
-            300,
-            "two trials to checkpoint",
-        )
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
@@ -297,20 +308,8 @@ def test_worker_killed_mid_trial_resumes_from_its_checkpoint(
             "max_failures=2",
         ),
     ]
-    driver = subprocess.Popen(
-        [sys.executable, "launch.py", *args],
-        cwd=ROOT,
-        env=_driver_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    driver = _driver_at_checkpoints(args, exp, 1)
     try:
-        _wait_for(
-            lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= 1,
-            300,
-            "the first round checkpoint",
-        )
         worker = json.loads(next(exp.glob("trial_*/worker.json")).read_text())
         os.kill(worker["pid"], signal.SIGKILL)
         out, _ = driver.communicate(timeout=600)
@@ -503,20 +502,8 @@ def test_ctrl_c_stops_without_exporting_and_says_how_to_resume(
             "scheduler.type=fifo",
         ),
     ]
-    driver = subprocess.Popen(
-        [sys.executable, "launch.py", *args],
-        cwd=ROOT,
-        env=_driver_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    driver = _driver_at_checkpoints(args, exp, 1)
     try:
-        _wait_for(
-            lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= 1,
-            300,
-            "the first round checkpoint",
-        )
         driver.send_signal(signal.SIGINT)
         out, _ = driver.communicate(timeout=300)
     finally:

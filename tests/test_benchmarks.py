@@ -1,0 +1,220 @@
+"""Smoke tests of the benchmark suite: every module's code path at a minimal size.
+
+They check the structure of the results (rows with positive times and ratios), never speed:
+the machines that run tests are shared and their timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = {"benchmark", "section", "figure", "project_s", "reference_s", "ratio", "unit", "note"}
+
+
+def check_rows(rows: list[dict], *, sections: set[str], allow_zero: tuple[str, ...] = ()) -> None:
+    assert rows, "a benchmark returned no rows"
+    for r in rows:
+        assert KEYS <= set(r), r
+        assert r["section"] in sections, r
+        assert r["figure"] and r["note"]
+        for key in ("project_s", "reference_s", "ratio"):
+            assert math.isfinite(r[key]), r
+            assert r[key] > 0 or (r["benchmark"] in allow_zero), r
+        assert r.get("met") in (True, False, None)
+
+
+def test_data_and_metrics_benchmarks():
+    from benchmarks import bench_data, bench_metrics
+
+    rows = bench_data.run(smoke=True)
+    check_rows(rows, sections={"data"})
+    assert [r["benchmark"] for r in rows] == [
+        "train_epoch",
+        "eval_epoch",
+        "cache_build",
+        "cache_hit",
+    ]
+    rows = bench_metrics.run(smoke=True)
+    check_rows(rows, sections={"metrics"})
+    by_name = {r["benchmark"]: r for r in rows}
+    assert set(by_name) == {"aupro", "pixel_auroc", "pixel_f1_max", "evaluate"}
+    assert by_name["pixel_auroc"]["diff"] < 1e-9  # exact against sklearn at any size
+
+
+def test_train_benchmark_runs_both_sides_in_child_processes():
+    from benchmarks import bench_train
+
+    rows = bench_train.run(smoke=True)
+    check_rows(rows, sections={"train", "memory"})
+    by_name = {r["benchmark"]: r for r in rows}
+    assert set(by_name) == {"train_tiny", "peak_rss_tiny"}
+    assert by_name["train_tiny"]["unit"] == "img/s"
+    assert by_name["peak_rss_tiny"]["unit"] == "MB"
+    assert by_name["peak_rss_tiny"]["project_s"] > 50  # a process holding torch and a model
+
+
+def test_asha_bound_by_hand():
+    from benchmarks.bench_search import asha_bound
+
+    # 4 rounds of 6 epochs, rungs at rounds 1 and 3: 2/3 stop at 6 epochs, 2/9 at 18, 1/9 run 24.
+    assert asha_bound(epochs=24, eval_every=6, grace=1, rf=3) == pytest.approx(32 / 3)
+    # 6 rounds of 2 epochs, rungs at 1 and 3: 2/3 * 2 + 2/9 * 6 + 1/9 * 12 = 4.
+    assert asha_bound(epochs=12, eval_every=2, grace=1, rf=3) == pytest.approx(4.0)
+    assert asha_bound(epochs=5, eval_every=5, grace=1, rf=3) == 5  # one round: no rung
+
+
+@pytest.mark.slow
+def test_search_benchmark_runs_both_methods_on_a_local_ray():
+    from benchmarks import bench_search
+
+    rows = bench_search.run(smoke=True)
+    # Best AUROC may be 0 on 2 validation images of a 2-trial smoke sweep.
+    check_rows(rows, sections={"search", "overhead"}, allow_zero=("search_best_auroc",))
+    by_name = {r["benchmark"]: r for r in rows}
+    assert {"search_epochs", "search_best_auroc", "search_wall"} <= set(by_name)
+    # Two trials of 2 epochs each: FIFO runs all 4, ASHA the same or fewer.
+    assert 0 < by_name["search_epochs"]["project_s"] <= by_name["search_epochs"]["reference_s"]
+    assert by_name["search_epochs"]["reference_s"] == 4
+    overhead = [r for r in rows if r["section"] == "overhead"]
+    assert len(overhead) == 1 and 0 < overhead[0]["ratio"] < 1
+
+
+def test_gpu_script_dry_run_on_cpu_without_ray_or_optuna(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu.py",
+            "--dry-run",
+            "--parts",
+            "peak,memory,run200",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "DRY RUN" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["dry_run"] and result["device"] == "cpu" and not result["errors"]
+    assert result["imported_ray_or_optuna"] == []  # the GPU machine has neither
+    assert result["peak_bf16_tflops"] > 0
+    check_rows(result["rows"], sections={"gpu"})
+    assert {r["benchmark"] for r in result["rows"]} == {"gpu_memory_tiny", "gpu_run200"}
+    assert all("DRY RUN" in r["note"] and r["met"] is None for r in result["rows"])
+
+
+def test_gpu_step_pieces_flops_and_what_ifs(tmp_path):
+    from benchmarks import gpu
+    from benchmarks.common import synthetic_data
+
+    cfg = gpu._cfg(
+        "paper",
+        tmp_path / "data",
+        tmp_path / "cache",
+        device="cpu",
+        dry=True,
+        **{"train.batch_size": 4},
+    )
+    synthetic_data(
+        tmp_path / "data", categories=[cfg.data.categories[0]], size=64, n_train=8, n_test=2
+    )
+    assert gpu.count_flops_per_image(cfg) > 1e6
+    for channels_last, backend in ((True, None), (False, "eager")):
+        ips = gpu.custom_steps(cfg, channels_last=channels_last, compile_backend=backend, steps=1)
+        assert ips > 0
+
+
+def test_report_marks_quick_runs_and_targets(tmp_path, monkeypatch):
+    from benchmarks import run
+    from benchmarks.common import row
+
+    rows = [
+        row("a", "fig", 1.0, 12.0, note="n", section="data", target=">= 10x", met=True),
+        row(
+            "b",
+            "fig|x",
+            2.0,
+            1.0,
+            note="n",
+            section="train",
+            unit="img/s",
+            higher_is_better=True,
+            target=">= 1.0x",
+            met=True,
+        ),
+        row("c", "fig", 10.0, 5.0, note="n", section="overhead", target="<= 15%", met=False),
+    ]
+    result = {
+        "rows": rows,
+        "errors": {"search": "RuntimeError: boom"},
+        "timings": {"data": 1.0},
+        "seconds": 60.0,
+        "load_start": (1.0, 1.0, 1.0),
+        "load_end": (2.0, 2.0, 2.0),
+        "date": "today",
+    }
+    (tmp_path / "gpu_results.json").write_text(json.dumps({"dry_run": True, "rows": []}))
+    gpu_row = row(
+        "gpu_run200", "fig", 100.0, 180.0, note="n", section="gpu", target="<= 180 s", met=True
+    )
+    (tmp_path / "gpu_results_2.json").write_text(
+        json.dumps(
+            {
+                "dry_run": False,
+                "device": "NVIDIA H200",
+                "date": "d",
+                "command": "python gpu.py",
+                "peak_bf16_tflops": 700.0,
+                "machine": {"versions": {"torch": "2.11"}},
+                "errors": [],
+                "rows": [gpu_row],
+            }
+        )
+    )
+    monkeypatch.setattr(run, "GPU_DIR", tmp_path)
+    text = run.render(result, quick=True, smoke=False, command="python benchmarks/run.py --quick")
+    assert "QUICK run" in text and "`python benchmarks/run.py --quick`" in text
+    for title, _ in run.SECTIONS.values():
+        assert f"## {title}" in text
+    assert "| 1. Data pipeline per epoch | `a` | >= 10x | 12.00x |  | met |" in text
+    assert "**not met**" in text and "**Failed**: RuntimeError: boom" in text
+    assert "fig\\|x" in text  # a | inside a cell does not break the table
+    assert "--dry-run" in text and "not GPU figures" in text
+    assert "measured on NVIDIA H200" in text and "| `gpu_run200` | 100 s | 180 s |" in text
+    assert "ray " in text and "optuna " in text and "nproc" in text
+
+
+def test_run_script_writes_markdown_and_rerenders_it_from_json(tmp_path):
+    out, saved = tmp_path / "B.md", tmp_path / "results.json"
+    cmd = [sys.executable, "benchmarks/run.py", "--smoke", "--only", "metrics"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out), "--json", str(saved)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = out.read_text()
+    assert "SMOKE run" in text and "`aupro`" in text and "## 4. Search efficiency" in text
+    again = tmp_path / "again.md"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--from-json", str(saved), "--out", str(again)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert again.read_text() == text
