@@ -173,6 +173,10 @@ def ray_session() -> Iterator[str]:
     os.environ["MMR_DASHBOARD"] = "0"
     import ray
 
+    from cluster.auth import _refresh_ray_auth_config
+
+    _refresh_ray_auth_config()  # in case an earlier test switched Ray's config to token mode
+
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address

@@ -337,8 +337,16 @@ def test_token_sources_follow_rays_precedence(
         auth.find_token()
 
 
+@pytest.fixture
+def restore_ray_auth_config() -> Iterator[None]:
+    """enable_client_token_auth re-reads Ray's in-process config: re-read it after the test,
+    once monkeypatch has restored the environment, or later in-process drivers keep token mode."""
+    yield
+    auth._refresh_ray_auth_config()
+
+
 def test_client_token_mode_is_switched_on_only_with_a_token(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, restore_ray_auth_config: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         monkeypatch.delenv(var, raising=False)
