@@ -16,14 +16,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_help_lists_every_command():
     out = run("--help").stdout
-    for command in ("synth", "train", "sweep", "resume", "status", "export", "submit",
-                    "weights", "dashboard"):
+    for command in (
+        "synth",
+        "train",
+        "sweep",
+        "resume",
+        "status",
+        "export",
+        "submit",
+        "weights",
+        "dashboard",
+    ):
         assert command in out
 
 
@@ -35,18 +45,29 @@ def test_console_script_points_at_main():
 
 def test_synth_writes_an_mvtec_dataset_identical_for_the_same_seed(tmp_path: Path):
     for name in ("a", "b"):
-        proc = run("synth", "--out", str(tmp_path / name), "--categories", "2", "--size", "64",
-                   "--seed", "3")
+        proc = run(
+            "synth",
+            "--out",
+            str(tmp_path / name),
+            "--categories",
+            "2",
+            "--size",
+            "64",
+            "--seed",
+            "3",
+        )
         assert proc.returncode == 0, proc.stderr
-    cfg = Config.from_dict({"data.dataset": "mvtec", "data.root": str(tmp_path / "a"),
-                            "data.categories": "all"})
+    cfg = Config.from_dict(
+        {"data.dataset": "mvtec", "data.root": str(tmp_path / "a"), "data.categories": "all"}
+    )
     tasks = list_tasks(cfg.data)
     assert [t.name for t in tasks] == ["disk", "pill"]
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.png"))
     assert files_a == files_b
-    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
-               for f in files_a)
+    assert all(
+        (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a
+    )
 
 
 @pytest.mark.parametrize(

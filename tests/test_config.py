@@ -31,8 +31,9 @@ def test_nested_dotted_and_short_keys_agree():
     assert Config.from_dict({"scales": [2, 3]}).model.teacher_layers == (2, 3)
 
 
-TRAINING_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
-                          if "base" not in yaml.safe_load(p.read_text()))  # not sweep configs
+TRAINING_CONFIGS = sorted(
+    p for p in (ROOT / "configs").glob("*.yaml") if "base" not in yaml.safe_load(p.read_text())
+)  # not sweep configs
 
 
 def test_every_kind_of_shipped_training_config_is_there():
@@ -54,9 +55,16 @@ def test_mvtec_config_is_the_paper_setting():
 
 
 def test_overrides_are_yaml_values_on_dotted_keys():
-    cfg = load_config(None, ["model.mask_ratio=0.5", "train.lr_milestones=[10, 20]",
-                             "data.categories=all", "model.teacher_checkpoint=null",
-                             "train.lr=1e-3"])
+    cfg = load_config(
+        None,
+        [
+            "model.mask_ratio=0.5",
+            "train.lr_milestones=[10, 20]",
+            "data.categories=all",
+            "model.teacher_checkpoint=null",
+            "train.lr=1e-3",
+        ],
+    )
     assert cfg.model.mask_ratio == 0.5 and cfg.train.lr_milestones == (10, 20)
     assert cfg.data.categories == "all" and cfg.model.teacher_checkpoint is None
     assert cfg.train.lr == 1e-3  # YAML 1.1 reads "1e-3" as a string; the schema fixes it
@@ -104,8 +112,13 @@ def test_bad_override_syntax_and_files(tmp_path: Path):
 
 def test_relative_paths_are_resolved_at_launch(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = Config.from_dict({"data.root": "data/mvtec", "model.encoder_checkpoint": "~/w.pth",
-                            "data.cache_dir": "/abs/cache"}).resolve_paths()
+    cfg = Config.from_dict(
+        {
+            "data.root": "data/mvtec",
+            "model.encoder_checkpoint": "~/w.pth",
+            "data.cache_dir": "/abs/cache",
+        }
+    ).resolve_paths()
     assert cfg.data.root == str(tmp_path / "data" / "mvtec")
     assert cfg.model.encoder_checkpoint == str(Path.home() / "w.pth")
     assert cfg.data.cache_dir == "/abs/cache" and cfg.model.teacher_checkpoint is None

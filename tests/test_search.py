@@ -303,7 +303,9 @@ def test_worker_killed_mid_trial_resumes_from_its_checkpoint(
             synthetic_root,
             "worker",
             "search.num_trials=1",
-            "train.epochs=8",
+            # Enough rounds that the kill below lands mid-trial even on a loaded machine.
+            "train.epochs=30",
+            "train.lr_milestones=[20]",
             "scheduler.type=fifo",
             "max_failures=2",
         ),
@@ -311,6 +313,9 @@ def test_worker_killed_mid_trial_resumes_from_its_checkpoint(
     driver = _driver_at_checkpoints(args, exp, 1)
     try:
         worker = json.loads(next(exp.glob("trial_*/worker.json")).read_text())
+        os.kill(worker["pid"], signal.SIGSTOP)  # frozen: its round count is final
+        last = max(int(p.name.split("_")[-1]) for p in exp.glob("trial_*/checkpoint_*"))
+        assert last < 29, "the trial ended before the kill: the test needs more rounds"
         os.kill(worker["pid"], signal.SIGKILL)
         out, _ = driver.communicate(timeout=600)
     finally:
@@ -321,7 +326,7 @@ def test_worker_killed_mid_trial_resumes_from_its_checkpoint(
     assert list(df["state"]) == ["done"]
     ((_, _, results),) = read_histories(exp)
     rounds = [r["training_iteration"] for r in results]
-    assert sorted(set(rounds)) == list(range(1, 9))
+    assert sorted(set(rounds)) == list(range(1, 31))
     restarts = [r["training_iteration"] for r in results if r["iterations_since_restore"] == 1]
     # The retry started after the last checkpoint, not from round 1 again.
     assert len(restarts) == 2 and restarts[1] > 1
@@ -498,7 +503,7 @@ def test_ctrl_c_stops_without_exporting_and_says_how_to_resume(
             "ctrlc",
             "search.num_trials=2",
             "search.max_concurrent=1",
-            "train.epochs=6",
+            "train.epochs=12",  # still running when Ctrl-C arrives, even on a loaded machine
             "scheduler.type=fifo",
         ),
     ]

@@ -224,8 +224,9 @@ def nut_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_short_training_lowers_the_loss_and_detects_anomalies(nut_root: Path):
-    cfg = load_config(ROOT / "configs" / "tiny.yaml").override({
-        "data.root": str(nut_root), "model.teacher_layers": [2, 3], "train.threads": 2})
+    cfg = load_config(ROOT / "configs" / "tiny.yaml").override(
+        {"data.root": str(nut_root), "model.teacher_layers": [2, 3], "train.threads": 2}
+    )
     epochs: list[float] = []
     result = fit(cfg, on_epoch=lambda e, s: epochs.append(s["loss"]), final_test=False)
     assert epochs[-1] < 0.5 * epochs[1]  # epoch 0 runs at lr 0 (warm-up)
