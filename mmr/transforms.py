@@ -157,10 +157,13 @@ def resized_crop_batch(
         )
     # Round half up, as PIL's fixed point does: +0.5, clamp, then truncate to uint8.
     middle = _banded(u8, cols, dim=3, tag="h").add_(0.5).clamp_(0, 255)
-    middle = _SCRATCH.get("middle", middle.shape, torch.uint8, dev).copy_(middle)
+    # Stored rows-outermost (n x H x C x W' memory), so that the vertical pass gathers whole
+    # rows; seen as n x C x H x W'.
+    shape = (n, middle.shape[2], middle.shape[1], middle.shape[3])
+    middle = _SCRATCH.get("middle", shape, torch.uint8, dev).permute(0, 2, 1, 3).copy_(middle)
     out = _banded(middle, rows, dim=2, tag="v").add_(0.5).clamp_(0, 255).floor_()
     mean, std = _stats(dev)
-    out = torch.addcmul(-mean / std, out, 1.0 / (255.0 * std))  # a fresh tensor: scratch is reused
+    out = torch.mul(out, 1.0 / (255.0 * std)).add_(-mean / std)  # fresh: scratch is reused
     if swapped:
         out[swap] = out[swap].transpose(2, 3)
     return out
@@ -227,18 +230,22 @@ def _banded(
             prod.view(n, tiles, c, other, tile).permute(0, 2, 3, 1, 4)
         )
         return res[..., :out_size]
-    # dim == 2, per tile and channel: (tile x span) @ (span x W)
-    # A span of rows is one contiguous block: copy blocks (indexing windows of an unfold view)
-    # rather than gathering element by element.
-    windows = x.unfold(2, span, 1).permute(0, 2, 1, 4, 3)  # n x positions x C x span x W
-    raw = _SCRATCH.get(f"{tag}.raw", (n, tiles, c, span, other), x.dtype, dev)
-    raw.copy_(windows[torch.arange(n, device=dev)[:, None], start])
+    # dim == 2, per tile: (tile x span) @ (span x C*W). A span of rows is gathered as whole
+    # rows of the image stored rows-outermost (a copy unless it is already stored that way).
+    rows_first = x.permute(0, 2, 1, 3)
+    if not rows_first.is_contiguous():
+        rows_first = _SCRATCH.get(f"{tag}.rows", rows_first.shape, x.dtype, dev).copy_(rows_first)
+    picks = (start[..., None] + torch.arange(span, device=dev)).view(n, -1)
+    picks += torch.arange(n, device=dev)[:, None] * in_size
+    raw = _SCRATCH.get(f"{tag}.raw", (n * tiles * span, c * other), x.dtype, dev)
+    torch.index_select(rows_first.reshape(n * in_size, c * other), 0, picks.view(-1), out=raw)
     spans = _as_float(raw, tag)
-    prod = _SCRATCH.get(f"{tag}.prod", (n * tiles * c, tile, other), torch.float32, dev)
-    w = w[:, :, None].expand(n, tiles, c, tile, span).reshape(n * tiles * c, tile, span)
-    torch.bmm(w, spans.view(n * tiles * c, span, other), out=prod)
+    prod = _SCRATCH.get(f"{tag}.prod", (n * tiles, tile, c * other), torch.float32, dev)
+    torch.bmm(w.flatten(0, 1), spans.view(n * tiles, span, c * other), out=prod)
     res = _SCRATCH.get(f"{tag}.res", (n, c, tiles * tile, other), torch.float32, dev)
-    res.view(n, c, tiles, tile, other).copy_(prod.view(n, tiles, c, tile, other).transpose(1, 2))
+    res.view(n, c, tiles, tile, other).copy_(
+        prod.view(n, tiles, tile, c, other).permute(0, 3, 1, 2, 4)
+    )
     return res[:, :, :out_size]
 
 
