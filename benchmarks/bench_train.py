@@ -6,7 +6,8 @@ through its ``on_epoch`` callback: epoch 0 is the warm-up, the later epochs are 
 Reference: the official code's semantics, written here: a ``DataLoader`` over a ``Dataset``
 that decodes each PNG with PIL and applies torchvision ``Resize`` + ``RandomResizedCrop`` +
 flip + ``Normalize`` every epoch, then the same MMR model (same seeded init, same AdamW groups
-and per-epoch learning rate) in fp32 eager mode. Both sides use the config's thread count.
+and per-epoch learning rate) in fp32 eager mode, its teacher in the official contiguous layout
+(the project runs it channels-last). Both sides use the config's thread count.
 
 Each side runs in its own process (``python -m benchmarks.bench_train --child``), so neither
 inherits the other's allocator state or forked DataLoader pages; the same process then runs one
@@ -178,6 +179,7 @@ def run_reference(cfg: Any, *, workers: int) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     task = list_tasks(d)[0]
     model = build_models(cfg, [task.name], device)[task.name]
+    model.teacher.set_memory_format(torch.contiguous_format)  # the official code's layout
     opt = torch.optim.AdamW(
         param_groups(model, weight_decay=t.weight_decay), lr=t.lr, betas=t.betas
     )

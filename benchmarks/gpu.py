@@ -9,7 +9,8 @@ Optuna or the network (the model is built with ``pretrained=false``). Parts (``-
   decode + torchvision transforms in DataLoader workers every epoch, fp32 eager, batches
   copied to the GPU), tiny and paper config at batch 16 (target >= 3x); the paper config at
   batch 64 with its FLOPs counted (``torch.utils.flop_counter``) gives achieved TFLOP/s and MFU
-  (target >= 35%); two what-ifs the project does not do yet, ``channels_last`` and
+  (target >= 35%); two what-ifs the project does not do yet, ``channels_last`` for the
+  student's convolutions as well (the teacher runs channels-last already) and
   ``torch.compile``, at batch 64 (adopt one only if it pays).
 - ``memory``: peak GPU memory of one trial (tiny and paper config), and how many paper-config
   trials fit on a 40 / 80 GB GPU (fractional ``resources.gpu``).
@@ -174,7 +175,8 @@ def custom_steps(
     ).to(device)
     model = build_models(cfg, [task.name], device)[task.name]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    if channels_last:  # the student too (the teacher runs channels-last already)
+        model = model.to(memory_format=fmt)
     forward = torch.compile(model, backend=compile_backend) if compile_backend else model
     opt = torch.optim.AdamW(
         param_groups(model, weight_decay=cfg.train.weight_decay),
@@ -317,7 +319,8 @@ def part_step(ctx: dict[str, Any]) -> list[dict[str, Any]]:
             row(
                 f"gpu_whatif_{label.replace('.', '_')}",
                 f"images/s of fit's step with {label} "
-                f"(not in mmr.train yet), paper config, batch {big}, {steps} timed steps",
+                f"(not in mmr.train yet for the student), paper config, batch {big}, "
+                f"{steps} timed steps",
                 what,
                 eager,
                 unit="img/s",

@@ -50,7 +50,11 @@ logger = logging.getLogger(__name__)
 
 
 class Teacher(nn.Module):
-    """Frozen timm ``features_only`` CNN; always in eval mode, returns one map per stage."""
+    """Frozen timm ``features_only`` CNN; always in eval mode, returns one map per stage.
+
+    Runs channels-last (weights and input), which convolutions prefer on CPUs (oneDNN) and
+    on GPUs with bf16; :meth:`set_memory_format` switches it back for comparisons.
+    """
 
     def __init__(self, net: nn.Module, *, stages: Sequence[int]) -> None:
         super().__init__()
@@ -59,6 +63,14 @@ class Teacher(nn.Module):
         self.channels = tuple(net.feature_info.channels())
         self.reductions = tuple(net.feature_info.reduction())
         self.train(False)
+        self.set_memory_format(torch.channels_last)
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> Teacher:
+        """Layout of the weights and of the input (``torch.channels_last`` or
+        ``torch.contiguous_format``); the features are the same either way."""
+        self.memory_format = memory_format
+        self.net.to(memory_format=memory_format)
+        return self
 
     def train(self, mode: bool = True) -> Teacher:
         """Ignores ``mode``: batch-norm statistics of the teacher must never change."""
@@ -66,7 +78,7 @@ class Teacher(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         with torch.no_grad():
-            return list(self.net(images))
+            return list(self.net(images.contiguous(memory_format=self.memory_format)))
 
 
 def build_teacher(cfg: ModelConfig) -> Teacher:

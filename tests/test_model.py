@@ -286,6 +286,19 @@ def test_bf16_autocast_and_channels_last():
     torch.testing.assert_close(cl, reference, atol=1e-4, rtol=1e-4)
 
 
+def test_teacher_runs_channels_last_with_the_same_features():
+    teacher = build_teacher(tiny())
+    conv = next(m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = images()
+    fast = teacher(x)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in fast)
+    plain = teacher.set_memory_format(torch.contiguous_format)(x)
+    assert conv.weight.is_contiguous() and all(f.is_contiguous() for f in plain)
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_shared_teacher():
     cfg = tiny()
     teacher = build_teacher(cfg)
