@@ -475,18 +475,22 @@ def _wait_for(
     timeout: float,
     what: str,
     proc: subprocess.Popen[str] | None = None,
+    output: Callable[[], str] | None = None,
 ) -> T:
     """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds or as
-    soon as ``proc`` (the process that should make it happen) has exited."""
+    soon as ``proc`` (the process that should make it happen) has exited, with the tail of
+    ``output()`` (what that process printed) in the message."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = probe()
         if found:
             return found
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"process exited with {proc.returncode} while waiting for {what}")
+            tail = f":\n{output()[-4000:]}" if output else ""
+            pytest.fail(f"process exited with {proc.returncode} while waiting for {what}{tail}")
         time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+    tail = f"; its output so far:\n{output()[-4000:]}" if output else ""
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
 
 
 def _sweep_args(data_root: Path, storage: Path, name: str, *extra: str) -> list[str]:
@@ -1000,12 +1004,18 @@ def test_embedded_ray_dashboard_is_local_needs_the_token_and_lists_the_trial_act
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
     reader.start()
+
+    def printed() -> str:
+        reader.join(timeout=10)  # the driver has exited: read the rest of its output
+        return "".join(lines)
+
     try:
         banner = _wait_for(
             lambda: next((x for x in list(lines) if x.startswith("Ray dashboard:")), None),
             180,
             "the dashboard's address",
             driver,
+            printed,
         )
         m = re.fullmatch(r"Ray dashboard: http://127\.0\.0\.1:(\d+) \((.*)\)\n", banner)
         assert m, banner
@@ -1022,7 +1032,9 @@ def test_embedded_ray_dashboard_is_local_needs_the_token_and_lists_the_trial_act
             actors = body["data"]["result"]["result"]
             return [a for a in actors if a["state"] == "ALIVE" and a.get("pid") in pids] or None
 
-        found = _wait_for(trial_actors, 240, "the REST API to list a running trial", driver)
+        found = _wait_for(
+            trial_actors, 240, "the REST API to list a running trial", driver, printed
+        )
         assert driver.poll() is None  # listed while the sweep runs
         assert {a["class_name"] for a in found} == {"ImplicitFunc"}  # Tune's function trainable
         with pytest.raises(urllib.error.HTTPError) as err:
