@@ -24,18 +24,15 @@ repeats, the demo's data) took 15 min on 2 cores at load ~2; quick mode (6 trial
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import format_row, row, run_child, synthetic_data
+from benchmarks.common import child_main, row, run_child, synthetic_data
 
 __all__ = ["METHODS", "asha_bound", "run"]
 
@@ -348,16 +345,7 @@ def asha_bound(*, epochs: int, eval_every: int, grace: int, rf: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="6 trials, 1 repeat")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        _child(json.loads(args.child))
-        return
-    for result in run(quick=args.quick):
-        print(format_row(result))
-    sys.stdout.flush()
+    child_main(__doc__, run, _child, quick_help="6 trials, 1 repeat")
 
 
 if __name__ == "__main__":

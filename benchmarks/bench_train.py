@@ -27,17 +27,21 @@ Run: ``python -m benchmarks.bench_train [--quick]``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, format_row, peak_rss_mb, row, run_child, synthetic_data
+from benchmarks.common import (
+    ROOT,
+    child_main,
+    peak_rss_mb,
+    row,
+    run_child,
+    synthetic_data,
+)
 
 __all__ = ["CONFIGS", "bench_config", "run", "run_project", "run_reference"]
 
@@ -388,16 +392,7 @@ def _rows(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and steps")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        _child(json.loads(args.child))
-        return
-    for result in run(quick=args.quick):
-        print(format_row(result))
-    sys.stdout.flush()
+    child_main(__doc__, run, _child, quick_help="fewer images and steps")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ GPU script, which has no Ray or Optuna) can use it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,27 @@ def run_child(
     result["wall_s"] = wall
     result["started_at"] = started_at  # wall-clock stamp just before the child was started
     return result
+
+
+def child_main(
+    doc: str | None,
+    run: Callable[..., list[dict[str, Any]]],
+    child: Callable[[Any], None],
+    *,
+    quick_help: str,
+) -> None:
+    """``main`` of a benchmark module that measures in child processes: ``--child SPEC`` runs
+    one child (``child(json spec)``), otherwise ``run(quick=...)`` and print its rows."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    for result in run(quick=args.quick):
+        print(format_row(result))
+    sys.stdout.flush()
 
 
 def _tail(path: Path, chars: int = 3000) -> str:

@@ -217,6 +217,11 @@ def _ips(result: dict[str, Any]) -> float:
     return result["n_train"] * len(result["epoch_s"]) / sum(result["epoch_s"])
 
 
+def _train_ips(spec: dict[str, Any], ctx: dict[str, Any]) -> float:
+    """Images/s of one ``benchmarks.bench_train`` child (project or reference side)."""
+    return _ips(run_child("benchmarks.bench_train", spec, timeout=900, workdir=ctx["tmp"]))
+
+
 def part_step(ctx: dict[str, Any]) -> list[dict[str, Any]]:
     dry, device, root, cache = ctx["dry"], ctx["device"], ctx["root"], ctx["cache"]
     workers = 0 if dry else min(8, os.cpu_count() or 1)
@@ -233,16 +238,8 @@ def part_step(ctx: dict[str, Any]) -> list[dict[str, Any]]:
             "epochs": 1 + timed,
             "overrides": {"train.batch_size": 8 if dry else 16},
         }
-        ours = _ips(
-            run_child(
-                "benchmarks.bench_train",
-                {**spec, "mode": "project"},
-                timeout=900,
-                workdir=ctx["tmp"],
-            )
-        )
-        ref_spec = {**spec, "epochs": 2, "mode": "reference", "workers": workers}
-        ref = _ips(run_child("benchmarks.bench_train", ref_spec, timeout=900, workdir=ctx["tmp"]))
+        ours = _train_ips({**spec, "mode": "project"}, ctx)
+        ref = _train_ips({**spec, "epochs": 2, "mode": "reference", "workers": workers}, ctx)
         rows.append(
             row(
                 f"gpu_train_{name}",
@@ -272,14 +269,7 @@ def part_step(ctx: dict[str, Any]) -> list[dict[str, Any]]:
             "epochs": 1 + timed,
             "overrides": {"train.batch_size": big},
         }
-        ours = _ips(
-            run_child(
-                "benchmarks.bench_train",
-                {**spec, "mode": "project"},
-                timeout=900,
-                workdir=ctx["tmp"],
-            )
-        )
+        ours = _train_ips({**spec, "mode": "project"}, ctx)
     cfg = _cfg("paper", root, cache, device=device, dry=dry, **{"train.batch_size": big})
     flops = count_flops_per_image(cfg)
     achieved = flops * ours / 1e12
