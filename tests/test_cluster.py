@@ -916,13 +916,17 @@ def test_losing_the_second_node_mid_sweep_retries_its_trial_on_the_head(
         try:
 
             def checkpointed_on_the_second_node() -> str | None:
+                # Two rounds recorded by the driver: the first one's checkpoint is registered
+                # (a checkpoint dir alone may belong to a round the driver never received).
                 for trial, node in _trial_nodes(exp).items():
-                    if node == worker_id and any((exp / trial).glob("checkpoint_*")):
-                        return trial
+                    result = exp / trial / "result.json"
+                    if node == worker_id and result.is_file():
+                        if len(result.read_text().splitlines()) >= 2:
+                            return trial
                 return None
 
             victim = _wait_for(
-                checkpointed_on_the_second_node, 240, "a trial on node 2 to checkpoint", driver
+                checkpointed_on_the_second_node, 240, "2 rounds of a trial on node 2", driver
             )
             killed = c.kill_worker(sig=signal.SIGKILL)  # every process of node 2, by PID
             out, _ = driver.communicate(timeout=400)

@@ -223,8 +223,18 @@ def _driver_env() -> dict:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "MMR_DASHBOARD": "0"}
 
 
-def _driver_at_checkpoints(args: list[str], exp: Path, count: int) -> subprocess.Popen:
-    """Starts ``launch.py *args`` and returns once ``count`` round checkpoints exist."""
+def _recorded_rounds(exp: Path) -> int:
+    """Rounds the driver has written to the trials' ``result.json`` files."""
+    return sum(len(p.read_text().splitlines()) for p in exp.glob("trial_*/result.json"))
+
+
+def _driver_at_rounds(args: list[str], exp: Path, count: int) -> subprocess.Popen:
+    """Starts ``launch.py *args`` and returns once the driver has recorded ``count`` rounds.
+
+    Recorded by the driver, not just written by the worker: a checkpoint dir exists as soon as
+    the worker persists it, but Tune restores from it only once the driver has received that
+    round (the save of round n is processed before round n + 1 is recorded).
+    """
     driver = subprocess.Popen(
         [sys.executable, "launch.py", *args],
         cwd=ROOT,
@@ -235,9 +245,9 @@ def _driver_at_checkpoints(args: list[str], exp: Path, count: int) -> subprocess
     )
     try:
         _wait_for(
-            lambda: len(list(exp.glob("trial_*/checkpoint_*"))) >= count,
+            lambda: _recorded_rounds(exp) >= count,
             300,
-            f"{count} round checkpoint(s)",
+            f"{count} recorded round(s)",
         )
     except BaseException:
         driver.kill()
@@ -266,7 +276,7 @@ def test_driver_killed_mid_sweep_then_resume_completes_exactly_num_trials(
         ),
     ]
     # Kill the driver once two trials are under way (the second has checkpointed).
-    driver = _driver_at_checkpoints(args, exp, 2)
+    driver = _driver_at_rounds(args, exp, 2)
     try:
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
@@ -310,7 +320,8 @@ def test_worker_killed_mid_trial_resumes_from_its_checkpoint(
             "max_failures=2",
         ),
     ]
-    driver = _driver_at_checkpoints(args, exp, 1)
+    # Two recorded rounds: the first one's checkpoint is Tune's to restore from.
+    driver = _driver_at_rounds(args, exp, 2)
     try:
         worker = json.loads(next(exp.glob("trial_*/worker.json")).read_text())
         os.kill(worker["pid"], signal.SIGSTOP)  # frozen: its round count is final
@@ -507,7 +518,8 @@ def test_ctrl_c_stops_without_exporting_and_says_how_to_resume(
             "scheduler.type=fifo",
         ),
     ]
-    driver = _driver_at_checkpoints(args, exp, 1)
+    # A trial under way, with rounds recorded.
+    driver = _driver_at_rounds(args, exp, 2)
     try:
         driver.send_signal(signal.SIGINT)
         out, _ = driver.communicate(timeout=300)
