@@ -1,9 +1,10 @@
 """Per-epoch cost of the data pipeline against the official MMR way, measured side by side.
 
 Project: images decoded once into the uint8 cache (``mmr.data.load_images``), then each epoch
-is index batches + ``augment_batch`` (batched RandomResizedCrop + flip + normalisation as two
-matrix products per batch). Reference: what the official code does every epoch, i.e. a
-``Dataset`` that opens each PNG with PIL, applies torchvision ``Resize((256, 256))`` +
+is ``train_batches`` as ``mmr.train.fit`` runs it: index batches + ``augment_batch`` (batched
+RandomResizedCrop + flip + normalisation as two matrix products per batch) into reused
+buffers. Reference: what the official code does every epoch, i.e. a ``Dataset`` that opens
+each PNG with PIL, applies torchvision ``Resize((256, 256))`` +
 ``RandomResizedCrop(224, scale=(0.7, 1))`` + flip + ``ToTensor`` + ``Normalize``, through a
 ``DataLoader`` (batch 16, shuffled) with ``num_workers`` 0 and 2; the faster is the reference.
 
@@ -36,10 +37,10 @@ from mmr import synth
 from mmr.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    augment_batch,
     batch_indices,
     center_crop,
     load_images,
+    train_batches,
 )
 
 __all__ = ["ReferenceDataset", "run"]
@@ -86,13 +87,17 @@ def _reference_epoch(paths: list[Path], *, train: bool, workers: int) -> float:
 
 
 def _project_epoch(u8: torch.Tensor, *, train: bool, generator: torch.Generator) -> float:
+    """A train epoch as ``mmr.train.fit`` draws it (``train_batches``); a test epoch as its
+    evaluation does (``center_crop`` of each batch)."""
     start = time.perf_counter()
-    order = generator if train else None
-    for idx in batch_indices(len(u8), batch_size=BATCH, generator=order):
-        if train:
-            batch = augment_batch(u8[idx], image_size=IMAGE_SIZE, generator=generator)
-        else:
-            batch = center_crop(u8[idx], image_size=IMAGE_SIZE)
+    if train:
+        batches = train_batches(u8, batch_size=BATCH, image_size=IMAGE_SIZE, generator=generator)
+    else:
+        batches = (
+            (idx, center_crop(u8[idx], image_size=IMAGE_SIZE))
+            for idx in batch_indices(len(u8), batch_size=BATCH)
+        )
+    for _, batch in batches:
         assert batch.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
     return time.perf_counter() - start
 

@@ -49,8 +49,9 @@ MODULES = (
 SECTIONS = {
     "data": (
         "1. Data pipeline per epoch",
-        "Project: images decoded once into the uint8 cache, then per epoch index batches + "
-        "`augment_batch` (batched RandomResizedCrop + flip + normalisation). Reference: the "
+        "Project: images decoded once into the uint8 cache, then per epoch `train_batches` as "
+        "`fit` runs it (index batches + `augment_batch`: batched RandomResizedCrop + flip + "
+        "normalisation, into reused buffers). Reference: the "
         "official per-epoch PIL decode + torchvision transforms through a DataLoader (the "
         "faster of 0 and 2 workers). Target >= 10x on this CPU. (`benchmarks/bench_data.py`)",
     ),

@@ -38,6 +38,7 @@ from mmr.transforms import (
     center_crop,
     center_crop_masks,
     normalize,
+    train_batches,
 )
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "center_crop_masks",
     "normalize",
     "batch_indices",
+    "train_batches",
     "default_cache_dir",
     "resolve_root",
     "IMAGE_SUFFIXES",

@@ -22,14 +22,13 @@ from mmr.config import Config
 from mmr.data import (
     Sample,
     Task,
-    augment_batch,
-    batch_indices,
     center_crop,
     center_crop_masks,
     list_tasks,
     load_images,
     load_masks,
     split_task,
+    train_batches,
 )
 from mmr.metrics import evaluate
 from mmr.model import MMR, build_teacher, param_groups
@@ -289,12 +288,14 @@ def _train_epoch(
 ) -> float:
     model.train()
     total, count = 0.0, 0
-    for idx in batch_indices(len(images), batch_size=cfg.train.batch_size, generator=gen):
-        batch = images[idx.to(images.device)]
-        if cfg.data.augment:
-            x = augment_batch(batch, image_size=cfg.data.image_size, generator=gen)
-        else:
-            x = center_crop(batch, image_size=cfg.data.image_size)
+    batches = train_batches(
+        images,
+        batch_size=cfg.train.batch_size,
+        image_size=cfg.data.image_size,
+        generator=gen,
+        augment=cfg.data.augment,
+    )
+    for idx, x in batches:
         with _autocast(cfg, images.device):
             loss = model(x)
         if not torch.isfinite(loss):

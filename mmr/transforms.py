@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import PIL
 import torch
@@ -26,6 +26,7 @@ __all__ = [
     "center_crop_masks",
     "normalize",
     "batch_indices",
+    "train_batches",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,17 +66,19 @@ def augment_batch(
     scale: tuple[float, float] = (0.7, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Train transform: RandomResizedCrop (bicubic) + horizontal flip + normalise, batched.
 
     Runs on ``u8``'s device; the random draws come from ``generator`` (seeded by the caller),
-    so the same seed gives the same batch.
+    so the same seed gives the same batch. ``out``: float32 ``n x 3 x image_size x image_size``
+    to write into (a new tensor otherwise).
     """
     n, _, h, w = u8.shape
     boxes, flips = sample_crops(
         n, height=h, width=w, generator=generator, scale=scale, ratio=ratio, flip=flip
     )
-    return resized_crop_batch(u8, boxes, flips, size=image_size)
+    return resized_crop_batch(u8, boxes, flips, size=image_size, out=out)
 
 
 def sample_crops(
@@ -128,45 +131,72 @@ def sample_crops(
 
 
 def resized_crop_batch(
-    u8: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, *, size: int
+    u8: torch.Tensor,
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
+    *,
+    size: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Crops ``boxes`` (top, left, height, width) of square uint8 images, resizes the crops to
-    ``size`` (PIL's antialiased bicubic), mirrors where ``flips``, and normalises.
+    ``size`` (PIL's antialiased bicubic), mirrors where ``flips``, and normalises into ``out``
+    (float32 ``n x C x size x size``; a new tensor if None).
 
     Matches torchvision's ``resized_crop`` + ``hflip`` on PIL images to one grey level; runs
     as batched matrix products on ``u8``'s device.
     """
-    n, _, h, w = u8.shape
+    n, c, h, w = u8.shape
     if h != w:
         raise ValueError(f"expected square images (as load_images returns), got {h}x{w}")
+    if out is None:
+        out = torch.empty((n, c, size, size), dtype=torch.float32, device=u8.device)
+    elif out.shape != (n, c, size, size) or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 {(n, c, size, size)}, got {out.dtype} {out.shape}")
     dev = u8.device
     boxes = boxes.to(dev, torch.float32)
     rows = _taps(boxes[:, 0], boxes[:, 2], h, size)
     cols = _taps(boxes[:, 1], boxes[:, 3], w, size, reverse=flips.to(dev))
     # PIL resamples in two passes with an 8-bit image in between (which shapes the bicubic
     # overshoot at sharp edges), horizontal first; Pillow >= 13 goes vertical first when the
-    # height shrinks much more than the width. Such a sample is run horizontal-first on its
-    # transposed image (taps swapped) and its result transposed back.
-    swap = _vertical_first(boxes[:, 2] / size, boxes[:, 3] / size).nonzero()[:, 0]
-    if swapped := len(swap) > 0:
-        u8 = _SCRATCH.get("input", u8.shape, torch.uint8, dev).copy_(u8)  # keep the caller's
-        u8[swap] = u8[swap].transpose(2, 3)
-        rows, cols = (
-            tuple(r.index_copy(0, swap, c[swap]) for r, c in zip(rows, cols, strict=True)),
-            tuple(c.index_copy(0, swap, r[swap]) for r, c in zip(rows, cols, strict=True)),
+    # height shrinks much more than the width. Each order runs on its own part of the batch.
+    first = _vertical_first(boxes[:, 2] / size, boxes[:, 3] / size)
+    if not first.any() or first.all():
+        return _two_passes(u8, rows, cols, vertical_first=bool(first.any()), out=out)
+    for vertical in (False, True):
+        part = (first == vertical).nonzero()[:, 0]
+        part_rows, part_cols = (tuple(t.index_select(0, part) for t in x) for x in (rows, cols))
+        res = _two_passes(
+            u8.index_select(0, part),
+            part_rows,
+            part_cols,
+            vertical_first=vertical,
+            out=_SCRATCH.get("part", (len(part), *out.shape[1:]), torch.float32, dev),
         )
-    # Round half up, as PIL's fixed point does: +0.5, clamp, then truncate to uint8.
-    middle = _banded(u8, cols, dim=3, tag="h").add_(0.5).clamp_(0, 255)
-    # Stored rows-outermost (n x H x C x W' memory), so that the vertical pass gathers whole
-    # rows; seen as n x C x H x W'.
-    shape = (n, middle.shape[2], middle.shape[1], middle.shape[3])
-    middle = _SCRATCH.get("middle", shape, torch.uint8, dev).permute(0, 2, 1, 3).copy_(middle)
-    out = _banded(middle, rows, dim=2, tag="v").add_(0.5).clamp_(0, 255).floor_()
-    mean, std = _stats(dev)
-    out = torch.mul(out, 1.0 / (255.0 * std)).add_(-mean / std)  # fresh: scratch is reused
-    if swapped:
-        out[swap] = out[swap].transpose(2, 3)
+        out.index_copy_(0, part, res)
     return out
+
+
+def _two_passes(
+    u8: torch.Tensor, rows: _Taps, cols: _Taps, *, vertical_first: bool, out: torch.Tensor
+) -> torch.Tensor:
+    """Resamples columns then rows (or rows then columns) with an 8-bit image in between,
+    rounding half up as PIL's fixed point does (+0.5, clamp, truncate); normalises into
+    ``out``."""
+    n, dev = u8.shape[0], u8.device
+    if vertical_first:
+        middle = _banded(u8, rows, dim=2, tag="v1").add_(0.5).clamp_(0, 255)
+        middle = _SCRATCH.get("middle1", middle.shape, torch.uint8, dev).copy_(middle)
+        res = _banded(middle, cols, dim=3, tag="h2")
+    else:
+        mid = _banded(u8, cols, dim=3, tag="h").add_(0.5).clamp_(0, 255)
+        # Stored rows-outermost (n x H x C x W' memory), so that the vertical pass gathers
+        # whole rows; seen as n x C x H x W'.
+        shape = (n, mid.shape[2], mid.shape[1], mid.shape[3])
+        middle = _SCRATCH.get("middle", shape, torch.uint8, dev).permute(0, 2, 1, 3).copy_(mid)
+        res = _banded(middle, rows, dim=2, tag="v")
+    res = res.add_(0.5).clamp_(0, 255).floor_()
+    mean, std = _stats(dev)
+    return torch.mul(res, 1.0 / (255.0 * std), out=out).add_(-mean / std)
 
 
 _Taps = tuple[torch.Tensor, torch.Tensor]  # (positions n x out x k int64, weights n x out x k)
@@ -302,6 +332,38 @@ def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     return mean, std
+
+
+def train_batches(
+    images: torch.Tensor,
+    *,
+    batch_size: int,
+    image_size: int,
+    generator: torch.Generator,
+    augment: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One training epoch of ``images`` (uint8 N x 3 x S x S): ``(indices, batch)`` pairs in a
+    seeded order, each batch augmented (``augment_batch``) or center-cropped, normalised.
+
+    Batches are written into buffers reused from one batch to the next (on a CPU a fresh
+    multi-MB tensor per batch costs its page faults every time): a batch is valid until the
+    next one is drawn, so copy it to keep it.
+    """
+    dev = images.device
+    picked: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    for idx in batch_indices(len(images), batch_size=batch_size, generator=generator):
+        idx = idx.to(dev)
+        shape = (len(idx), *images.shape[1:])
+        if picked is None or picked.shape != shape:
+            picked = torch.empty(shape, dtype=images.dtype, device=dev)
+        torch.index_select(images, 0, idx, out=picked)
+        if not augment:
+            yield idx, center_crop(picked, image_size=image_size)
+            continue
+        if out is None or out.shape[0] != len(idx):
+            out = torch.empty((len(idx), shape[1], image_size, image_size), device=dev)
+        yield idx, augment_batch(picked, image_size=image_size, generator=generator, out=out)
 
 
 def batch_indices(

@@ -424,9 +424,13 @@ def test_resized_crop_matches_torchvision_on_pil() -> None:
         ref = TF.resized_crop(pil, top, left, h, w, [48, 48], InterpolationMode.BICUBIC)
         if flips[i]:
             ref = TF.hflip(ref)
-        levels = (out[i] * std + mean) * 255
-        # Same filter, same 8-bit rounding between passes: off by at most one grey level.
-        assert (levels - TF.pil_to_tensor(ref).float()).abs().max() < 1.01, i
+        # The batch mixes both pass orders; alone, a sample takes its order's path only.
+        alone = transforms.resized_crop_batch(u8[i : i + 1], boxes[i : i + 1], flips[i : i + 1],
+                                              size=48)  # fmt: skip
+        for got in out[i], alone[0]:
+            levels = (got * std + mean) * 255
+            # Same filter, same 8-bit rounding between passes: off by at most one grey level.
+            assert (levels - TF.pil_to_tensor(ref).float()).abs().max() < 1.01, i
 
 
 def test_banded_resampling_equals_the_dense_product() -> None:
@@ -484,6 +488,40 @@ def test_augment_batch_is_seeded_and_normalised() -> None:
     assert (a.amin(dim=(0, 2, 3)) >= lo - 1e-5).all() and (
         a.amax(dim=(0, 2, 3)) <= hi + 1e-5
     ).all()
+
+
+def test_train_batches_draw_an_epoch_as_index_plus_augment_into_reused_buffers() -> None:
+    u8 = _u8(10, 64)
+    gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    got = [(idx, x.clone(), x.data_ptr()) for idx, x in data.train_batches(
+        u8, batch_size=4, image_size=56, generator=gen
+    )]  # fmt: skip
+    # The same draws in the same order as indexing + augment_batch: a seed gives one epoch.
+    order = data.batch_indices(10, batch_size=4, generator=ref_gen)
+    assert [len(i) for i, _, _ in got] == [4, 4, 2]
+    for (idx, x, _), ref_idx in zip(got, order, strict=True):
+        assert torch.equal(idx, ref_idx)
+        assert torch.equal(x, data.augment_batch(u8[idx], image_size=56, generator=ref_gen))
+    assert got[0][2] == got[1][2]  # full batches share one buffer
+    assert torch.equal(gen.get_state(), ref_gen.get_state())
+    test = [x.clone() for _, x in data.train_batches(
+        u8, batch_size=4, image_size=56, generator=torch.Generator(), augment=False
+    )]  # fmt: skip
+    assert all(torch.equal(x, data.center_crop(u8[i], image_size=56)) for i, x in zip(
+        data.batch_indices(10, batch_size=4, generator=torch.Generator()), test, strict=True
+    ))  # fmt: skip
+
+
+def test_augment_batch_writes_into_out_or_names_the_expected_buffer() -> None:
+    u8 = _u8(3, 64)
+    out = torch.full((3, 3, 56, 56), float("nan"))
+    a = data.augment_batch(u8, image_size=56, generator=torch.Generator().manual_seed(1), out=out)
+    b = data.augment_batch(u8, image_size=56, generator=torch.Generator().manual_seed(1))
+    assert a is out and torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"out must be float32 \(3, 3, 56, 56\)"):
+        data.augment_batch(
+            u8, image_size=56, generator=torch.Generator(), out=torch.empty(3, 3, 48, 48)
+        )
 
 
 def test_batch_indices() -> None:
