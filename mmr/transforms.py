@@ -146,13 +146,13 @@ def resized_crop_batch(
     as batched matrix products on ``u8``'s device.
     """
     n, c, h, w = u8.shape
+    dev = u8.device
     if h != w:
         raise ValueError(f"expected square images (as load_images returns), got {h}x{w}")
     if out is None:
-        out = torch.empty((n, c, size, size), dtype=torch.float32, device=u8.device)
+        out = torch.empty((n, c, size, size), dtype=torch.float32, device=dev)
     elif out.shape != (n, c, size, size) or out.dtype != torch.float32:
         raise ValueError(f"out must be float32 {(n, c, size, size)}, got {out.dtype} {out.shape}")
-    dev = u8.device
     boxes = boxes.to(dev, torch.float32)
     rows = _taps(boxes[:, 0], boxes[:, 2], h, size)
     cols = _taps(boxes[:, 1], boxes[:, 3], w, size, reverse=flips.to(dev))
@@ -362,7 +362,9 @@ def train_batches(
             yield idx, center_crop(picked, image_size=image_size)
             continue
         if out is None or out.shape[0] != len(idx):
-            out = torch.empty((len(idx), shape[1], image_size, image_size), device=dev)
+            out = torch.empty(
+                (len(idx), shape[1], image_size, image_size), dtype=torch.float32, device=dev
+            )
         yield idx, augment_batch(picked, image_size=image_size, generator=generator, out=out)
 
 
