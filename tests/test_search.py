@@ -275,7 +275,7 @@ def test_driver_killed_mid_sweep_then_resume_completes_exactly_num_trials(
             "scheduler.type=fifo",
         ),
     ]
-    # Kill the driver once two trials are under way (the second has checkpointed).
+    # Kill the driver mid-sweep: the first trial has recorded two of its six rounds.
     driver = _driver_at_rounds(args, exp, 2)
     try:
         driver.send_signal(signal.SIGKILL)
