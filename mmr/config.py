@@ -76,7 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW weight decay (not on biases and 1-D params)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     warmup_epochs: int = 50  # linear warm-up, set per epoch (epoch 0 runs at lr 0)
-    lr_milestones: tuple[int, ...] = (120, 160)  # lr /10 at each of these epochs
+    lr_milestones: tuple[int, ...] = (120, 160)  # lr /10 once epoch + 1 reaches each (official)
     eval_every: int = 10  # epochs between validation rounds (= one report to the search)
     seed: int = 54  # seeds model init, masking, augmentation and shuffling
     device: str = "auto"  # auto | cpu | cuda

@@ -91,11 +91,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def lr_at(epoch: int, cfg: Config) -> float:
-    """Learning rate of ``epoch``: per-epoch linear warm-up (epoch 0 at 0), then /10 steps."""
+    """Learning rate of 0-based ``epoch``, as the official schedule sets it per epoch.
+
+    Linear warm-up (epoch 0 at lr 0), then lr / 10 for each milestone ``m`` that the epoch's
+    1-based number has reached (``epoch + 1 >= m``): with milestones 120 and 160 the drops
+    happen at 0-based epochs 119 and 159. As in the official code, a milestone that falls
+    inside the warm-up is never applied.
+    """
     t = cfg.train
     if epoch < t.warmup_epochs:
         return t.lr * epoch / t.warmup_epochs
-    return t.lr * 0.1 ** sum(epoch >= m for m in t.lr_milestones)
+    steps = sum(t.warmup_epochs <= m - 1 <= epoch for m in t.lr_milestones)
+    return t.lr * 0.1**steps
 
 
 def build_models(cfg: Config, tasks: list[str], device: torch.device) -> dict[str, MMR]:

@@ -52,9 +52,23 @@ def test_lr_schedule_warms_up_per_epoch_then_steps_down():
     assert lr_at(0, cfg) == 0.0  # epoch 0 runs at lr 0, as the official schedule
     assert lr_at(25, cfg) == pytest.approx(5e-4)
     assert lr_at(50, cfg) == pytest.approx(1e-3)
-    assert lr_at(119, cfg) == pytest.approx(1e-3)
-    assert lr_at(120, cfg) == pytest.approx(1e-4)
+    # The official code divides by 10 when epoch + 1 reaches 120 and 160 (0-based 119, 159).
+    assert lr_at(118, cfg) == pytest.approx(1e-3)
+    assert lr_at(119, cfg) == pytest.approx(1e-4)
+    assert lr_at(158, cfg) == pytest.approx(1e-4)
+    assert lr_at(159, cfg) == pytest.approx(1e-5)
     assert lr_at(199, cfg) == pytest.approx(1e-5)
+
+
+def test_lr_milestone_inside_the_warm_up_is_never_applied():
+    # Official: the step is taken in the post-warm-up branch only, so milestone 10 with a
+    # 50-epoch warm-up never divides the rate.
+    cfg = Config.from_dict(
+        {"train": {"lr": 1e-3, "warmup_epochs": 50, "lr_milestones": [10, 60], "epochs": 100}}
+    )
+    assert lr_at(9, cfg) == pytest.approx(1e-3 * 9 / 50)
+    assert lr_at(50, cfg) == pytest.approx(1e-3)
+    assert lr_at(59, cfg) == pytest.approx(1e-4)
 
 
 def test_fit_reports_every_round_and_is_deterministic(synthetic_root: Path):
