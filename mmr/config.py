@@ -89,6 +89,7 @@ class EvalConfig:
     blur_sigma: float = 4.0  # Gaussian blur of the anomaly map
     batch_size: int = 32  # images per evaluation forward pass
     aupro_fpr_limit: float = 0.3  # AUPRO integrates PRO over FPR in [0, limit]
+    official_pro: bool = False  # also report pro_official: the paper's per-image PRO
 
 
 @dataclass(frozen=True)

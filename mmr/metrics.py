@@ -16,19 +16,29 @@ sum of weights in descending score order is PRO (the mean over all ground-truth 
 fraction of the region above the threshold). Regions are 8-connected components of each mask,
 as in the MVTec AD evaluation code; sorting and sums stay on the tensors' device, only the
 connected components are computed on the CPU (scipy).
+
+``pro_official`` is the official MMR code's per-image PRO (the paper's PRO numbers), offered
+beside the standard AUPRO for comparisons with the paper; it works on per-image thresholds.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "evaluate"]
+__all__ = ["image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "pro_official", "evaluate"]
 
 Array = np.ndarray | torch.Tensor
+
+logger = logging.getLogger(__name__)
+
+# The official MMR code keeps the per-image curve points with FPR below this (not a parameter
+# there either) and rescales their FPRs by the largest kept one.
+_OFFICIAL_FPR_LIMIT = 0.3
 
 # 8-connectivity inside an image and none across images: one `ndimage.label` call on the
 # N x H x W stack gives every region of the whole set its own global id.
@@ -310,6 +320,100 @@ def aupro(maps: Array, masks: Array, *, fpr_limit: float = 0.3) -> float:
     return _aupro(curve, _region_weights(gt), fpr_limit)
 
 
+def pro_official(maps: Array, masks: Array, labels: Array, *, num_thresholds: int = 200) -> float:
+    """The per-image PRO of the official MMR code, which the paper's PRO numbers come from.
+
+    Not the MVTec AD AUPRO (see :func:`aupro`). For each anomalous image: ``num_thresholds``
+    thresholds evenly spaced over that image's own ``[min, max)`` of the map (``np.arange``);
+    at each, a pixel is positive when its score is ``>`` the threshold, PRO is the mean over
+    the image's 8-connected ground-truth regions of the fraction of the region that is
+    positive, and FPR the fraction of the image's normal pixels that is positive. The points
+    with FPR < 0.3 are kept, their FPRs divided by the largest kept FPR (not by 0.3), and PRO
+    is integrated over them with the trapezoid rule. The result is the mean over anomalous
+    images.
+
+    Where the official code would fail or return NaN, this defines the value: an anomalous
+    image without ground-truth pixels (or without normal pixels) is left out of the mean; an
+    image whose curve has fewer than two kept points, or only kept points at FPR 0 (e.g. a
+    constant map), contributes 0.
+
+    Args:
+        maps: N x H x W (or N x 1 x H x W) raw anomaly maps.
+        masks: ground truth of the same shape, binary (bool, 0/1 or 0/255).
+        labels: N image labels, 0 normal and 1 anomalous; only anomalous images are scored.
+        num_thresholds: thresholds per image (200 in the official code).
+
+    Returns:
+        The mean per-image PRO area, in [0, 1].
+
+    Raises:
+        ValueError: bad shapes or values, or no anomalous image with ground-truth pixels.
+    """
+    if num_thresholds < 1:
+        raise ValueError(
+            f"num_thresholds must be >= 1 (the official code uses 200); got {num_thresholds}."
+        )
+    m = _as_maps(maps)
+    gt = _as_masks(masks, m)
+    anomalous = _as_labels(labels, m.shape[0], m.device).cpu().numpy()
+    scores = m.cpu().numpy().astype(np.float64, copy=False)
+    truth = gt.cpu().numpy()
+    regions, _ = ndimage.label(truth, structure=_REGION_STRUCTURE)  # ids unique over the set
+    areas = []
+    skipped = 0
+    for i in np.flatnonzero(anomalous):
+        area = _image_pro(scores[i], truth[i], regions[i], num_thresholds)
+        if area is None:
+            skipped += 1
+        else:
+            areas.append(area)
+    if skipped:
+        logger.warning(
+            "pro_official: %d anomalous image(s) without ground-truth or without normal "
+            "pixels left out of the mean",
+            skipped,
+        )
+    if not areas:
+        raise ValueError(
+            "pro_official needs at least one anomalous image (label 1) whose mask has both "
+            "defect and defect-free pixels; got none."
+        )
+    return float(np.mean(areas))
+
+
+def _image_pro(
+    scores: np.ndarray, truth: np.ndarray, regions: np.ndarray, num_thresholds: int
+) -> float | None:
+    """One image's official PRO area (None when it has no region or no normal pixel)."""
+    normal = np.sort(scores[~truth])
+    if normal.size == 0 or normal.size == scores.size:
+        return None
+    low, high = scores.min(), scores.max()
+    if high == low:
+        return 0.0  # constant map: no threshold range (the official code divides by zero)
+    thresholds = np.arange(low, high, (high - low) / num_thresholds)
+    # Counts of pixels strictly above each threshold, from sorted values.
+    fpr = (normal.size - np.searchsorted(normal, thresholds, side="right")) / normal.size
+    ids = regions[truth]
+    values = scores[truth]
+    order = np.lexsort((values, ids))  # by region, then value
+    ids, values = ids[order], values[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], ids.size]
+    overlaps = [
+        (e - s - np.searchsorted(values[s:e], thresholds, side="right")) / (e - s)
+        for s, e in zip(starts, ends, strict=True)
+    ]
+    pro = np.mean(overlaps, axis=0)
+    keep = fpr < _OFFICIAL_FPR_LIMIT
+    x, y = fpr[keep], pro[keep]
+    if x.size < 2 or x.max() == 0:
+        return 0.0
+    x = x / x.max()
+    # x falls as the threshold rises: the area is the trapezoid sum in the other direction.
+    return float(np.sum((x[:-1] - x[1:]) * (y[:-1] + y[1:])) / 2)
+
+
 def evaluate(
     maps: Array,
     masks: Array | None,
@@ -317,6 +421,7 @@ def evaluate(
     *,
     scores: Array | None = None,
     fpr_limit: float = 0.3,
+    official_pro: bool = False,
 ) -> dict[str, float]:
     """Computes all metrics, with one sort of the pixel scores for the three pixel metrics.
 
@@ -327,10 +432,11 @@ def evaluate(
         labels: N image labels, 0 normal and 1 anomalous.
         scores: N image scores; default the max of each map (the MMR image score).
         fpr_limit: upper end of the FPR range of AUPRO, in (0, 1].
+        official_pro: also compute ``pro_official`` (:func:`pro_official`, the paper's PRO).
 
     Returns:
-        ``{"image_auroc", "pixel_auroc", "aupro", "pixel_f1"}`` as floats (only
-        ``image_auroc`` when ``masks`` is None).
+        ``{"image_auroc", "pixel_auroc", "aupro", "pixel_f1"}`` (+ ``"pro_official"``) as
+        floats (only ``image_auroc`` when ``masks`` is None).
     """
     _check_fpr_limit(fpr_limit)
     m = _as_maps(maps)
@@ -347,4 +453,6 @@ def evaluate(
     result["pixel_auroc"] = _auroc(curve)
     result["aupro"] = _aupro(curve, _region_weights(gt), fpr_limit)
     result["pixel_f1"] = _f1_max(curve)
+    if official_pro:
+        result["pro_official"] = pro_official(m, gt, labels)
     return result

@@ -19,13 +19,14 @@ __all__ = [
     "write_json",
 ]
 
-# Reported metrics, in table order.
-METRICS = ("image_auroc", "pixel_auroc", "pixel_f1", "aupro")
+# Reported metrics, in table order (pro_official only when eval.official_pro is on).
+METRICS = ("image_auroc", "pixel_auroc", "pixel_f1", "aupro", "pro_official")
 METRIC_TITLES = {
     "image_auroc": "Image AUROC",
     "pixel_auroc": "Pixel AUROC",
     "pixel_f1": "Pixel F1",
     "aupro": "AUPRO",
+    "pro_official": "PRO (official)",
 }
 
 

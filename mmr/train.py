@@ -157,6 +157,7 @@ def score_maps(maps: torch.Tensor, data: EvalSet, cfg: Config) -> dict[str, dict
             unit_masks,
             data.labels[idx],
             fpr_limit=cfg.eval.aupro_fpr_limit,
+            official_pro=cfg.eval.official_pro,
         )
     return out
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
 
-from mmr.metrics import aupro, evaluate, image_auroc, pixel_auroc, pixel_f1_max
+from mmr.metrics import aupro, evaluate, image_auroc, pixel_auroc, pixel_f1_max, pro_official
 
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "raw": lambda x: x,
@@ -182,6 +182,142 @@ def test_aupro_matches_reference(seed: int) -> None:
     expected = _reference_integral(fprs, pros, 0.3)
     for transform in TRANSFORMS.values():  # raw scores: offsets and scales change nothing
         assert aupro(transform(maps), masks) == pytest.approx(expected, abs=1e-9)
+
+
+# --- official per-image PRO --------------------------------------------------------------
+
+
+def _literal_pro_official(
+    maps: np.ndarray,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    num_thresholds: int = 200,
+    *,
+    strict: bool = True,
+) -> float:
+    """The official definition written out slowly: per anomalous image, per threshold, per
+    region; sklearn's ``auc`` on the kept points. ``strict=False`` counts ties as positive."""
+    areas = []
+    for amap, mask in zip(maps[labels == 1], masks[labels == 1], strict=True):
+        amap = amap.astype(np.float64)
+        low, high = amap.min(), amap.max()
+        regions, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+        normal = mask == 0
+        points = []
+        for th in np.arange(low, high, (high - low) / num_thresholds):
+            binary = amap > th if strict else amap >= th
+            pro = np.mean(
+                [binary[regions == k].sum() / (regions == k).sum() for k in range(1, n + 1)]
+            )
+            points.append((np.logical_and(normal, binary).sum() / normal.sum(), pro))
+        kept = [(f, p) for f, p in points if f < 0.3]
+        fprs = np.array([f for f, _ in kept])
+        areas.append(auc(fprs / fprs.max(), [p for _, p in kept]))
+    return float(np.mean(areas))
+
+
+def _smooth_set(
+    seed: int, n: int = 5, size: int = 32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smooth float maps (no ties); anomalous images hold 2-4 rectangular defects each."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(2, n):  # images 0 and 1 stay normal
+        for _ in range(rng.integers(2, 5)):
+            h, w = rng.integers(2, 8, size=2)
+            y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+            masks[i, y : y + h, x : x + w] = 1
+    noise = ndimage.gaussian_filter(rng.normal(size=(n, size, size)), sigma=(0, 1.5, 1.5))
+    maps = noise / noise.std() + 1.2 * masks * rng.random((n, 1, 1))
+    labels = (masks.reshape(n, -1).max(axis=1) > 0).astype(int)
+    return maps.astype(np.float32), masks, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_pro_official_matches_literal_reference(seed: int) -> None:
+    maps, masks, labels = _smooth_set(seed)
+    per_image = [ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks[labels == 1]]
+    assert max(per_image) >= 2  # several regions in at least one image
+    expected = _literal_pro_official(maps, masks, labels)
+    assert 0.0 < expected < 1.0
+    assert pro_official(maps, masks, labels) == pytest.approx(expected, abs=1e-6)
+    assert pro_official(torch.from_numpy(maps), torch.from_numpy(masks), labels) == pytest.approx(
+        expected, abs=1e-6
+    )
+    fewer = _literal_pro_official(maps, masks, labels, num_thresholds=37)
+    assert pro_official(maps, masks, labels, num_thresholds=37) == pytest.approx(fewer, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_pro_official_ties_on_thresholds(seed: int) -> None:
+    # Integer scores 0..10 and 10 thresholds (0, 1, ..., 9): every threshold lands on scores,
+    # so ">" (not ">=") decides which pixels count, as in the official code.
+    _, masks, labels = _smooth_set(seed)
+    rng = np.random.default_rng(seed)
+    ints = (np.arange(masks[0].size).reshape(masks[0].shape) % 11).astype(np.float64)
+    ints = np.where(masks == 1, rng.integers(3, 11, size=masks.shape), ints[None])
+    expected = _literal_pro_official(ints, masks, labels, num_thresholds=10)
+    assert pro_official(ints, masks, labels, num_thresholds=10) == pytest.approx(
+        expected, abs=1e-6
+    )
+    # Counting ties as positive gives another value on these maps (the check has teeth).
+    ties_positive = _literal_pro_official(ints, masks, labels, num_thresholds=10, strict=False)
+    assert expected != pytest.approx(ties_positive, abs=1e-3)
+
+
+def test_pro_official_regions_are_8_connected_and_per_image() -> None:
+    # Two blocks touching at a corner are ONE region: found 4/4 + 0/12 pixels -> PRO 0.25 at
+    # every threshold between the block scores (4-connectivity would give (1 + 0) / 2).
+    mask = np.zeros((1, 12, 12), dtype=np.uint8)
+    mask[0, 2:4, 2:4] = 1  # 4 pixels, detected
+    mask[0, 4:7, 4:8] = 1  # 12 pixels, touching diagonally, missed
+    amap = np.zeros((1, 12, 12))
+    amap[0, 2:4, 2:4] = 2.0
+    amap[0, 7:, :] = np.linspace(0.0, 1.0, 60).reshape(5, 12)  # normal pixels spread in [0, 1]
+    result = pro_official(amap, mask, np.array([1]))
+    assert result == pytest.approx(_literal_pro_official(amap, mask, np.array([1])), abs=1e-9)
+    assert result < 0.3
+
+
+def test_pro_official_normalises_by_largest_kept_fpr_not_by_limit() -> None:
+    # A perfect map: PRO is 1 wherever FPR < 0.3, so the official area is 1 whatever the
+    # largest kept FPR is (dividing by 0.3 would give largest_fpr / 0.3 < 1).
+    maps, masks, labels = _smooth_set(6)
+    perfect = np.where(masks == 1, 10.0 + maps, maps)
+    assert pro_official(perfect, masks, labels) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_pro_official_ignores_normal_images_and_skips_or_zeroes_degenerate_ones() -> None:
+    maps, masks, labels = _smooth_set(7)
+    base = pro_official(maps, masks, labels)
+    noisy = maps.copy()
+    noisy[labels == 0] = 100.0 * np.random.default_rng(0).random(noisy[labels == 0].shape)
+    assert pro_official(noisy, masks, labels) == base  # normal images are not scored
+    # an anomalous image without ground truth is left out of the mean
+    unmasked = masks.copy()
+    first = int(np.flatnonzero(labels)[0])
+    unmasked[first] = 0
+    rest = labels.copy()
+    rest[first] = 0
+    assert pro_official(maps, unmasked, labels) == pro_official(maps, unmasked, rest)
+    # a constant map has no threshold range: it contributes 0
+    flat = maps.copy()
+    flat[first] = 1.0
+    others = pro_official(maps, masks, rest)
+    n = int(labels.sum())
+    assert pro_official(flat, masks, labels) == pytest.approx(others * (n - 1) / n, abs=1e-12)
+    with pytest.raises(ValueError, match="at least one anomalous image"):
+        pro_official(maps, masks * 0, labels)
+    with pytest.raises(ValueError, match="num_thresholds"):
+        pro_official(maps, masks, labels, num_thresholds=0)
+
+
+def test_evaluate_reports_pro_official_only_when_asked() -> None:
+    maps, masks, labels = _smooth_set(8)
+    assert "pro_official" not in evaluate(maps, masks, labels)
+    result = evaluate(maps, masks, labels, official_pro=True)
+    assert result["pro_official"] == pro_official(maps, masks, labels)
+    assert result["pro_official"] != pytest.approx(result["aupro"], abs=1e-3)
 
 
 # --- evaluate, encodings, tensors ---------------------------------------------------------

@@ -246,3 +246,14 @@ def test_short_training_lowers_the_loss_and_detects_anomalies(nut_root: Path):
     assert epochs[-1] < 0.5 * epochs[1]  # epoch 0 runs at lr 0 (warm-up)
     auroc = [h["image_auroc"] for h in result["history"]]
     assert auroc[-1] >= 0.65, auroc  # measured 0.72 here; chance is 0.5
+
+
+def test_results_tables_show_pro_official_only_when_reported():
+    from mmr.report import flatten_metrics, results_markdown
+
+    plain = {"disk": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7, "pixel_f1": 0.5}}
+    paper = {"disk": {**plain["disk"], "pro_official": 0.654}}
+    assert "PRO (official)" not in results_markdown({"a": plain}, title="t")
+    table = results_markdown({"a": paper}, title="t")
+    assert "| PRO (official) | Avg | disk |" in table and "| a | 65.4 | 65.4 |" in table
+    assert flatten_metrics(paper)["pro_official"] == 0.654
