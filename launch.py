@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue an interrupted sweep")
     p.add_argument("experiment", help="experiment directory")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="run failed trials again, from their last round checkpoint (default: they stay "
+        "failed)",
+    )
 
     p = sub.add_parser("status", help="table of a sweep's trials, or a submitted job's state")
     p.add_argument("experiment", nargs="?", help="experiment directory")
@@ -167,7 +173,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from search.sweep import resume_sweep
 
     run = resume_sweep(
-        args.experiment, address=args.address, write=print, dashboard=_dashboard_wanted()
+        args.experiment,
+        address=args.address,
+        write=print,
+        dashboard=_dashboard_wanted(),
+        retry_failed=args.retry_failed,
     )
     print(f"experiment: {run.location} ({run.seconds:.0f} s)")
     return 130 if run.interrupted else 0

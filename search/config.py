@@ -278,6 +278,7 @@ def resolve_sweep(
     sweep = dataclasses.replace(
         sweep, base=str(base_path), space=str(space_path), storage=storage_path
     )
+    _check_rungs(sweep.scheduler, base)
     space_spec = yaml.safe_load(space_path.read_text())
     space = load_space(space_path)
     space.validate(base)
@@ -286,6 +287,21 @@ def resolve_sweep(
         space.grid()
     cats = tuple(categories) if categories else _categories(base)
     return SweepSpec(sweep, base, dict(space_spec), cats)
+
+
+def _check_rungs(scheduler: SchedulerConfig, base: Config) -> None:
+    """ASHA needs a rung below the last round, or it can never stop a trial early."""
+    rounds = base.num_rounds
+    if scheduler.type != "asha" or scheduler.grace_period < rounds:
+        return
+    t = base.train
+    raise ConfigError(
+        f"scheduler.grace_period={scheduler.grace_period} is not below the {rounds} "
+        f"evaluation round(s) of a trial (train.epochs={t.epochs} / train.eval_every="
+        f"{t.eval_every}), so ASHA could never stop a trial early: set "
+        f"scheduler.grace_period below {rounds}, raise train.epochs or lower "
+        "train.eval_every, or use scheduler.type=fifo"
+    )
 
 
 def _categories(base: Config) -> tuple[str, ...]:

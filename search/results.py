@@ -14,7 +14,14 @@ from search.config import SweepSpec, load_spec
 from search.searcher import OBJECTIVE, ROUNDS_KEY
 from search.trainable import META_KEYS
 
-__all__ = ["load_trials", "best_trials", "status_table", "summary_table", "short_name"]
+__all__ = [
+    "load_trials",
+    "best_trials",
+    "best_of_study",
+    "status_table",
+    "summary_table",
+    "short_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +90,22 @@ def _row(spec: SweepSpec, trial: Any) -> dict[str, Any]:
             "node_ip": result.get("node_ip"),
         }
     )
+    row["error"] = _error_line(trial) if state == "failed" else None
     row.update({m: result.get(m) for m in METRICS if m in result})
     row.update({k: v for k, v in result.items() if "/" in k and k.rsplit("/", 1)[-1] in METRICS})
     row["checkpoint"] = checkpoint  # a Tune Checkpoint (local or remote) or None
     return row
+
+
+def _error_line(trial: Any) -> str | None:
+    """The last line of a failed trial's error (the exception), from its ``error.txt``."""
+    try:
+        error = trial.get_error()
+    except OSError as exc:  # storage unreachable: the table still shows the state
+        log.debug("cannot read the error of trial %s: %s", trial.trial_id, exc)
+        return None
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    return lines[-1] if lines else None
 
 
 def _cell(value: Any) -> Any:
@@ -96,32 +115,38 @@ def _cell(value: Any) -> Any:
 
 
 def best_trials(df: pd.DataFrame) -> dict[str | None, pd.Series]:
-    """The best trial of each study (key: category, or None for a single study).
-
-    Trials that ran every round win over stopped ones: a value from an early rung is not
-    comparable with a fully trained one.
-    """
+    """The best trial of each study (key: category, or None for a single study)."""
     out: dict[str | None, pd.Series] = {}
     if df.empty or OBJECTIVE not in df:
         return out
-    scored = df[df[OBJECTIVE].notna()]
-    groups = (
-        scored.groupby("category", dropna=False)
-        if scored["category"].notna().any()
-        else [(None, scored)]
-    )
+    groups = df.groupby("category", dropna=False) if df["category"].notna().any() else [(None, df)]
     for category, group in groups:
-        done = group[group["state"] == "done"]
-        pool = done if not done.empty else group
-        if pool.empty:
+        best = best_of_study(group)
+        if best is None:
             continue
         key = (
             None
             if category is None or (isinstance(category, float) and math.isnan(category))
             else category
         )
-        out[key] = pool.loc[pool[OBJECTIVE].idxmax()]
+        out[key] = best
     return out
+
+
+def best_of_study(trials: pd.DataFrame) -> pd.Series | None:
+    """The best of one study's trials (``load_trials`` rows), or None when none has a value.
+
+    Trials that ran every round win over the others, whatever their values: a value from an
+    early rung (a trial ASHA stopped, one still running, one that failed) is not comparable
+    with a fully trained one. While no trial has run every round, the best of those that got
+    furthest is the best so far.
+    """
+    scored = trials[trials[OBJECTIVE].notna()]
+    if scored.empty:
+        return None
+    done = scored[scored["state"] == "done"]
+    pool = done if not done.empty else scored[scored["rounds"] == scored["rounds"].max()]
+    return pool.loc[pool[OBJECTIVE].idxmax()]
 
 
 def status_table(experiment: str | Path) -> str:
@@ -146,6 +171,10 @@ def status_table(experiment: str | Path) -> str:
         + f" of {_planned(spec)}",
         _format(df[cols]),
     ]
+    for _, row in df[df["state"] == "failed"].iterrows():
+        lines.append(f"failed: trial {row['trial']}: {row['error'] or 'no error recorded'}")
+    if counts.get("failed", 0):
+        lines.append(f"run the failed trials again with: launch.py resume {exp} --retry-failed")
     for category, best in best_trials(df).items():
         where = f" [{category}]" if category else ""
         lines.append(

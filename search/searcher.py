@@ -18,13 +18,20 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.config import SweepSpec
 from spaces import Space, SpaceError
 
-__all__ = ["StudySearch", "PerCategorySearch", "make_sampler", "make_searcher", "study_storage"]
+__all__ = [
+    "StudySearch",
+    "PerCategorySearch",
+    "RetryingLimiter",
+    "make_sampler",
+    "make_searcher",
+    "study_storage",
+]
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +151,24 @@ class StudySearch(OptunaSearch):
             config["category"] = self._category
         return config
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._reopen_if_retried(trial_id)
+        super().on_trial_result(trial_id, result)
+
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
+        if not error and result and OBJECTIVE in result:
+            self._reopen_if_retried(trial_id)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        if error:
+            # FAIL whatever it reported before: OptunaSearch would record an errored trial
+            # that passes a result as COMPLETE with that value.
+            super().on_trial_complete(trial_id, result=None, error=True)
+            return
         done = result and result.get("training_iteration", 0) >= result.get(ROUNDS_KEY, 0)
-        if not error and result and OBJECTIVE in result and not done:
+        if result and OBJECTIVE in result and not done:
             # Stopped early by the scheduler: PRUNED, valued by its last intermediate value.
             # Tune passes the result that triggered the stop here, not to on_trial_result.
             ot_trial = self._ot_trials[trial_id]
@@ -162,6 +180,42 @@ class StudySearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def _reopen_if_retried(self, trial_id: str) -> None:
+        """Gives a failed trial that reports again (``resume --retry-failed``) a new record.
+
+        Optuna never changes a finished trial, so the FAIL record stays and the retry runs as
+        a new RUNNING trial with the same params, marked the way Optuna's own
+        ``RetryHeartbeatStaleTrialCallback`` marks retries (system attrs ``failed_trial``: the
+        original number, ``retry_history``), so
+        ``RetryHeartbeatStaleTrialCallback.retried_trial_number`` finds the original.
+        """
+        if trial_id not in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        trials = self._ot_study.get_trials(deepcopy=False)
+        failed = trials[self._ot_trials[trial_id].number]
+        if failed.state != TrialState.FAIL:
+            return  # a finished trial reporting again: ignored, as OptunaSearch does
+        history = [*failed.system_attrs.get("retry_history", []), failed.number]
+        self._ot_study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.RUNNING,
+                params=failed.params,
+                distributions=failed.distributions,
+                user_attrs=failed.user_attrs,
+                system_attrs={"failed_trial": history[0], "retry_history": history},
+            )
+        )
+        # Only this driver writes the study: the record just added is its last trial.
+        retry = self._ot_study.get_trials(deepcopy=False)[-1]
+        self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, retry._trial_id)
+        self._completed_trials.discard(trial_id)
+        log.info(
+            "study %s: trial %d runs again as trial %d",
+            self._study_name,
+            failed.number,
+            retry.number,
+        )
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
@@ -249,6 +303,31 @@ class PerCategorySearch(Searcher):
     @property
     def studies(self) -> dict[str, optuna.Study]:
         return {c: s.study for c, s in self._searchers.items()}
+
+
+class RetryingLimiter(ConcurrencyLimiter):
+    """Ray's ``ConcurrencyLimiter`` that also follows failed trials re-run by a resume.
+
+    The limiter forgets a trial when it errors and drops the completion of any trial it does
+    not count as live, so a trial re-run by ``Tuner.restore(resume_errored=True)``
+    (``launch.py resume --retry-failed``) would never tell the study how it ended. A trial
+    that reports is live again; a completion of a trial the limiter forgot still reaches the
+    searcher, which ignores trials it did not suggest or already closed.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._limit_concurrency and trial_id not in self.live_trials:
+            self.live_trials.add(trial_id)
+            self.num_unfinished_live_trials += 1
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if self._limit_concurrency and trial_id not in self.live_trials:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def make_searcher(spec: SweepSpec, experiment_dir: Path) -> StudySearch | PerCategorySearch:

@@ -34,6 +34,7 @@ __all__ = [
     "exists",
     "probe_writable",
     "read_histories",
+    "remove_from_trials",
     "read_file",
     "write_file",
     "local_checkpoint",
@@ -170,6 +171,20 @@ def read_histories(location: str) -> Iterator[tuple[str, dict[str, Any], list[di
                 continue  # a line cut short by a killed driver
         if results:
             yield results[0]["trial_id"], results[-1].get("config", {}), results
+
+
+def remove_from_trials(location: str, name: str) -> int:
+    """Deletes the file ``name`` from every trial directory of an experiment; returns how many."""
+    fs, path = _fs(location) if is_uri(location) else (pafs.LocalFileSystem(), str(location))
+    removed = 0
+    for entry in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        target = join(entry.path, name)
+        if entry.type == pafs.FileType.Directory and fs.get_file_info(target).type == (
+            pafs.FileType.File
+        ):
+            fs.delete_file(target)
+            removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -18,9 +18,9 @@ from mmr.errors import UserInputError
 from search.config import SPEC_FILE, ResourcesConfig, SweepSpec, is_experiment, load_spec
 from search.progress import ProgressTable
 from search.scheduler import PerCategoryScheduler, ResumableASHA
-from search.searcher import OBJECTIVE, make_searcher
-from search.storage import is_uri, probe_writable, push
-from search.trainable import train_trial
+from search.searcher import OBJECTIVE, RetryingLimiter, make_searcher
+from search.storage import is_uri, probe_writable, push, remove_from_trials
+from search.trainable import FAILED_MARKER, train_trial
 
 __all__ = ["SweepRun", "init_ray", "check_resources", "run_sweep", "resume_sweep"]
 
@@ -225,10 +225,11 @@ def run_sweep(
     tuner = tune.Tuner(
         _trainable(spec),
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(spec, exp),
+            # Ray's limiter, as max_concurrent_trials would add it, that also follows the
+            # failed trials `resume --retry-failed` runs again.
+            search_alg=RetryingLimiter(make_searcher(spec, exp), max_concurrent=s.max_concurrent),
             scheduler=_scheduler(spec, location),
             num_samples=num_samples,
-            max_concurrent_trials=s.max_concurrent,
             trial_dirname_creator=_trial_dirname,
             reuse_actors=True,  # a new trial skips the worker's torch/timm start-up
             trial_name_creator=_trial_dirname,
@@ -247,10 +248,14 @@ def resume_sweep(
     write: Write = print,
     dashboard: bool = True,
     export: bool = True,
+    retry_failed: bool = False,
 ) -> SweepRun:
     """Continues an interrupted sweep: finished trials kept, study and rungs restored.
 
-    ``experiment`` is the experiment directory or, for remote storage, its URI.
+    ``experiment`` is the experiment directory or, for remote storage, its URI. Failed
+    trials stay failed unless ``retry_failed``: then they run again from their last round
+    checkpoint (or from the start), after their failure markers are cleared, and their
+    studies record each retry as a new trial (see ``StudySearch``).
     """
     location = str(experiment) if is_uri(experiment) else str(Path(experiment).resolve())
     spec = load_spec(location)
@@ -262,14 +267,20 @@ def resume_sweep(
     init_ray(address, dashboard=dashboard, write=write)
     check_resources(spec.sweep.resources)
     started = time.time()
+    if retry_failed:
+        # Without this, a retried deterministic failure would end at once (train_trial).
+        remove_from_trials(location, FAILED_MARKER)
+    # resume_errored keeps each trial's id (the study knows it by that id); restart_errored
+    # would start failed trials as new trials that no searcher suggested.
     tuner = tune.Tuner.restore(
         location,
         trainable=_trainable(spec),
         resume_unfinished=True,
-        resume_errored=False,
+        resume_errored=retry_failed,
         restart_errored=False,
     )
-    write(f"resuming sweep {spec.sweep.name} in {location}")
+    retrying = " (failed trials run again)" if retry_failed else ""
+    write(f"resuming sweep {spec.sweep.name} in {location}{retrying}")
     tuner.fit()
     return _finish(spec, started, write, export)
 
@@ -280,7 +291,14 @@ def _finish(spec: SweepSpec, started: float, write: Write, export: bool) -> Swee
     seconds = time.time() - started
     exp = spec.experiment_location
     write(summary_table(exp))
-    unfinished = load_trials(exp)["state"].isin(["running", "pending"]).sum()
+    states = load_trials(exp)["state"]
+    failed = (states == "failed").sum()
+    if failed:
+        write(
+            f"{failed} trial(s) failed (`launch.py status {exp}` shows why); fix the cause, "
+            f"then run them again with: launch.py resume {exp} --retry-failed"
+        )
+    unfinished = states.isin(["running", "pending"]).sum()
     if unfinished:
         # Ctrl-C: Tune stopped gracefully and saved its state; a partial export would
         # present an unfinished search as its result.

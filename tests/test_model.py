@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -448,14 +447,34 @@ def test_hub_weights_from_warm_cache_offline(empty_hub, monkeypatch):
 
 
 def test_unavailable_hub_weights_fail_fast(empty_hub, monkeypatch):
+    import socket
+
+    import timm.models._hub as timm_hub
+
+    # Fast = timm's hub download, which retries for ~45 s, is never entered, and every
+    # network contact (the hub probe, huggingface_hub's own) is a TCP connect with a time-out.
+    downloads: list[tuple] = []
+    connects: list[tuple] = []
+    real_connect = socket.create_connection
+
+    def download(*args, **kwargs):
+        downloads.append(args)
+        raise AssertionError("the hub download was attempted")
+
+    def connect(address, timeout=None, *args, **kwargs):
+        connects.append((tuple(address), timeout))
+        return real_connect(address, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(timm_hub, "hf_hub_download", download)
+    monkeypatch.setattr(socket, "create_connection", connect)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.monotonic()
     with pytest.raises(ConfigError) as err:
         build(tiny(pretrained=True))
     message = str(err.value)
     assert "model.teacher" in message and "HF_HUB_OFFLINE" in message
     assert "weights fetch --to DIR" in message and "model.teacher_checkpoint" in message
     assert "resnet18.tv_in1k.pth" in message and "pretrained=false" in message
+    assert downloads == []
 
     from huggingface_hub import constants
 
@@ -464,7 +483,9 @@ def test_unavailable_hub_weights_fail_fast(empty_hub, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(ConfigError, match="unreachable"):
         build(tiny(pretrained=True))
-    assert time.monotonic() - start < 10
+    assert [a for a, _ in connects].count(("127.0.0.1", 9)) == 1  # probed once, no retries
+    assert all(t is not None and t <= 10 for _, t in connects), connects
+    assert downloads == []
 
 
 def test_fetch_weights_writes_files_the_checkpoint_keys_load(tmp_path, monkeypatch):
