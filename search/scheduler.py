@@ -83,8 +83,13 @@ class ResumableASHA(AsyncHyperBandScheduler):
                 if hit is not None and trial_id not in recorded:
                     recorded[trial_id] = self._metric_op * hit[self._metric]
                     count += 1
+        where = f" [{self._category}]" if self._category is not None else ""
         if count:
-            log.info("ASHA: rebuilt %d rung record(s) from %s", count, self._experiment)
+            log.info("ASHA%s: rebuilt %d rung record(s) from %s", where, count, self._experiment)
+        for milestone, recorded in bracket._rungs:
+            log.debug(
+                "ASHA%s: rung at round %g holds trials %s", where, milestone, sorted(recorded)
+            )
         return count
 
     @property
