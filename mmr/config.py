@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 DATASETS = ("mvtec", "aebad_s", "aebad_v", "folder", "synthetic")
+INTERPOLATIONS = ("bicubic", "bilinear")
+MASK_BINARIZE = ("half", "official")
 VAL_SPLITS = ("test_half", "none")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -53,6 +55,9 @@ class DataConfig:
     val_fraction: float = 0.5  # share of each test stratum that goes to validation
     augment: bool = True  # RandomResizedCrop(scale 0.7-1.0) + horizontal flip while training
     cache_dir: str | None = None  # decoded-image cache (default $MMR_CACHE_DIR or ~/.cache)
+    test_interpolation: str = "bicubic"  # test-image resize: bicubic | bilinear (official)
+    mask_binarize: str = "half"  # half: resized mask > 0.5 | official: == its max in the crop
+    relabel_empty: bool = False  # anomalous image with an empty mask after the crop -> good
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,16 @@ class Config:
         )
         _check(d.val_split in VAL_SPLITS, "data.val_split", f"must be one of {VAL_SPLITS}")
         _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+        _check(
+            d.test_interpolation in INTERPOLATIONS,
+            "data.test_interpolation",
+            f"must be one of {INTERPOLATIONS}, got {d.test_interpolation!r}",
+        )
+        _check(
+            d.mask_binarize in MASK_BINARIZE,
+            "data.mask_binarize",
+            f"must be one of {MASK_BINARIZE}, got {d.mask_binarize!r}",
+        )
         if isinstance(d.categories, str):
             _check(d.categories == "all", "data.categories", 'must be a list of names or "all"')
         else:

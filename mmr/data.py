@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mmr.config import DataConfig
 from mmr.errors import DataError
-from mmr.imagecache import default_cache_dir, load_images, load_masks
+from mmr.imagecache import binarize_masks, default_cache_dir, load_images, load_masks
 from mmr.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -49,6 +49,7 @@ __all__ = [
     "split_task",
     "load_images",
     "load_masks",
+    "binarize_masks",
     "augment_batch",
     "center_crop",
     "center_crop_masks",

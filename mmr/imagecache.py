@@ -1,10 +1,15 @@
 """Decoded-image cache: each image decoded once per (file content, size), shared by trials.
 
 Every trial of a search reads the same images. Decoding a ~900 px PNG and resizing it costs
-~15 ms; doing it once per (file content, size) and keeping the result as a compact uint8
-``.npy`` that later loads are memory-mapped from makes an epoch a few tensor ops. Keys are
-content hashes, so an edited file gets a new entry; entries are written atomically under a
+~15 ms; doing it once per (file content, size, resampling) and keeping the result as a compact
+uint8 ``.npy`` that later loads are memory-mapped from makes an epoch a few tensor ops. Keys
+are content hashes, so an edited file gets a new entry; entries are written atomically under a
 file lock, so concurrent trials on a node decode each list once.
+
+Resizing is PIL's (antialiased) ``Image.resize`` to ``size x size``, which is what torchvision's
+``Resize((s, s), interpolation=...)`` does on a PIL image: bicubic or bilinear (torchvision's
+default, which the official MMR test transform uses). Masks are resized bilinearly and cached
+as grey levels, then binarised on load (see :func:`binarize_masks`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmr.config import INTERPOLATIONS, MASK_BINARIZE
 from mmr.errors import DataError
 
 try:  # POSIX only; without it concurrent builders may both decode (still correct, just slower)
@@ -32,6 +38,9 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "INTERPOLATIONS",
+    "MASK_BINARIZE",
+    "binarize_masks",
     "default_cache_dir",
     "load_images",
     "load_masks",
@@ -41,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = "v1"  # bump when the decoded format or the resize method changes
 _HASH_CHUNK = 1 << 20
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+assert set(_RESAMPLE) == set(INTERPOLATIONS)  # the config's choices, each with its filter
 
 
 class _HasMask(Protocol):  # mmr.data.Sample, without importing it (data imports this module)
@@ -65,19 +76,24 @@ def load_images(
     *,
     size: int,
     cache_dir: str | os.PathLike[str] | None = None,
+    interpolation: str = "bicubic",
 ) -> torch.Tensor:
     """Images resized to ``size x size`` as a uint8 ``N x 3 x size x size`` tensor, cached.
 
     Grayscale and other modes are converted to RGB. The tensor is a copy-on-write memory map
     of the cache file: reading it is shared between processes, writing to it stays private.
+    ``interpolation``: ``bicubic`` or ``bilinear`` (PIL's antialiased resampling).
 
     Raises:
         DataError: a file is missing or cannot be decoded (the message names the file).
     """
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     files = [Path(p) for p in paths]
     digests = _digests(files)
-    key = _key("rgb", size, digests)
-    jobs = [lambda p=p: _decode_image(p, size) for p in files]
+    # Bicubic keeps the plain "rgb" kind, so caches written before the option stay valid.
+    key = _key("rgb" if interpolation == "bicubic" else f"rgb-{interpolation}", size, digests)
+    jobs = [lambda p=p: _decode_image(p, size, resample=_RESAMPLE[interpolation]) for p in files]
     return _cached_array(key, (3, size, size), jobs, cache_dir, what="images")
 
 
@@ -86,28 +102,54 @@ def load_masks(
     *,
     size: int,
     cache_dir: str | os.PathLike[str] | None = None,
+    binarize: str = "half",
+    crop: int | None = None,
 ) -> torch.Tensor:
-    """Ground-truth masks resized to ``size x size`` and binarised, uint8 ``N x 1 x S x S``.
+    """Ground-truth masks resized to ``size x size`` and binarised, uint8 0/1 ``N x 1 x S x S``.
 
-    Samples without a mask give zeros. Each mask must have its image's full resolution.
+    Samples without a mask give zeros. Each mask must have its image's full resolution. The
+    cache holds the bilinearly resized grey levels; ``binarize`` and ``crop`` are applied on
+    load (see :func:`binarize_masks`).
 
     Raises:
         DataError: a mask is unreadable or its size differs from its image's.
     """
+    if binarize not in MASK_BINARIZE:
+        raise ValueError(f"binarize must be one of {MASK_BINARIZE}, got {binarize!r}")
     files = sorted({Path(p) for s in samples if s.mask is not None for p in (s.image, s.mask)})
     digest_of = dict(zip(files, _digests(files), strict=True))
     parts = [
         "-" if s.mask is None else f"{digest_of[Path(s.image)]}:{digest_of[Path(s.mask)]}"
         for s in samples
     ]
-    key = _key("mask", size, parts)
+    key = _key("maskgrey", size, parts)
     jobs = [
         (lambda: np.zeros((1, size, size), np.uint8))
         if s.mask is None
         else (lambda s=s: _decode_mask(Path(s.mask), Path(s.image), size))
         for s in samples
     ]
-    return _cached_array(key, (1, size, size), jobs, cache_dir, what="masks")
+    grey = _cached_array(key, (1, size, size), jobs, cache_dir, what="masks")
+    return binarize_masks(grey, mode=binarize, crop=crop)
+
+
+def binarize_masks(grey: torch.Tensor, *, mode: str, crop: int | None = None) -> torch.Tensor:
+    """Resized grey-level masks (uint8 ``N x 1 x S x S``) -> uint8 0/1 masks.
+
+    ``half``: a pixel is defective when its grey level is above half (> 127).
+    ``official``: as the official MMR test transform, the mask is divided by its maximum over
+    the center ``crop x crop`` region (the whole mask when ``crop`` is None) and only pixels
+    equal to 1 count, i.e. the pixels at that maximum; a mask that is empty there stays empty.
+    """
+    if mode == "half":
+        return (grey > 127).to(torch.uint8)
+    if mode != "official":
+        raise ValueError(f"mode must be one of {MASK_BINARIZE}, got {mode!r}")
+    h, w = grey.shape[-2:]
+    size_h, size_w = (h, w) if crop is None else (crop, crop)
+    top, left = int(round((h - size_h) / 2.0)), int(round((w - size_w) / 2.0))
+    peak = grey[..., top : top + size_h, left : left + size_w].amax(dim=(-2, -1), keepdim=True)
+    return ((grey == peak) & (peak > 0)).to(torch.uint8)
 
 
 def _digests(files: Sequence[Path]) -> list[str]:
@@ -266,17 +308,22 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def _decode_image(path: Path, size: int) -> np.ndarray:
-    """One image as uint8 3 x size x size: RGB, PIL bicubic (= torchvision Resize((s, s)))."""
+def _decode_image(
+    path: Path, size: int, *, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> np.ndarray:
+    """One image as uint8 3 x size x size: RGB, resized by PIL with ``resample`` (what
+    torchvision ``Resize((s, s), interpolation=...)`` does on PIL images; its default
+    interpolation is bilinear, the project's training default bicubic)."""
     img = _to_8bit(_open_image(path))
     if img.mode != "RGB":
         img = img.convert("RGB")
-    img = img.resize((size, size), Image.Resampling.BICUBIC)
+    img = img.resize((size, size), resample)
     return np.asarray(img).transpose(2, 0, 1)
 
 
 def _decode_mask(mask_path: Path, image_path: Path, size: int) -> np.ndarray:
-    """One mask as uint8 0/1, 1 x size x size, checked against its image's size."""
+    """One mask bilinearly resized, uint8 grey levels 1 x size x size (0/1 masks scaled to
+    0/255 first), checked against its image's size."""
     mask = _to_8bit(_open_image(mask_path))
     try:
         with Image.open(image_path) as img:  # header only: no decode
@@ -295,4 +342,4 @@ def _decode_mask(mask_path: Path, image_path: Path, size: int) -> np.ndarray:
     if arr.max() == 1:  # some tools write 0/1 masks instead of 0/255
         arr = arr * np.uint8(255)
     small = Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR)
-    return (np.asarray(small) > 127).astype(np.uint8)[None]
+    return np.asarray(small)[None]

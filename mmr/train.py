@@ -118,12 +118,37 @@ def build_models(cfg: Config, tasks: list[str], device: torch.device) -> dict[st
 def prepare_eval(cfg: Config, task: Task, samples: list[Sample], device: torch.device) -> EvalSet:
     """Loads (from the decoded-image cache) one task's evaluation images, masks and labels."""
     d = cfg.data
-    images = load_images([s.image for s in samples], size=d.resize, cache_dir=d.cache_dir)
-    masks = load_masks(samples, size=d.resize, cache_dir=d.cache_dir) if task.has_masks else None
+    images = load_images(
+        [s.image for s in samples],
+        size=d.resize,
+        cache_dir=d.cache_dir,
+        interpolation=d.test_interpolation,
+    )
+    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+    masks = None
+    if task.has_masks:
+        masks = load_masks(
+            samples,
+            size=d.resize,
+            cache_dir=d.cache_dir,
+            binarize=d.mask_binarize,
+            crop=d.image_size,
+        )
+        if d.relabel_empty:
+            # As the official test set: a defect the center crop cut away leaves a good image.
+            cropped = center_crop_masks(masks, image_size=d.image_size)
+            empty = (cropped.flatten(1).amax(dim=1) == 0) & (labels == 1)
+            if bool(empty.any()):
+                log.info(
+                    "%s: %d anomalous image(s) with an empty mask after the crop count as good",
+                    task.name,
+                    int(empty.sum()),
+                )
+                labels = torch.where(empty, 0, labels)
     return EvalSet(
         images=images.to(device),
         masks=None if masks is None else masks.to(device),
-        labels=torch.tensor([s.label for s in samples], dtype=torch.long),
+        labels=labels,
         groups=[s.group for s in samples],
         samples=list(samples),
     )

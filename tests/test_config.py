@@ -37,7 +37,15 @@ TRAINING_CONFIGS = sorted(
 
 
 def test_every_kind_of_shipped_training_config_is_there():
-    assert {p.stem for p in TRAINING_CONFIGS} == {"mvtec", "aebad_s", "aebad_v", "tiny"}
+    assert {p.stem for p in TRAINING_CONFIGS} == {
+        "mvtec",
+        "aebad_s",
+        "aebad_v",
+        "tiny",
+        "mvtec_paper",
+        "aebad_s_paper",
+        "aebad_v_paper",
+    }
 
 
 @pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.stem)
@@ -89,6 +97,9 @@ def test_overrides_are_yaml_values_on_dotted_keys():
         ({"data.resize": 128}, "data.resize must be >= data.image_size"),
         ({"train.eval_every": 500}, "train.eval_every"),
         ({"train.device": "tpu"}, "train.device"),
+        ({"data.test_interpolation": "nearest"}, "data.test_interpolation must be one of"),
+        ({"data.mask_binarize": "otsu"}, "data.mask_binarize must be one of"),
+        ({"eval.official_pro": "yes"}, "'eval.official_pro' must be true or false"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(raw: dict, match: str):

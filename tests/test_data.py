@@ -303,7 +303,7 @@ def test_cache_hit_does_not_decode(
     paths = sorted((fake_mvtec / "bottle/test").rglob("[0-9]*.png"))
     first = data.load_images(paths, size=10)
 
-    def fail(path: Path, size: int) -> np.ndarray:
+    def fail(path: Path, size: int, **_: object) -> np.ndarray:
         raise AssertionError("decoded although cached")
 
     monkeypatch.setattr(imagecache, "_decode_image", fail)
@@ -332,10 +332,10 @@ def test_concurrent_loads_decode_once(
     real = imagecache._decode_image
     lock = threading.Lock()
 
-    def counting(path: Path, size: int) -> np.ndarray:
+    def counting(path: Path, size: int, **kw: object) -> np.ndarray:
         with lock:
             calls[str(path)] += 1
-        return real(path, size)
+        return real(path, size, **kw)
 
     monkeypatch.setattr(imagecache, "_decode_image", counting)
     results: list[torch.Tensor] = []
@@ -369,6 +369,73 @@ def test_load_masks_accepts_0_1_masks(tmp_path: Path, cache_dir: Path) -> None:
     Image.fromarray((np.asarray(Image.open(write_mask(mask))) // 255).astype(np.uint8)).save(mask)
     sample = Sample(image, 1, "x", mask, "g")
     assert data.load_masks([sample], size=16)[0, 0, 4, 4] == 1
+
+
+def test_test_interpolation_bilinear_is_torchvisions_default_resize(
+    fake_mvtec: Path, cache_dir: Path
+) -> None:
+    paths = [fake_mvtec / "bottle/train/good/000.png", fake_mvtec / "cable/train/good/001.png"]
+    bilinear = data.load_images(paths, size=12, interpolation="bilinear")
+    for i, p in enumerate(paths):
+        ref = TF.resize(Image.open(p).convert("RGB"), [12, 12])  # torchvision's default
+        assert torch.equal(bilinear[i], TF.pil_to_tensor(ref))
+    assert not torch.equal(bilinear, data.load_images(paths, size=12))  # bicubic: its own entry
+    assert len(list(cache_dir.glob("rgb-bilinear-12px-2-*.npy"))) == 1
+    with pytest.raises(ValueError, match="interpolation"):
+        data.load_images(paths, size=12, interpolation="nearest")
+
+
+def _soft_mask_sample(tmp_path: Path, box: tuple[int, int, int, int]) -> Sample:
+    """A 40x40 image with a 0/255 mask holding one rectangle (top, left, bottom, right)."""
+    image = write_image(tmp_path / "img.png", size=(40, 40))
+    arr = np.zeros((40, 40), np.uint8)
+    arr[box[0] : box[2], box[1] : box[3]] = 255
+    mask = tmp_path / "mask.png"
+    Image.fromarray(arr).save(mask)
+    return Sample(image, 1, "x", mask, "g")
+
+
+def test_mask_binarize_official_keeps_only_the_crops_maximum(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    sample = _soft_mask_sample(tmp_path, (9, 9, 27, 30))  # edges fall between resized pixels
+    grey = TF.pil_to_tensor(Image.open(sample.mask).resize((16, 16), Image.Resampling.BILINEAR))
+    assert len(grey.unique()) > 2  # soft edges after the bilinear resize
+    half = data.load_masks([sample], size=16)
+    official = data.load_masks([sample], size=16, binarize="official", crop=12)
+    assert torch.equal(half[0], (grey > 127).to(torch.uint8))
+    peak = grey[:, 2:14, 2:14].max()  # the center 12x12 crop's maximum
+    assert torch.equal(official[0], (grey == peak).to(torch.uint8))
+    assert 0 < official.sum() < half.sum()  # mask / max: only pixels equal to 1 count
+    # The maximum is the crop's: a band whose full-strength rows the crop cuts away still
+    # leaves its soft edge row (divided by its own maximum, as the official transform does).
+    band = _soft_mask_sample(tmp_path, (0, 0, 6, 40))
+    grey = TF.pil_to_tensor(Image.open(band.mask).resize((16, 16), Image.Resampling.BILINEAR))
+    peak = grey[:, 2:14, 2:14].max()
+    assert 0 < peak < grey.max()
+    official = data.load_masks([band], size=16, binarize="official", crop=12)
+    assert torch.equal(official[0], (grey == peak).to(torch.uint8))
+    with pytest.raises(ValueError, match="binarize"):
+        data.load_masks([sample], size=16, binarize="otsu")
+
+
+def test_relabel_empty_turns_a_cropped_away_defect_into_a_good_image(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    from mmr.config import Config
+    from mmr.train import prepare_eval
+
+    sample = _soft_mask_sample(tmp_path, (0, 0, 4, 4))  # in the corner the crop removes
+    task = Task("t", (), (sample,), True)
+    base = {"data.resize": 20, "data.image_size": 12, "model.patch_size": 4}
+    kept = prepare_eval(Config.from_dict(base), task, [sample], torch.device("cpu"))
+    assert kept.labels.tolist() == [1]
+    paper = Config.from_dict({**base, "data.relabel_empty": True})
+    relabelled = prepare_eval(paper, task, [sample], torch.device("cpu"))
+    assert relabelled.labels.tolist() == [0]
+    inside = _soft_mask_sample(tmp_path, (15, 15, 25, 25))
+    task = Task("t", (), (inside,), True)
+    assert prepare_eval(paper, task, [inside], torch.device("cpu")).labels.tolist() == [1]
 
 
 def test_default_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
