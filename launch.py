@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="best config, checkpoint, tables and plots of a sweep")
     p.add_argument("experiment", help="experiment directory")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--trial",
+        help="export this trial (an id from `status`) instead of the best; with several "
+        "objectives the default is the front trial with the best first objective",
+    )
 
     p = sub.add_parser("submit", help="submit a sweep as a Ray Job to a running cluster")
     _add_sweep_options(p)
@@ -203,7 +208,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     load_spec(args.experiment)
     from search.export import export_experiment
 
-    out = export_experiment(args.experiment, args.out)
+    out = export_experiment(args.experiment, args.out, trial=args.trial)
     print(f"exported to {out}")
     for path in sorted(out.rglob("*")):
         if path.is_file():

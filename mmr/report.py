@@ -12,6 +12,8 @@ import pandas as pd
 
 __all__ = [
     "METRICS",
+    "SPEED_METRICS",
+    "LOWER_IS_BETTER",
     "METRIC_TITLES",
     "flatten_metrics",
     "unflatten_metrics",
@@ -21,6 +23,10 @@ __all__ = [
 
 # Reported metrics, in table order (pro_official only when eval.official_pro is on).
 METRICS = ("image_auroc", "pixel_auroc", "pixel_f1", "aupro", "pro_official")
+# Reported once per trial, with its final round (mmr/speed.py): ms per image at batch 1 and
+# at eval.batch_size, and the trained (student) parameters in millions.
+SPEED_METRICS = ("latency_ms", "latency_batch_ms", "params_m")
+LOWER_IS_BETTER = frozenset(SPEED_METRICS)  # every other metric: higher is better
 METRIC_TITLES = {
     "image_auroc": "Image AUROC",
     "pixel_auroc": "Pixel AUROC",

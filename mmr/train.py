@@ -289,6 +289,11 @@ def fit(
                 history,
             )
         if report is not None:
+            if epoch + 1 == t.epochs:
+                # Once per run, with the final round: the deployment cost of the trained model
+                # (every task's model has the same architecture: the first stands for all).
+                # Kept out of the history, which must not depend on the machine's speed.
+                flat = {**flat, **_speed(next(iter(models.values())), cfg)}
             report(len(history), flat)
 
     if not val_metrics and history:  # resumed after the last round: rebuild from history
@@ -342,6 +347,18 @@ def _train_epoch(
         total += loss.item() * len(idx)
         count += len(idx)
     return total / max(count, 1)
+
+
+def _speed(model: MMR, cfg: Config) -> dict[str, float]:
+    from mmr.speed import speed_metrics
+
+    device = next(model.student.parameters()).device
+    return speed_metrics(
+        model,
+        eval_batch_size=cfg.eval.batch_size,
+        blur_sigma=cfg.eval.blur_sigma,
+        autocast=lambda: _autocast(cfg, device),
+    )
 
 
 def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:

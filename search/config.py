@@ -26,7 +26,7 @@ from mmr.config import (
     to_plain,
 )
 from mmr.errors import UserInputError
-from mmr.report import METRICS
+from mmr.report import LOWER_IS_BETTER, METRICS, SPEED_METRICS
 from search.storage import SPEC_FILE, exists, is_uri, join, mirror_dir, pull
 from spaces import Space, load_space
 
@@ -43,7 +43,9 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SWEEP = ROOT / "configs" / "demo_sweep.yaml"
-SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
+SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid", "nsga2")
+ROUND_METRICS = METRICS  # reported after every validation round
+OBJECTIVE_METRICS = (*METRICS, *SPEED_METRICS)  # anything a trial reports may be an objective
 SCHEDULERS = ("asha", "fifo")
 SWEEP_SECTIONS = (
     "name",
@@ -61,13 +63,34 @@ SWEEP_SECTIONS = (
 @dataclass(frozen=True)
 class ObjectiveConfig:
     metric: str | dict[str, float] = "image_auroc"  # validation metric, or {metric: weight}
-    mode: str = "max"  # max | min
-    per_category: bool = False  # one study (and best config) per category
+    mode: str | tuple[str, ...] = "max"  # max | min, or one per entry of metrics
+    metrics: tuple[str, ...] | None = None  # several objectives (a Pareto front); wins over metric
+    guard: dict[str, float] = field(default_factory=dict)  # {metric: most it may fall below
+    # the baseline trial's value}; a trial breaking one is infeasible, never the best
+    per_category: bool = False  # one study (and best config, or front) per category
+
+    @property
+    def objectives(self) -> tuple[tuple[str, str], ...]:
+        """``((metric, mode), ...)``: ``metrics`` with their modes, or the one ``metric``.
+
+        A weighted ``metric`` mapping counts as one objective named ``objective``.
+        """
+        if self.metrics:
+            modes = (self.mode,) * len(self.metrics) if isinstance(self.mode, str) else self.mode
+            return tuple(zip(self.metrics, modes, strict=True))
+        name = self.metric if isinstance(self.metric, str) else "objective"
+        mode = self.mode if isinstance(self.mode, str) else self.mode[0]
+        return ((name, mode),)
+
+    @property
+    def multi(self) -> bool:
+        """Several objectives: a Pareto front instead of one best trial."""
+        return bool(self.metrics) and len(self.metrics) > 1
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    sampler: str = "tpe"  # tpe | gp | cmaes | random | grid
+    sampler: str = "tpe"  # tpe | gp | cmaes | random | grid | nsga2 (several objectives)
     num_trials: int = 64  # trials per study (the baseline trial included)
     max_concurrent: int = 8  # trials running at once (per sweep)
     seed: int = 0  # sampler seed
@@ -102,15 +125,14 @@ class SweepConfig:
 
     def validated(self) -> SweepConfig:
         o, s, sc, r = self.objective, self.search, self.scheduler, self.resources
-        weights = o.metric if isinstance(o.metric, dict) else {o.metric: 1.0}
-        bad = sorted(set(weights) - set(METRICS))
-        _check(
-            not bad and weights,
-            "objective.metric",
-            f"must be one of {METRICS} or a mapping of them to weights, got {o.metric!r}",
-        )
-        _check(o.mode in ("max", "min"), "objective.mode", "must be max or min")
+        _check_objective(o)
         _check(s.sampler in SAMPLERS, "search.sampler", f"must be one of {SAMPLERS}")
+        _check(
+            not (o.multi and s.sampler == "cmaes"),
+            "search.sampler",
+            "cmaes optimises one objective: with several objective.metrics use tpe, nsga2, "
+            "gp, random or grid",
+        )
         _check(s.num_trials >= 1, "search.num_trials", f"must be >= 1, got {s.num_trials}")
         _check(s.max_concurrent >= 1, "search.max_concurrent", "must be >= 1")
         _check(s.n_startup_trials >= 0, "search.n_startup_trials", "must be >= 0")
@@ -174,11 +196,21 @@ class SweepSpec:
         )
 
     def objective_value(self, metrics: Mapping[str, float]) -> float | None:
-        """The objective (a metric or a weighted mix) from flat validation metrics.
+        """The scalar the scheduler ranks trials by, from flat validation metrics.
 
-        Always to be maximised: with ``mode: min`` the value is negated.
+        One objective: that metric (or the weighted mix of ``objective.metric``). Several
+        objectives: the first of ``objective.metrics`` that is reported every round (early
+        stopping needs one number per rung; the sampler still sees every objective).
+        Always to be maximised: with mode ``min`` the value is negated.
         """
-        metric = self.sweep.objective.metric
+        o = self.sweep.objective
+        if o.metrics:
+            name, mode = next((n, m) for n, m in o.objectives if n in METRICS)
+            value = metrics.get(name)
+            if value is None:
+                return None
+            return -value if mode == "min" else value
+        metric = o.metric
         weights = metric if isinstance(metric, dict) else {metric: 1.0}
         total = 0.0
         for name, weight in weights.items():
@@ -187,7 +219,26 @@ class SweepSpec:
                 return None
             total += weight * value
         value = total / sum(weights.values())
-        return -value if self.sweep.objective.mode == "min" else value
+        return -value if o.objectives[0][1] == "min" else value
+
+    def guard_violations(
+        self, metrics: Mapping[str, Any], baseline: Mapping[str, Any]
+    ) -> dict[str, float]:
+        """``{metric: amount beyond its guard}`` (> 0: broken) against the baseline's metrics.
+
+        A guard bounds how much worse than the baseline a metric may get: lower for quality
+        metrics, higher for ``latency_ms``/``params_m``. A metric missing on either side is
+        not judged (``nan``).
+        """
+        out: dict[str, float] = {}
+        for metric, allowed in self.sweep.objective.guard.items():
+            value, base = metrics.get(metric), baseline.get(metric)
+            if value is None or base is None or _nan(value) or _nan(base):
+                out[metric] = float("nan")
+                continue
+            worse = value - base if metric in LOWER_IS_BETTER else base - value
+            out[metric] = float(worse - allowed)
+        return out
 
 
 def is_experiment(location: str | Path) -> bool:
@@ -329,6 +380,62 @@ def _find(value: str, config_dir: Path, key: str) -> Path:
         f"sweep {key} {value!r} not found (looked in "
         f"{', '.join(str(c.parent) for c in candidates)}): fix the path"
     )
+
+
+def _nan(value: Any) -> bool:
+    return isinstance(value, float) and value != value
+
+
+def _check_objective(o: ObjectiveConfig) -> None:
+    """Metric names, modes and guards, each error naming its key."""
+    weights = o.metric if isinstance(o.metric, dict) else {o.metric: 1.0}
+    bad = sorted(set(weights) - set(OBJECTIVE_METRICS))
+    _check(
+        not bad and bool(weights),
+        "objective.metric",
+        f"must be one of {OBJECTIVE_METRICS} or a mapping of them to weights, got {o.metric!r}",
+    )
+    if o.metrics is not None:
+        bad = sorted(set(o.metrics) - set(OBJECTIVE_METRICS))
+        _check(
+            bool(o.metrics) and not bad,
+            "objective.metrics",
+            f"must be a non-empty list of {OBJECTIVE_METRICS}, got {list(o.metrics)!r}"
+            + (f" (unknown: {bad})" if bad else ""),
+        )
+        _check(
+            len(set(o.metrics)) == len(o.metrics),
+            "objective.metrics",
+            f"lists a metric twice: {list(o.metrics)!r}",
+        )
+    modes = (o.mode,) if isinstance(o.mode, str) else o.mode
+    _check(
+        bool(modes) and all(m in ("max", "min") for m in modes),
+        "objective.mode",
+        f"must be max or min (or a list of them), got {o.mode!r}",
+    )
+    if not isinstance(o.mode, str):
+        count = len(o.metrics) if o.metrics else 1
+        _check(
+            len(o.mode) == count,
+            "objective.mode",
+            f"lists {len(o.mode)} modes for {count} objective(s) "
+            f"{list(o.metrics or [o.metric])!r}: give one mode, or one per metric",
+        )
+    names = [name for name, _ in o.objectives]
+    _check(
+        any(n in ROUND_METRICS or n == "objective" for n in names),
+        "objective.metrics" if o.metrics else "objective.metric",
+        f"needs a validation metric ({', '.join(ROUND_METRICS)}): {', '.join(SPEED_METRICS)} "
+        "are measured once, at the end of a trial, so early stopping could not compare trials",
+    )
+    for metric, drop in o.guard.items():
+        _check(
+            metric in OBJECTIVE_METRICS,
+            f"objective.guard.{metric}",
+            f"is not a reported metric: guards take {OBJECTIVE_METRICS}",
+        )
+        _check(drop >= 0, f"objective.guard.{metric}", f"must be >= 0, got {drop}")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

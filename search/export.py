@@ -6,9 +6,11 @@ Layout of ``--out DIR`` (single study)::
     plots/optimization_history.png  param_importances.png  parallel_coordinate.png
     plots/overlays_<task>.png  overlays_<task>.gif
 
-With ``objective.per_category`` each category gets ``<category>/best.yaml`` and
-``<category>/model.pt``, and plots per study. Files are written to a temporary directory that
-replaces ``DIR`` at the end, so a failed export leaves nothing half-written.
+With several objectives also ``pareto.csv`` and ``plots/pareto_front.png``, and results.md
+has a row per front trial. With ``objective.per_category`` each category gets
+``<category>/best.yaml`` and ``<category>/model.pt``, and plots per study. Files are written
+to a temporary directory that replaces ``DIR`` at the end, so a failed export leaves nothing
+half-written.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mmr.config import Config, dump_config
 from mmr.errors import UserInputError
 from mmr.report import flatten_metrics, results_markdown, write_json
 from search.config import SweepSpec, load_spec
+from search.pareto import write_pareto
 from search.results import best_trials, load_trials
 from search.searcher import OBJECTIVE
 from search.storage import local_checkpoint
@@ -37,14 +40,25 @@ log = logging.getLogger(__name__)
 
 
 def export_experiment(
-    experiment: str | Path, out: str | Path, *, overlays: int = 8, device: str = "auto"
+    experiment: str | Path,
+    out: str | Path,
+    *,
+    overlays: int = 8,
+    device: str = "auto",
+    trial: str | None = None,
 ) -> Path:
-    """Writes every export artefact of an experiment to ``out``; returns ``out``."""
+    """Writes every export artefact of an experiment to ``out``; returns ``out``.
+
+    ``trial`` (a Tune trial id, as in ``launch.py status``) exports that trial as the chosen
+    one of its study instead of the best (with several objectives: a point of the front).
+    """
     spec = load_spec(experiment)
     exp = spec.experiment_location
     out = Path(out).resolve()
     df = load_trials(exp)
     best = best_trials(df)
+    if trial is not None:
+        best.update(_chosen(df, trial))
     if not best:
         raise UserInputError(
             f"experiment {str(exp)!r} has no trial with a result yet: "
@@ -79,6 +93,8 @@ def _export(
     trials_csv.to_csv(out / "trials.csv", index=False)
     rows: dict[str, dict[str, dict[str, float]]] = {"baseline (test)": {}, "best (test)": {}}
     summary: dict[str, Any] = {"studies": {}}
+    tested: dict[str, dict] = {}  # trial id -> test metrics, each trial evaluated once
+    multi = spec.sweep.objective.multi
     for category, row in best.items():
         target = out / category if category else out
         target.mkdir(exist_ok=True)
@@ -103,6 +119,8 @@ def _export(
                 _, test_base, _ = evaluate_checkpoint(ckpt, device=device)
         if base is not None:
             rows["baseline (test)"].update(test_base)
+            tested[base["trial"]] = test_base
+        tested[row["trial"]] = test_best
         summary["studies"][category or spec.sweep.name] = {
             "best_trial": row["trial"],
             "best_val_objective": float(row[OBJECTIVE]),
@@ -111,10 +129,18 @@ def _export(
             "best_test": flatten_metrics(test_best),
             "baseline_test": flatten_metrics(test_base) if base is not None else None,
         }
+        if multi:
+            study = df if category is None else df[df["category"] == category]
+            summary["studies"][category or spec.sweep.name]["front"] = study[
+                study["on_front"].astype(bool)
+            ]["trial"].tolist()
         for task, (data, maps) in outputs.items():
             _overlays(data, maps, cfg.data.image_size, out / "plots", task, overlays)
     if not rows["baseline (test)"]:
         del rows["baseline (test)"]
+    if multi:
+        write_pareto(spec, df, out)
+        rows.update(_front_rows(spec, df, tested, device))
     (out / "results.md").write_text(
         results_markdown(
             rows, title=f"{spec.sweep.name}: held-out test half (never seen by the search)"
@@ -122,6 +148,46 @@ def _export(
     )
     write_json(summary, out / "summary.json")
     _study_plots(spec, out / "plots")
+
+
+def _chosen(df: pd.DataFrame, trial: str) -> dict[str | None, pd.Series]:
+    """``{study: row}`` of the trial picked with ``--trial``; a clear error if there is none."""
+    match = df[df["trial"] == trial] if "trial" in df else df.iloc[0:0]
+    if match.empty:
+        known = ", ".join(df["trial"].astype(str)) if "trial" in df else ""
+        raise UserInputError(
+            f"--trial {trial!r} is not a trial of this experiment: pick one of the ids "
+            f"`launch.py status` lists ({known or 'none yet'})"
+        )
+    row = match.iloc[0]
+    if not _has_checkpoint(row):
+        raise UserInputError(
+            f"--trial {trial!r} has no checkpoint (state {row['state']}): it never finished a "
+            "round; pick a trial with a result"
+        )
+    category = row.get("category")
+    return {category if isinstance(category, str) else None: row}
+
+
+def _front_rows(
+    spec: SweepSpec, df: pd.DataFrame, done: dict[str, dict], device: str
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Test-half metrics of every front trial (``front #N (test)`` rows of results.md).
+
+    ``done`` maps trial ids already evaluated (best, baseline) to their test metrics.
+    """
+    from mmr.train import evaluate_checkpoint
+
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for _, row in df[df["on_front"].astype(bool)].iterrows():
+        test = done.get(row["trial"])
+        if test is None and _has_checkpoint(row):
+            with local_checkpoint(row["checkpoint"]) as ckpt:
+                _, test, _ = evaluate_checkpoint(ckpt, device=device)
+        if test is not None:
+            label = f"front #{int(row['study_trial'])} {row['trial']} (test)"
+            rows.setdefault(label, {}).update(test)
+    return rows
 
 
 def _has_checkpoint(row: pd.Series) -> bool:
@@ -189,13 +255,28 @@ def _study_plots(spec: SweepSpec, plots: Path) -> None:
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
         suffix = "" if name == spec.sweep.name else "_" + name.rsplit("/", 1)[-1]
+        targets: dict[str, dict[str, Any]] = {}
+        if spec.sweep.objective.multi:
+            # Optuna plots one target of a multi-objective study: the first objective. Its
+            # importance evaluator looks for what makes a target low: negate a maximised one.
+            first, mode = spec.sweep.objective.objectives[0]
+            sign = -1.0 if mode == "max" else 1.0
+            value = {"target": lambda t: t.values[0], "target_name": first}
+            targets = {
+                "optimization_history": value,
+                "parallel_coordinate": value,
+                "param_importances": {
+                    "target": lambda t, sign=sign: sign * t.values[0],
+                    "target_name": first,
+                },
+            }
         for plot, fn in (
             ("optimization_history", ovm.plot_optimization_history),
             ("param_importances", ovm.plot_param_importances),
             ("parallel_coordinate", ovm.plot_parallel_coordinate),
         ):
             try:
-                ax = fn(study)
+                ax = fn(study, **targets.get(plot, {}))
             except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ trials
                 log.warning("plot %s of study %s skipped: %s", plot, name, exc)
                 continue

@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from mmr.report import METRICS
+from mmr.report import METRICS, SPEED_METRICS
 from search.config import SweepSpec, load_spec
 from search.searcher import OBJECTIVE, ROUNDS_KEY
 from search.trainable import META_KEYS
@@ -18,6 +19,7 @@ __all__ = [
     "load_trials",
     "best_trials",
     "best_of_study",
+    "pareto_front",
     "status_table",
     "summary_table",
     "short_name",
@@ -55,7 +57,85 @@ def load_trials(experiment: str | Path) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=["trial", "state", "baseline", OBJECTIVE])
-    return df.sort_values(["category", "study_trial"], na_position="first").reset_index(drop=True)
+    df = df.sort_values(["category", "study_trial"], na_position="first").reset_index(drop=True)
+    return _judge(spec, df)
+
+
+def _studies(df: pd.DataFrame) -> list[pd.Index]:
+    """Row labels of each study: one per category in per-category sweeps, else all rows."""
+    if "category" not in df or not df["category"].notna().any():
+        return [df.index]
+    return [group.index for _, group in df.groupby("category", dropna=False)]
+
+
+def _judge(spec: SweepSpec, df: pd.DataFrame) -> pd.DataFrame:
+    """Adds guard and Pareto columns, each study judged against its own baseline trial.
+
+    ``feasible`` (bool) and ``guard`` (the broken guards, e.g. ``aupro -0.021``) when the sweep
+    has guards; ``first_objective`` (the first objective, sign-adjusted to be maximised) and
+    ``on_front`` (bool) when it has several objectives.
+    """
+    o = spec.sweep.objective
+    if o.guard:
+        df["feasible"], df["guard"] = True, ""
+        for idx in _studies(df):
+            study = df.loc[idx]
+            base = study[study["baseline"]]
+            if base.empty:
+                continue
+            base_metrics = _metrics_of(base.iloc[0])
+            for i in idx:
+                excess = spec.guard_violations(_metrics_of(df.loc[i]), base_metrics)
+                broken = {m: v for m, v in excess.items() if v > 0}
+                df.loc[i, "feasible"] = not broken
+                # The change against the baseline of each broken guard's metric.
+                df.loc[i, "guard"] = " ".join(
+                    f"{m} {df.loc[i, m] - base_metrics[m]:+.4f}" for m in broken
+                )
+    if o.multi:
+        first, mode = o.objectives[0]
+        df["first_objective"] = -df[first] if mode == "min" else df[first]
+        df["on_front"] = False
+        for idx in _studies(df):
+            df.loc[pareto_front(df.loc[idx], o.objectives), "on_front"] = True
+    return df
+
+
+def _metrics_of(row: pd.Series) -> dict[str, Any]:
+    return {m: row[m] for m in (*METRICS, *SPEED_METRICS) if m in row and not _missing(row[m])}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def pareto_front(df: pd.DataFrame, objectives: tuple[tuple[str, str], ...]) -> list[Any]:
+    """Row labels of the non-dominated trials among the fully trained, feasible ones.
+
+    Stopped trials are left out: their values come from an earlier round than the others'.
+    """
+    names = [m for m, _ in objectives]
+    pool = df[df["state"] == "done"]
+    if "feasible" in pool:
+        pool = pool[pool["feasible"].astype(bool)]
+    if any(m not in pool for m in names):
+        return []
+    pool = pool.dropna(subset=names)
+    # Every objective turned into "higher is better".
+    values = np.stack(
+        [
+            (-1.0 if mode == "min" else 1.0) * pool[m].astype(float).to_numpy()
+            for m, mode in objectives
+        ],
+        axis=1,
+    )
+    front = []
+    for i, label in enumerate(pool.index):
+        others = np.delete(values, i, axis=0)
+        dominated = ((others >= values[i]).all(axis=1) & (others > values[i]).any(axis=1)).any()
+        if not dominated:
+            front.append(label)
+    return front
 
 
 def _row(spec: SweepSpec, trial: Any) -> dict[str, Any]:
@@ -91,7 +171,7 @@ def _row(spec: SweepSpec, trial: Any) -> dict[str, Any]:
         }
     )
     row["error"] = _error_line(trial) if state == "failed" else None
-    row.update({m: result.get(m) for m in METRICS if m in result})
+    row.update({m: result.get(m) for m in (*METRICS, *SPEED_METRICS) if m in result})
     row.update({k: v for k, v in result.items() if "/" in k and k.rsplit("/", 1)[-1] in METRICS})
     row["checkpoint"] = checkpoint  # a Tune Checkpoint (local or remote) or None
     return row
@@ -142,8 +222,14 @@ def best_of_study(trials: pd.DataFrame) -> pd.Series | None:
     furthest is the best so far.
     """
     scored = trials[trials[OBJECTIVE].notna()]
+    if "feasible" in scored:  # a trial that breaks a guard is never the best
+        scored = scored[scored["feasible"].astype(bool)]
     if scored.empty:
         return None
+    if "on_front" in scored and scored["on_front"].any():
+        # Several objectives: the front trial (all fully trained) with the best first one.
+        front = scored[scored["on_front"].astype(bool)]
+        return front.loc[front["first_objective"].idxmax()]
     done = scored[scored["state"] == "done"]
     pool = done if not done.empty else scored[scored["rounds"] == scored["rounds"].max()]
     return pool.loc[pool[OBJECTIVE].idxmax()]
@@ -162,23 +248,42 @@ def status_table(experiment: str | Path) -> str:
         + (["category"] if df["category"].notna().any() else [])
         + [p for p in params if p in df]
     )
-    cols += [c for c in (OBJECTIVE, *METRICS, "rounds", "epochs", "wall_s") if c in df]
+    cols += [
+        c for c in (OBJECTIVE, *METRICS, *SPEED_METRICS, "rounds", "epochs", "wall_s") if c in df
+    ]
+    shown = df.copy()
+    if "on_front" in df:
+        shown["front"] = np.where(df["on_front"].astype(bool), "*", "")
+        cols.insert(3, "front")
+    if "guard" in df:
+        # Why a trial is infeasible: the guarded metrics it lost, as changes to the baseline.
+        shown["guard"] = np.where(df["feasible"].astype(bool), "ok", "broken: " + df["guard"])
+        cols.insert(3, "guard")
     counts = df["state"].value_counts()
     lines = [
         f"experiment {spec.sweep.name} ({exp})",
         "trials: "
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATE_ORDER)
         + f" of {_planned(spec)}",
-        _format(df[cols]),
+        _format(shown[cols]),
     ]
     for _, row in df[df["state"] == "failed"].iterrows():
         lines.append(f"failed: trial {row['trial']}: {row['error'] or 'no error recorded'}")
     if counts.get("failed", 0):
         lines.append(f"run the failed trials again with: launch.py resume {exp} --retry-failed")
+    if "on_front" in df:
+        names = ", ".join(f"{m} ({mode})" for m, mode in spec.sweep.objective.objectives)
+        for idx in _studies(df):
+            study = df.loc[idx]
+            front = study[study["on_front"].astype(bool)]["trial"].tolist()
+            category = study["category"].iloc[0] if study["category"].notna().any() else None
+            where = f" [{category}]" if category else ""
+            lines.append(f"pareto front{where} over {names}: {', '.join(front) or 'none yet'}")
     for category, best in best_trials(df).items():
         where = f" [{category}]" if category else ""
+        label = "front pick" if "on_front" in df else "best"
         lines.append(
-            f"best{where}: trial {best['trial']} {OBJECTIVE} {best[OBJECTIVE]:.4f} "
+            f"{label}{where}: trial {best['trial']} {OBJECTIVE} {best[OBJECTIVE]:.4f} "
             + " ".join(f"{p}={_fmt(best[p])}" for p in params if p in best)
         )
     return "\n".join(lines)
@@ -194,16 +299,30 @@ def summary_table(experiment: str | Path) -> str:
     if df.empty:
         return head + "\nno trial reported a result"
     params = [short_name(k) for k in spec.space.keys]
-    rows = []
+    multi = "on_front" in df
+    rows, notes = [], []
     for category, best in best_trials(df).items():
         pool = df if category is None else df[df["category"] == category]
         base = pool[pool["baseline"]]
-        for label, row in (("baseline", base.iloc[0] if not base.empty else None), ("best", best)):
+        picks = [("baseline", base.iloc[0] if not base.empty else None), ("best", best)]
+        if multi:
+            # Every front trial (the export takes the one with the best first objective).
+            front = pool[pool["on_front"].astype(bool)]
+            picks = picks[:1] + [
+                ("front*" if r["trial"] == best["trial"] else "front", r)
+                for _, r in front.iterrows()
+            ]
+            notes.append(
+                f"{category or spec.sweep.name}: {len(front)} trial(s) on the Pareto front "
+                f"(*: exported); export another with `launch.py export {exp} --trial ID`"
+            )
+        for label, row in picks:
             if row is None:
                 continue
             entry = {"study": category or spec.sweep.name, "row": label, "trial": row["trial"]}
             entry.update({p: row.get(p) for p in params})
-            entry.update({m: row.get(m) for m in (OBJECTIVE, *METRICS) if m in row})
+            metrics = (OBJECTIVE, *METRICS, *(SPEED_METRICS if multi else ()))
+            entry.update({m: row.get(m) for m in metrics if m in row})
             entry["epochs"] = row.get("epochs")
             rows.append(entry)
     if not rows:
@@ -217,7 +336,7 @@ def summary_table(experiment: str | Path) -> str:
                 f"{study}: best {vals['best']:.4f} vs baseline {vals['baseline']:.4f} "
                 f"({vals['best'] - vals['baseline']:+.4f} validation {OBJECTIVE})"
             )
-    return "\n".join([head, _format(table), *gains])
+    return "\n".join([head, _format(table), *(notes if multi else gains)])
 
 
 def _planned(spec: SweepSpec) -> int:

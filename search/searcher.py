@@ -9,8 +9,9 @@ pruners do). ``PerCategorySearch`` runs one such study per category inside a sin
 from __future__ import annotations
 
 import logging
+import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from optuna.trial import TrialState
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from search.config import SweepSpec
+from search.config import OBJECTIVE_METRICS, SweepSpec
 from spaces import Space, SpaceError
 
 __all__ = [
@@ -89,6 +90,10 @@ def make_sampler(
         )
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if s.sampler == "nsga2":
+        # A generation as large as the random start-up phase: the default (50) would leave a
+        # sweep of a few dozen trials in its random first generation throughout.
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, startup))
     return BaselineFirstGridSampler(space.grid(), baseline=space.baseline(spec.base), seed=seed)
 
 
@@ -104,6 +109,15 @@ class StudySearch(OptunaSearch):
     The first trial of a study is the base config (enqueued); its config carries
     ``baseline: True``. Trial configs hold dotted training-config keys only (plus metadata
     keys ``baseline``, ``category`` and ``study_trial``), never Optuna branch names.
+
+    With several ``objectives`` the study is multi-objective (one direction per metric) and
+    is told each metric's final value. Optuna 5 rejects ``Trial.report`` in multi-objective
+    studies, so a stopped trial is recorded PRUNED without intermediate values; its last
+    reported metrics are kept in the user attribute ``metrics``, as for every finished trial.
+    With ``guards`` (``SweepSpec.guard_violations``) every finished trial gets one Optuna
+    constraint per guarded metric (``Trial.set_constraint``; > 0: infeasible), measured
+    against the baseline trial; while the baseline has not finished, a trial counts as
+    feasible for the sampler (status and export judge it again against the finished baseline).
     """
 
     def __init__(
@@ -115,13 +129,16 @@ class StudySearch(OptunaSearch):
         storage: JournalStorage,
         sampler: optuna.samplers.BaseSampler,
         category: str | None = None,
+        objectives: Sequence[tuple[str, str]] | None = None,
+        guards: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, float]] | None = None,
     ) -> None:
         # A grid sampler puts the baseline first itself (see BaselineFirstGridSampler).
         enqueue = not isinstance(sampler, optuna.samplers.GridSampler)
+        multi = objectives is not None and len(objectives) > 1
         super().__init__(
             space=space.define,
-            metric=OBJECTIVE,
-            mode="max",
+            metric=[m for m, _ in objectives] if multi else OBJECTIVE,
+            mode=[d for _, d in objectives] if multi else "max",
             points_to_evaluate=[dict(baseline)] if enqueue else None,
             sampler=sampler,
             study_name=study_name,
@@ -131,6 +148,8 @@ class StudySearch(OptunaSearch):
         self._baseline_params = dict(baseline)
         self._baseline_taken = False
         self._enqueue = enqueue
+        self._multi = multi
+        self._guards = guards
 
     def _suggest_from_define_by_run_func(self, func: Any, ot_trial: Any) -> dict:
         # Keep the define-by-run return (config keys), not Optuna's parameter names.
@@ -145,15 +164,29 @@ class StudySearch(OptunaSearch):
         # The enqueued base config comes back as the first trial with exactly its params.
         is_baseline = not self._baseline_taken and ot_trial.params == self._baseline_params
         self._baseline_taken |= is_baseline
+        if is_baseline:
+            ot_trial.set_user_attr("baseline", True)  # in the journal: survives a resume
         config["baseline"] = is_baseline
         config["study_trial"] = ot_trial.number
         if self._category is not None:
             config["category"] = self._category
         return config
 
+    @property
+    def metric(self) -> str:
+        # What Tune checks every result for: the scalar reported every round. With several
+        # objectives the study's own metrics (self._metric) include ones reported only at the
+        # end (latency_ms), which Tune's strict metric check would reject in earlier rounds.
+        return OBJECTIVE
+
+    @property
+    def mode(self) -> str:
+        return "max"  # of OBJECTIVE (the study keeps one direction per objective)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._reopen_if_retried(trial_id)
-        super().on_trial_result(trial_id, result)
+        if not self._multi:  # Optuna keeps no intermediate values for several objectives
+            super().on_trial_result(trial_id, result)
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
@@ -168,15 +201,25 @@ class StudySearch(OptunaSearch):
             super().on_trial_complete(trial_id, result=None, error=True)
             return
         done = result and result.get("training_iteration", 0) >= result.get(ROUNDS_KEY, 0)
+        if result:
+            self._record_metrics(self._ot_trials[trial_id], result)
         if result and OBJECTIVE in result and not done:
             # Stopped early by the scheduler: PRUNED, valued by its last intermediate value.
             # Tune passes the result that triggered the stop here, not to on_trial_result.
             ot_trial = self._ot_trials[trial_id]
             step = int(result.get("training_iteration", 0))
             frozen = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
-            if step not in frozen.intermediate_values:
+            if not self._multi and step not in frozen.intermediate_values:
                 ot_trial.report(result[OBJECTIVE], step)
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
+        if self._multi:
+            values = [result.get(m) for m in self._metric] if result else None
+            if values is None or any(v is None for v in values):
+                self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.FAIL)
+            else:
+                self._ot_study.tell(self._ot_trials[trial_id], values)
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
@@ -216,6 +259,25 @@ class StudySearch(OptunaSearch):
             failed.number,
             retry.number,
         )
+
+    def _record_metrics(self, ot_trial: optuna.Trial, result: Mapping[str, Any]) -> None:
+        """Stores the trial's reported metrics and, with guards, its constraints."""
+        metrics = {m: float(result[m]) for m in OBJECTIVE_METRICS if result.get(m) is not None}
+        ot_trial.set_user_attr("metrics", metrics)
+        if self._guards is None:
+            return
+        base = self._baseline_metrics()
+        if base is None and ot_trial.user_attrs.get("baseline"):
+            base = metrics
+        for metric, excess in self._guards(metrics, base or {}).items():
+            # Unknown (baseline unfinished, metric not reported yet): feasible for now.
+            ot_trial.set_constraint(f"guard_{metric}", 0.0 if math.isnan(excess) else excess)
+
+    def _baseline_metrics(self) -> dict[str, float] | None:
+        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.user_attrs.get("baseline"):
+                return dict(t.user_attrs.get("metrics", {}))
+        return None
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
@@ -336,22 +398,24 @@ def make_searcher(spec: SweepSpec, experiment_dir: Path) -> StudySearch | PerCat
     space = spec.space
     baseline = space.baseline(spec.base)
     storage = study_storage(experiment_dir)
-    if not spec.sweep.objective.per_category:
+    o = spec.sweep.objective
+    common: dict[str, Any] = {
+        "baseline": baseline,
+        "storage": storage,
+        "objectives": o.objectives,
+        "guards": spec.guard_violations if o.guard else None,
+    }
+    if not o.per_category:
         return StudySearch(
-            space,
-            baseline=baseline,
-            study_name=spec.sweep.name,
-            storage=storage,
-            sampler=make_sampler(spec, space),
+            space, study_name=spec.sweep.name, sampler=make_sampler(spec, space), **common
         )
     searchers = {
         cat: StudySearch(
             space,
-            baseline=baseline,
             study_name=f"{spec.sweep.name}/{cat}",
-            storage=storage,
             sampler=make_sampler(spec, space, seed_offset=i),
             category=cat,
+            **common,
         )
         for i, cat in enumerate(spec.categories)
     }

@@ -324,3 +324,49 @@ def test_readme_lists_exactly_what_the_paper_configs_change():
         a = load_config(ROOT / "configs" / f"{search}.yaml").flat()
         b = load_config(ROOT / "configs" / f"{paper}.yaml").flat()
         assert {k for k in a if a[k] != b[k]} == documented, paper
+
+
+def test_final_round_reports_latency_and_trained_parameters(synthetic_root: Path):
+    from mmr.speed import params_m
+
+    cfg = tiny(synthetic_root, **{"eval.batch_size": 3})
+    rounds: list[dict] = []
+    result = fit(cfg, report=lambda r, m: rounds.append(m), final_test=False)
+    assert "latency_ms" not in rounds[0]  # measured once, with the final round
+    final = rounds[-1]
+    assert final["latency_ms"] > 0 and final["latency_batch_ms"] > 0
+    assert math.isfinite(final["latency_ms"])
+    model = result["models"]["disk"]
+    assert final["params_m"] == pytest.approx(params_m(model))
+    # The student only: the frozen teacher is not trained.
+    student = sum(p.numel() for p in model.student.parameters())
+    assert final["params_m"] == pytest.approx(student / 1e6) and student > 0
+    assert "latency_ms" not in result["history"][-1]  # the history stays machine-independent
+
+
+def test_latency_is_the_median_per_image_of_timed_calls(monkeypatch):
+    from types import SimpleNamespace
+
+    from mmr import speed
+
+    class Model(torch.nn.Module):
+        image_size = 8
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = torch.nn.Linear(2, 2)
+            self.calls = 0
+
+        def anomaly_map(self, images, *, blur_sigma):
+            self.calls += 1
+            return images[:, 0]
+
+    clock = iter([0.0, 9.0, 10.0, 10.5, 20.0, 20.2, 30.0, 30.3, 40.0, 40.1, 50.0, 50.4, 60, 61])
+    # Only mmr.speed's clock (the real time module's is read by others too).
+    monkeypatch.setattr(speed, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    model = Model()
+    # Calls take 9 s (warm-up), 0.5 s, 0.2, 0.3, 0.1, 0.4, 1.0: the warm-up is dropped and
+    # the median of the six timed calls is 0.35 s, for a batch of 4: 87.5 ms per image.
+    ms = speed.latency_ms(model, batch_size=4, blur_sigma=0.0, warmup=1, repeats=6)
+    assert model.calls == 7
+    assert ms == pytest.approx((0.3 + 0.4) / 2 / 4 * 1000)
