@@ -138,14 +138,16 @@ def test_guards_and_fronts_are_judged_per_category(tmp_path):
         {"trial": "b0", "category": "b", "baseline": True, "image_auroc": 0.5, "aupro": 0.2},
         {"trial": "b1", "category": "b", "image_auroc": 0.9, "aupro": 0.45},  # fine here
         {"trial": "b2", "category": "b", "image_auroc": 0.4, "aupro": 0.1, "state": "stopped"},
+        {"trial": "b3", "category": "b", "image_auroc": 0.9, "aupro": 0.45},  # ties b1
     ]
     for r in rows:
         r["params_m"] = 1.0
         r.setdefault("state", "done")
     df = _table(spec, rows).set_index("trial")
     assert not df.loc["a1", "feasible"] and df.loc["b1", "feasible"]
-    # a2 dominates the baseline a0; b1 dominates b0; stopped trials are never on a front.
-    assert sorted(df.index[df["on_front"]]) == ["a2", "b1"]
+    # a2 dominates the baseline a0; b1 and b3 (equal: neither dominates the other) dominate
+    # b0; stopped trials are never on a front.
+    assert sorted(df.index[df["on_front"]]) == ["a2", "b1", "b3"]
     best = best_trials(df.reset_index())
     assert best["a"]["trial"] == "a2" and best["b"]["trial"] == "b1"
 
