@@ -267,3 +267,26 @@ def test_multi_objective_sweep_resumes_keeps_its_front_and_exports_it(
     with pytest.raises(UserInputError, match="--trial 'nosuch'"):
         export_experiment(exp, tmp_path / "none", trial="nosuch")
     assert not (tmp_path / "none").exists()
+
+
+def test_status_marks_front_trials_and_broken_guards(tmp_path, monkeypatch):
+    from search import results
+    from search.config import SPEC_FILE
+
+    spec = _spec(tmp_path, *THREE, "objective.guard={aupro: 0.01}", name="st")
+    spec.experiment_dir.mkdir(parents=True)
+    (spec.experiment_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict()))
+    rows = [
+        {"trial": "t0", "baseline": True, "image_auroc": 0.6, "aupro": 0.30, "params_m": 2.0},
+        {"trial": "t1", "image_auroc": 0.9, "aupro": 0.20, "params_m": 1.0},
+        {"trial": "t2", "image_auroc": 0.7, "aupro": 0.31, "params_m": 2.0},
+    ]
+    for i, r in enumerate(rows):
+        r.update(study_trial=i, rounds=4, epochs=4)
+    monkeypatch.setattr(results, "load_trials", lambda _: _table(spec, rows))
+    lines = results.status_table(spec.experiment_dir).splitlines()
+    row = {line.split()[0]: line for line in lines if line.split()[0] in ("t0", "t1", "t2")}
+    assert "broken: aupro -0.1000" in row["t1"] and " ok " in row["t2"]
+    assert "*" in row["t2"] and "*" not in row["t0"] and "*" not in row["t1"]
+    assert "pareto front over image_auroc (max), aupro (max), params_m (min): t2" in lines
+    assert lines[-1].startswith("front pick: trial t2")
