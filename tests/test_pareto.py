@@ -113,7 +113,8 @@ def test_a_trial_that_breaks_a_guard_is_never_the_best(tmp_path):
     assert df.set_index("trial").loc["trade", "guard"] == "aupro -0.0500"
     assert best_trials(df)[None]["trial"] == "fair"
     # Without the guard the trade-off trial would win: the guard is what excludes it.
-    assert best_trials(_table(_spec(tmp_path), rows))[None]["trial"] == "trade"
+    unguarded = _spec(tmp_path, "objective.guard={}")  # the demo sweep has guards
+    assert best_trials(_table(unguarded, rows))[None]["trial"] == "trade"
     # Guards on a lower-is-better metric bound how much slower a trial may get.
     slow = _spec(tmp_path, "objective.guard={latency_ms: 2.0}")
     df = _table(
@@ -201,7 +202,13 @@ def test_multi_objective_sweep_resumes_keeps_its_front_and_exports_it(
     from search.sweep import resume_sweep
 
     exp = tmp_path / "runs" / "mo"
-    extra = [*THREE, "search.num_trials=3", "search.max_concurrent=1", "scheduler.type=fifo"]
+    extra = [
+        *THREE,
+        "objective.guard={}",
+        "search.num_trials=3",
+        "search.max_concurrent=1",
+        "scheduler.type=fifo",
+    ]
     args = [
         "sweep",
         "--address",
@@ -290,3 +297,8 @@ def test_status_marks_front_trials_and_broken_guards(tmp_path, monkeypatch):
     assert "*" in row["t2"] and "*" not in row["t0"] and "*" not in row["t1"]
     assert "pareto front over image_auroc (max), aupro (max), params_m (min): t2" in lines
     assert lines[-1].startswith("front pick: trial t2")
+
+
+def test_the_demo_sweep_guards_localisation(tmp_path):
+    guard = _spec(tmp_path).sweep.objective.guard
+    assert guard == {"aupro": 0.01, "pixel_auroc": 0.01}
