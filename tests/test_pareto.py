@@ -129,6 +129,7 @@ def test_a_trial_that_breaks_a_guard_is_never_the_best(tmp_path):
 
 
 def test_guards_and_fronts_are_judged_per_category(tmp_path):
+    from search.pareto import pareto_table
     from search.results import best_trials
 
     spec = _spec(tmp_path, "objective.per_category=true", "objective.guard={aupro: 0.0}", *THREE)
@@ -138,11 +139,12 @@ def test_guards_and_fronts_are_judged_per_category(tmp_path):
         {"trial": "a2", "category": "a", "image_auroc": 0.6, "aupro": 0.55},
         {"trial": "b0", "category": "b", "baseline": True, "image_auroc": 0.5, "aupro": 0.2},
         {"trial": "b1", "category": "b", "image_auroc": 0.9, "aupro": 0.45},  # fine here
-        {"trial": "b2", "category": "b", "image_auroc": 0.4, "aupro": 0.1, "state": "stopped"},
+        # Stopped: non-dominated on its (early-round) values, but never on a front.
+        {"trial": "b2", "category": "b", "image_auroc": 0.95, "aupro": 0.25, "state": "stopped"},
         {"trial": "b3", "category": "b", "image_auroc": 0.9, "aupro": 0.45},  # ties b1
     ]
-    for r in rows:
-        r["params_m"] = 1.0
+    for i, r in enumerate(rows):
+        r.update(params_m=1.0, study_trial=i)
         r.setdefault("state", "done")
     df = _table(spec, rows).set_index("trial")
     assert not df.loc["a1", "feasible"] and df.loc["b1", "feasible"]
@@ -151,6 +153,11 @@ def test_guards_and_fronts_are_judged_per_category(tmp_path):
     assert sorted(df.index[df["on_front"]]) == ["a2", "b1", "b3"]
     best = best_trials(df.reset_index())
     assert best["a"]["trial"] == "a2" and best["b"]["trial"] == "b1"
+    table = pareto_table(spec, df.reset_index())  # pareto.csv: every finished trial
+    assert list(table.columns[:8]) == [
+        "trial", "category", "study_trial", "state", "baseline", "on_front", "feasible", "guard"
+    ]  # fmt: skip
+    assert len(table) == 7 and table["baseline"].sum() == 2
 
 
 def test_study_records_objectives_constraints_and_pruned_trials(tmp_path):
@@ -302,3 +309,23 @@ def test_status_marks_front_trials_and_broken_guards(tmp_path, monkeypatch):
 def test_the_demo_sweep_guards_localisation(tmp_path):
     guard = _spec(tmp_path).sweep.objective.guard
     assert guard == {"aupro": 0.01, "pixel_auroc": 0.01}
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random", "gp"])
+def test_multi_objective_samplers_suggest_after_their_start_up(tmp_path, sampler):
+    from search.searcher import make_searcher
+
+    spec = _spec(tmp_path, *THREE, f"search.sampler={sampler}", "search.n_startup_trials=2")
+    searcher = make_searcher(spec, tmp_path / sampler)
+    assert searcher.study.directions == [
+        optuna.study.StudyDirection.MAXIMIZE,
+        optuna.study.StudyDirection.MAXIMIZE,
+        optuna.study.StudyDirection.MINIMIZE,
+    ]
+    for i in range(4):  # two start-up trials, then the sampler's model (NSGA-II: generation 2)
+        config = searcher.suggest(f"t{i}")
+        assert config is not None and 0.1 <= config["model.mask_ratio"] <= 0.8
+        result = {"objective": 0.5 + i / 10, "image_auroc": 0.5 + i / 10, "aupro": 0.3 - i / 20,
+                  "params_m": 1.0 + i, "training_iteration": 4, "rounds_total": 4}  # fmt: skip
+        searcher.on_trial_complete(f"t{i}", result)
+    assert [t.state for t in searcher.study.trials] == [optuna.trial.TrialState.COMPLETE] * 4

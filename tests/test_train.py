@@ -370,3 +370,8 @@ def test_latency_is_the_median_per_image_of_timed_calls(monkeypatch):
     ms = speed.latency_ms(model, batch_size=4, blur_sigma=0.0, warmup=1, repeats=6)
     assert model.calls == 7
     assert ms == pytest.approx((0.3 + 0.4) / 2 / 4 * 1000)
+    # By default: 2 warm-up calls, then the median of 5 timed ones.
+    clock = iter([0.0, 5.0, 6.0, 7.0, 10.0, 10.1, 20.0, 20.5, 30.0, 30.2, 40.0, 40.4, 50, 50.3])
+    model.calls = 0
+    assert speed.latency_ms(model, batch_size=1, blur_sigma=0.0) == pytest.approx(300.0)
+    assert model.calls == 7
