@@ -261,6 +261,8 @@ def _study_plots(spec: SweepSpec, plots: Path) -> None:
             # importance evaluator looks for what makes a target low: negate a maximised one.
             first, mode = spec.sweep.objective.objectives[0]
             sign = -1.0 if mode == "max" else 1.0
+            # It warns about this whenever a target is given; ours already points down.
+            warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
             value = {"target": lambda t: t.values[0], "target_name": first}
             targets = {
                 "optimization_history": value,
