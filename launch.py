@@ -158,6 +158,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(text: str) -> None:
+    """``print`` for the sweep's progress, held by a callback that the Tuner pickles.
+
+    Not ``print`` itself: once a worker's or the autoscaler's log line reaches the driver,
+    Ray (its tqdm support) replaces ``builtins.print``, and pickling the original by name
+    then fails ("it's not the same object as builtins.print").
+    """
+    print(text)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from search.config import resolve_sweep
 
@@ -165,7 +175,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from search.sweep import run_sweep
 
     run = run_sweep(
-        spec, address=args.address, resume=args.resume, write=print, dashboard=_dashboard_wanted()
+        spec, address=args.address, resume=args.resume, write=_say, dashboard=_dashboard_wanted()
     )
     print(f"experiment: {run.location} ({run.seconds:.0f} s)")
     return 130 if run.interrupted else 0
@@ -180,7 +190,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run = resume_sweep(
         args.experiment,
         address=args.address,
-        write=print,
+        write=_say,
         dashboard=_dashboard_wanted(),
         retry_failed=args.retry_failed,
     )
@@ -362,6 +372,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS.get(args.command, _not_built)(args)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        from cluster.driver import missing_dependency_message
+
+        # A missing dependency means the wrong interpreter (e.g. a Ray Job's `python`).
+        message = missing_dependency_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

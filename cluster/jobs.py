@@ -74,6 +74,8 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 )
 
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+# Seconds the dashboard has to answer the first request before the client gives up.
+CONNECT_TIMEOUT_S = 10.0
 
 
 class JobClientError(UserInputError):
@@ -140,6 +142,41 @@ def _call(address: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise _unreachable(address) from None
 
 
+def _probe_dashboard(url: str, headers: dict[str, str] | None, timeout: float) -> None:
+    """Fail in seconds when ``url`` is not an answering Ray dashboard.
+
+    Ray's client sends its requests without a time-out: an address that accepts the
+    connection but never answers (a dead head behind a load balancer, a port-forward whose
+    pod is gone) would hang ``submit``/``status --job`` forever. Auth errors are left to the
+    client's own call, which tells a missing token from a wrong one.
+    """
+    import requests
+
+    try:
+        resp = requests.get(f"{url}/api/version", headers=headers, timeout=timeout)
+    except requests.Timeout:
+        raise JobClientError(
+            f"the Ray dashboard at {url} did not answer within {timeout:g} s: check that the "
+            "cluster is up and that the address (or its port-forward) still reaches the "
+            "head's dashboard, port 8265"
+        ) from None
+    except requests.exceptions.ConnectionError:
+        raise _unreachable(url) from None
+    if resp.status_code in (401, 403):
+        return
+    try:
+        is_ray = resp.ok and "ray_version" in resp.json()
+    except ValueError:
+        is_ray = False
+    if not is_ray:
+        raise JobClientError(
+            f"{url} answers (GET /api/version: HTTP {resp.status_code}) but is not a Ray "
+            "dashboard: pass the cluster's dashboard URL, http://HEAD:8265 (forwarded to "
+            "http://127.0.0.1:8265 with `ray dashboard cluster/aws.yaml` or kubectl "
+            "port-forward)"
+        )
+
+
 def _client(address: str | None, token: str | None) -> tuple[JobSubmissionClient, str]:
     """A JobSubmissionClient for the dashboard at ``address``, with the token header set."""
     from ray.job_submission import JobSubmissionClient
@@ -148,6 +185,7 @@ def _client(address: str | None, token: str | None) -> tuple[JobSubmissionClient
     secret, source = find_token(token)
     logger.debug("Ray job API at %s, auth token from: %s", url, source)
     headers = {"Authorization": f"Bearer {secret}"} if secret else None
+    _probe_dashboard(url, headers, CONNECT_TIMEOUT_S)
     # The constructor already talks to the cluster (version check).
     client = _call(url, JobSubmissionClient, url, headers=headers)
     return client, url

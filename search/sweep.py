@@ -14,9 +14,11 @@ from typing import Any
 import ray
 from ray import tune
 
+from cluster.driver import leave_job_working_dir
 from mmr.errors import UserInputError
-from search.config import SPEC_FILE, ResourcesConfig, SweepSpec, is_experiment, load_spec
+from search.config import SPEC_FILE, SweepSpec, is_experiment, load_spec
 from search.progress import ProgressTable
+from search.resources import check_resources
 from search.scheduler import PerCategoryScheduler, ResumableASHA
 from search.searcher import OBJECTIVE, RetryingLimiter, make_searcher
 from search.storage import is_uri, probe_writable, push, remove_from_trials
@@ -46,7 +48,10 @@ def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write
         return
     if address:
         from cluster.auth import enable_client_token_auth
+        from cluster.driver import check_gcs_address
 
+        # ray.init on an address where nothing answers retries for many minutes.
+        check_gcs_address(address)
         # A driver joins a token-auth cluster only with RAY_AUTH_MODE=token set.
         enable_client_token_auth()
         try:
@@ -93,31 +98,6 @@ def _dashboard_login() -> str:
         return "token auth on"
     where = "$RAY_AUTH_TOKEN" if source == "RAY_AUTH_TOKEN" else source.split("=", 1)[-1]
     return f"token auth on: log in with the token in {where}"
-
-
-def check_resources(res: ResourcesConfig) -> None:
-    """Fails at once when no node of the cluster could ever run one trial."""
-    need = {"CPU": res.cpu, "GPU": res.gpu, **res.custom}
-    need = {k: v for k, v in need.items() if v > 0}
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
-        return
-    have = "; ".join(
-        ", ".join(
-            f"{k}={v:g}" for k, v in sorted(node.items()) if k in ("CPU", "GPU") or k in res.custom
-        )
-        for node in nodes
-    )
-    hint = (
-        "this cluster has no GPU: set resources.gpu=0 (training then runs on CPU) or "
-        "connect to a GPU cluster with --address"
-        if res.gpu and not any(n.get("GPU") for n in nodes)
-        else "lower resources.* or add nodes that have them"
-    )
-    raise UserInputError(
-        f"resources per trial {need} fit on no node of the cluster "
-        f"(nodes: {have or 'none'}): {hint}"
-    )
 
 
 def _trainable(spec: SweepSpec) -> Any:
@@ -209,9 +189,10 @@ def run_sweep(
         return resume_sweep(
             location, address=address, write=write, dashboard=dashboard, export=export
         )
+    leave_job_working_dir()  # the spec's paths are absolute already
     _prepare_storage(spec)
     init_ray(address, dashboard=dashboard, write=write)
-    check_resources(spec.sweep.resources)
+    check_resources(spec.sweep.resources, write=write)
     started = time.time()
     exp = spec.experiment_dir
     exp.mkdir(parents=True, exist_ok=True)
@@ -259,13 +240,14 @@ def resume_sweep(
     """
     location = str(experiment) if is_uri(experiment) else str(Path(experiment).resolve())
     spec = load_spec(location)
+    leave_job_working_dir()
     if not tune.Tuner.can_restore(location):
         raise UserInputError(
             f"{location!r} has no Tune state to resume yet (the sweep was "
             "stopped before its first trial started): run the sweep again"
         )
     init_ray(address, dashboard=dashboard, write=write)
-    check_resources(spec.sweep.resources)
+    check_resources(spec.sweep.resources, write=write)
     started = time.time()
     if retry_failed:
         # Without this, a retried deterministic failure would end at once (train_trial).

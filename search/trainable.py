@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import tempfile
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -17,11 +18,13 @@ from search.config import SweepSpec
 from search.searcher import OBJECTIVE, ROUNDS_KEY
 from search.storage import join, read_file, write_file
 
-__all__ = ["train_trial", "trial_config", "META_KEYS", "FAILED_MARKER"]
+__all__ = ["train_trial", "trial_config", "trial_cuda_index", "META_KEYS", "FAILED_MARKER"]
 
 META_KEYS = ("baseline", "category", "study_trial")  # trial-config keys that are not params
 FAILED_MARKER = "trial_failed.json"  # a deterministic failure: retries end at once
 WORKER_FILE = "worker.json"  # pid, host and Ray node of the process running the trial
+# When set, Ray leaves CUDA_VISIBLE_DEVICES alone: every trial sees every GPU of its node.
+NOSET_CUDA_VAR = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
 
 def trial_config(spec: SweepSpec, config: dict[str, Any]) -> Config:
@@ -31,6 +34,33 @@ def trial_config(spec: SweepSpec, config: dict[str, Any]) -> Config:
     if config.get("category") is not None:
         cfg = cfg.override({"data.categories": [config["category"]]})
     return cfg
+
+
+def trial_cuda_index(gpu_ids: Sequence[int | str], environ: Mapping[str, str]) -> int | None:
+    """The CUDA device index of the trial's GPU when Ray did not narrow the visible GPUs.
+
+    Normally Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU, which is then ``cuda:0``.
+    With ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` set it does not, and every trial
+    would train on GPU 0; its GPU is ``ray.get_gpu_ids()`` instead: an entry of the node's
+    CUDA_VISIBLE_DEVICES when that is set (CUDA numbers the visible GPUs 0, 1, ...), else
+    a physical index. Returns None when there is nothing to choose.
+
+    Raises:
+        RuntimeError: Ray's GPU id is not among the GPUs CUDA_VISIBLE_DEVICES shows.
+    """
+    if environ.get(NOSET_CUDA_VAR, "").strip().lower() not in ("1", "true") or not gpu_ids:
+        return None
+    gpu = str(gpu_ids[0]).strip()  # a trial trains on one device; extra GPUs go unused
+    visible = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v]
+    if not visible:
+        return int(gpu)
+    if gpu not in visible:
+        raise RuntimeError(
+            f"Ray assigned GPU {gpu!r} to this trial, but CUDA_VISIBLE_DEVICES="
+            f"{','.join(visible)} does not show it; unset {NOSET_CUDA_VAR} so that Ray "
+            "sets CUDA_VISIBLE_DEVICES per trial"
+        )
+    return visible.index(gpu)
 
 
 def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
@@ -67,6 +97,11 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
     failed = read_file(fs, join(trial_dir, FAILED_MARKER))
     if failed is not None:
         raise RuntimeError(json.loads(failed)["error"])
+    cuda_index = trial_cuda_index(ray.get_gpu_ids(), os.environ)
+    if cuda_index is not None:
+        import torch
+
+        torch.cuda.set_device(cuda_index)  # train.device auto/cuda then means this GPU
 
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="mmr-ckpt-") as tmp:

@@ -175,7 +175,8 @@ class _Node:
     """One ``ray start --block`` child and every process recorded under it."""
 
     name: str
-    temp_dir: Path  # also the value of MARKER_VAR in its processes
+    temp_dir: Path  # the node's --temp-dir (may be shared with the other node)
+    marker: str  # the value of MARKER_VAR in its processes (one per node)
     popen: subprocess.Popen[bytes]
     log_path: Path
     procs: dict[int, Any] = field(default_factory=dict)  # pid -> psutil.Process
@@ -183,7 +184,7 @@ class _Node:
     def record(self) -> None:
         """Remember the node's processes: its descendants and whatever carries its marker."""
         psutil = _psutil()
-        found = marked_processes(str(self.temp_dir))
+        found = marked_processes(self.marker)
         with contextlib.suppress(psutil.NoSuchProcess):
             root = psutil.Process(self.popen.pid)
             found += [root, *root.children(recursive=True)]
@@ -203,11 +204,13 @@ class _Node:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def end(self, *, sig: int, timeout: float) -> list[int]:
+    def end(self, *, sig: int, timeout: float, term_rest: bool = False) -> list[int]:
         """Send ``sig`` (SIGTERM: to ``ray start`` only; else to every process of the node).
 
         Waits up to ``timeout`` seconds for all of the node's processes to exit, SIGKILLs
-        whatever is left and returns those PIDs (empty after a clean shutdown).
+        whatever is left and returns those PIDs (empty after a clean shutdown). With
+        ``term_rest``, processes left once ``ray start`` has ended get a SIGTERM first: the
+        nodes an autoscaler started, which ``ray start`` does not stop.
         """
         psutil = _psutil()
         self.record()
@@ -220,6 +223,10 @@ class _Node:
                 proc.send_signal(sig)  # psutil refuses if the PID now names another process
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=timeout)
+        if term_rest:
+            for pid in self.running():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    self.procs[pid].terminate()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.running():
             time.sleep(0.2)
@@ -381,11 +388,13 @@ class LocalCluster:
         """SIGTERM each node's ``ray start`` (second node first); returns force-killed PIDs.
 
         ``ray start --block`` ends its own raylet, GCS and workers on SIGTERM, so the list is
-        empty after a clean shutdown.
+        empty after a clean shutdown. Nodes started by a fake autoscaler run under the
+        head's monitor: they get their SIGTERM once the head has stopped (no autoscaler is
+        left to replace them).
         """
         forced: list[int] = []
         for node in [n for n in (self.worker, self.head) if n is not None]:
-            forced += node.end(sig=signal.SIGTERM, timeout=timeout)
+            forced += node.end(sig=signal.SIGTERM, timeout=timeout, term_rest=node is self.head)
         self.worker = None
         return forced
 
@@ -405,10 +414,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _start_node(name: str, args: list[str], *, env: Mapping[str, str], temp_dir: Path) -> _Node:
+def _start_node(
+    name: str, args: list[str], *, env: Mapping[str, str], root: Path, temp_dir: Path
+) -> _Node:
     temp_dir.mkdir(parents=True, exist_ok=True)
-    log_path = temp_dir.parent / f"{name}.out"
-    node_env = {**env, MARKER_VAR: str(temp_dir)}
+    log_path = root / f"{name}.out"
+    marker = str(root / name)
+    node_env = {**env, MARKER_VAR: marker}
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(
             [_ray_executable(), "start", "--block", f"--temp-dir={temp_dir}", *args],
@@ -422,9 +434,50 @@ def _start_node(name: str, args: list[str], *, env: Mapping[str, str], temp_dir:
             start_new_session=True,
             preexec_fn=_die_with_parent,  # only a prctl call before exec
         )
-    node = _Node(name=name, temp_dir=temp_dir, popen=popen, log_path=log_path)
+    node = _Node(name=name, temp_dir=temp_dir, marker=marker, popen=popen, log_path=log_path)
     node.record()
     return node
+
+
+def _fake_autoscaling_config(
+    node_types: Mapping[str, Mapping[str, Any]], gcs_port: int, head_cpus: int
+) -> dict[str, Any]:
+    """An autoscaling config for Ray's fake multi-node provider (nodes = local processes)."""
+    return {
+        "cluster_name": "mmr-test",
+        "max_workers": sum(int(t.get("max_workers", 1)) for t in node_types.values()),
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": f"127.0.0.1:{gcs_port}",  # not the default 6379 others may use
+        },
+        "auth": {"ssh_user": "nobody"},
+        "available_node_types": {
+            "ray.head.default": {
+                "resources": {"CPU": head_cpus},
+                "node_config": {},
+                "max_workers": 0,
+            },
+            **{name: dict(t) for name, t in node_types.items()},
+        },
+        "head_node_type": "ray.head.default",
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
 
 
 @contextlib.contextmanager
@@ -439,6 +492,8 @@ def local_cluster(
     fast_failure_detection: bool = True,
     timeout: float = 120.0,
     keep_temp: bool = False,
+    shared_temp_dir: bool = False,
+    autoscaling_node_types: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Iterator[LocalCluster]:
     """Start a head (+ a second node with a custom resource), token auth on.
 
@@ -457,6 +512,13 @@ def local_cluster(
             ~15-30 s (GCS health checks every second, 5 misses), for failover tests.
         timeout: seconds to wait for the nodes to come up.
         keep_temp: keep the temp dir (node logs, session dirs) for debugging.
+        shared_temp_dir: both nodes use one ``--temp-dir``, as two plain ``ray start`` on one
+            machine share ``/tmp/ray``: they then unpack runtime-env packages (a job's
+            ``working_dir``) into the same session directory.
+        autoscaling_node_types: worker node types of a fake autoscaling cluster (Ray's
+            ``fake_multinode`` provider: the head's autoscaler starts these nodes as local
+            processes), e.g. ``{"gpu": {"resources": {"CPU": 1, "GPU": 1}, "min_workers": 0,
+            "max_workers": 1, "node_config": {}}}``. Use it with ``with_worker=False``.
     """
     resources = dict(worker_resources or {"worker_node": 1})
     head_res = dict(head_resources or {})
@@ -488,6 +550,15 @@ def local_cluster(
         "--log-style=record",
     ]
     gcs_port, dash_port = free_port(), free_port()
+    autoscaling: list[str] = []
+    if autoscaling_node_types is not None:
+        config_file = root / "autoscaling.json"
+        config_file.write_text(
+            json.dumps(_fake_autoscaling_config(autoscaling_node_types, gcs_port, head_cpus))
+        )
+        autoscaling = [f"--autoscaling-config={config_file}"]
+        # The fake provider refuses to run without RAY_FAKE_CLUSTER; 1 s autoscaler rounds.
+        head_env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     cluster: LocalCluster | None = None
     nodes: list[_Node] = []
     try:
@@ -504,10 +575,12 @@ def local_cluster(
                 f"--ray-client-server-port={free_port()}",
                 f"--metrics-export-port={free_port()}",
                 f"--dashboard-agent-listen-port={free_port()}",
+                *autoscaling,
                 *common,
             ],
             env=head_env,
-            temp_dir=root / "h",
+            root=root,
+            temp_dir=root / ("s" if shared_temp_dir else "h"),
         )
         nodes.append(head)
         cluster = LocalCluster(
@@ -533,7 +606,8 @@ def local_cluster(
                     *common,
                 ],
                 env=env,
-                temp_dir=root / "w",
+                root=root,
+                temp_dir=root / ("s" if shared_temp_dir else "w"),
             )
             nodes.append(worker)
             cluster.worker = worker
@@ -556,7 +630,7 @@ def local_cluster(
             shutil.rmtree(root, ignore_errors=True)
         raise
     forced = cluster.stop()
-    left = [p.pid for node in nodes for p in marked_processes(str(node.temp_dir))]
+    left = [p.pid for node in nodes for p in marked_processes(node.marker)]
     if not keep_temp:
         shutil.rmtree(root, ignore_errors=True)
     if forced or left:

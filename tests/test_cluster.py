@@ -5,16 +5,19 @@ the dashboard of the embedded Ray of `launch.py sweep`."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -37,6 +40,7 @@ from raycluster import (
 )
 
 from cluster import auth, jobs
+from mmr.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -393,6 +397,266 @@ def test_unreachable_address_names_it_and_the_fix(monkeypatch: pytest.MonkeyPatc
     assert url in msg and "port-forward" in msg and "t0ken" not in msg
 
 
+@contextlib.contextmanager
+def _server(reply: bytes | None) -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that answers every connection with ``reply`` (None: stays
+    silent, holding the connection open). Yields its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    conn.recv(1024)
+                    conn.sendall(reply)
+                    conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+_HTTP_404 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def test_a_dead_cluster_address_fails_at_once_with_the_address_as_typed() -> None:
+    from cluster.driver import check_gcs_address
+
+    typed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(UserInputError) as err:
+        check_gcs_address(typed)
+    assert f"at {typed}: nothing listens there (connection refused)" in str(err.value)
+    assert "HOST:6379" in str(err.value) and "launch.py submit" in str(err.value)
+    with pytest.raises(UserInputError, match="ray://no-such-host.invalid:10001: host"):
+        check_gcs_address("ray://no-such-host.invalid:10001")
+    with pytest.raises(UserInputError, match="is a dashboard URL.*launch.py submit"):
+        check_gcs_address("http://127.0.0.1:8265")
+    with pytest.raises(UserInputError, match="not a cluster address"):
+        check_gcs_address("head-without-port")
+
+
+def test_a_port_that_is_not_a_gcs_is_named_not_waited_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cluster.driver import check_gcs_address
+
+    with _server(_HTTP_404) as port:  # a web server, e.g. the dashboard's port
+        with pytest.raises(UserInputError, match=f"127.0.0.1:{port} answers HTTP.*dashboard"):
+            check_gcs_address(f"127.0.0.1:{port}")
+    with _server(None) as port:  # accepts, never answers
+        with pytest.raises(UserInputError, match="does not answer like a Ray GCS"):
+            check_gcs_address(f"127.0.0.1:{port}", timeout=1)
+    # `auto` is checked through RAY_ADDRESS (set for a job's driver), shown as typed.
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    with pytest.raises(UserInputError, match=r"at auto \(RAY_ADDRESS=127.0.0.1:\d+\)"):
+        check_gcs_address("auto")
+    monkeypatch.delenv("RAY_ADDRESS")
+    check_gcs_address("auto")  # Ray's own lookup of a local cluster fails fast
+
+
+def test_sweep_with_a_dead_address_exits_2_naming_it(synthetic_root: Path, tmp_path: Path) -> None:
+    typed = f"127.0.0.1:{free_port()}"
+    args = _sweep_args(synthetic_root, tmp_path / "runs", "dead")
+    out = _launch(["sweep", "--address", typed, *args], _clean_env(tmp_path))
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"error: cannot connect to the Ray cluster at {typed}: nothing listens" in out.stderr
+    assert "GCS" not in out.stderr.split("error:")[0]  # no retry noise before the error
+    assert not (tmp_path / "runs" / "dead").exists()
+
+
+def test_a_dashboard_that_does_not_answer_or_is_no_dashboard_is_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t0ken-never-shown")
+    monkeypatch.setattr(jobs, "CONNECT_TIMEOUT_S", 1.0)
+    with _server(None) as port:  # accepts, never answers: Ray's client would wait forever
+        url = f"http://127.0.0.1:{port}"
+        with pytest.raises(jobs.JobClientError, match=f"{url} did not answer within 1 s"):
+            jobs.job_status(url, "raysubmit_x")
+        with pytest.raises(jobs.JobClientError, match="did not answer"):
+            jobs.submit_sweep(url, ["--storage", "/mnt/runs"], working_dir=tmp_path)
+    with _server(_HTTP_404) as port:
+        url = f"http://127.0.0.1:{port}"
+        out = _launch(["status", "--job", "raysubmit_x", "--address", url], _clean_env(tmp_path))
+        assert out.returncode == 2
+        assert f"{url} answers (GET /api/version: HTTP 404) but is not a Ray dashboard" in (
+            out.stderr
+        )
+
+
+def test_a_job_driver_leaves_its_package_dir_before_ray_replaces_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cluster.driver import leave_job_working_dir
+
+    package = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)
+    assert leave_job_working_dir() == Path(tempfile.gettempdir())
+    assert Path.cwd() == Path(tempfile.gettempdir())
+    # Already deleted under the driver (os.getcwd() fails): it still moves out.
+    monkeypatch.chdir(package)
+    shutil.rmtree(package)
+    assert leave_job_working_dir() == Path(tempfile.gettempdir())
+    assert os.getcwd() == tempfile.gettempdir()
+    # Anywhere else (a user's checkout) the driver stays where it was started.
+    monkeypatch.chdir(tmp_path)
+    assert leave_job_working_dir() is None and Path.cwd() == tmp_path
+
+
+def test_a_missing_dependency_names_the_interpreter_and_the_fix(tmp_path: Path) -> None:
+    bare = _bare_python(tmp_path)
+    env = _clean_env(tmp_path)
+    out = subprocess.run(
+        [str(bare), "launch.py", "status", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"error: {bare} (Python " in out.stderr and "pip install -e ." in out.stderr
+    job = subprocess.run(
+        [str(bare), "launch.py", "sweep", "--address", "auto"],
+        cwd=ROOT, env={**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert job.returncode == 2 and "Traceback" not in job.stderr, job.stderr
+    assert f"runs `python` from the head node's PATH, which is {bare}" in job.stderr
+    from cluster.driver import missing_dependency_message
+
+    assert missing_dependency_message(ModuleNotFoundError("x", name="not_ours")) is None
+
+
+# ------------------------------------------- resources per trial on an autoscaling cluster
+
+
+def _fake_autoscaler(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    alive: list[list[dict[str, float]]],
+    node_types: dict[str, dict[str, float]] | None = None,
+    report: dict[str, Any] | None = None,
+) -> list[Any]:
+    """Stand-ins for what check_resources reads from Ray: live nodes at each look (the last
+    one repeats), the node types an autoscaler v2 publishes, a v1 status report. Returns the
+    resource requests made to the autoscaler."""
+    import ray.autoscaler.sdk as sdk
+    from ray._private.state import state
+    from ray.core.generated import autoscaler_pb2
+
+    import search.resources as resources
+
+    looks = iter(alive)
+    current = [alive[0]]
+
+    def nodes() -> list[dict[str, float]]:
+        current[0] = next(looks, current[0])
+        return current[0]
+
+    config = None
+    if node_types is not None:
+        config = autoscaler_pb2.ClusterConfig()
+        for name, res in node_types.items():
+            group = config.node_group_configs.add(name=name, max_count=2)
+            group.resources.update({k: int(v) for k, v in res.items()})  # uint64 counts
+    requests: list[Any] = []
+    monkeypatch.setattr(resources, "_alive_nodes", nodes)
+    monkeypatch.setattr(resources, "_autoscaler_report", lambda: report)
+    monkeypatch.setattr(state, "get_cluster_config", lambda: config)
+    monkeypatch.setattr(sdk, "request_resources", lambda bundles=None: requests.append(bundles))
+    return requests
+
+
+HEAD = {"CPU": 4.0}
+GPU_NODE = {"CPU": 8.0, "GPU": 1.0}
+
+
+def test_gpu_trials_wait_for_a_node_type_the_autoscaler_can_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from search.config import ResourcesConfig
+    from search.resources import check_resources
+
+    # Autoscaler v2 lists a GPU type: ask for one node's worth, return once it joined.
+    requests = _fake_autoscaler(
+        monkeypatch, alive=[[HEAD], [HEAD], [HEAD, GPU_NODE]],
+        node_types={"cpu": {"CPU": 8}, "gpu": GPU_NODE},
+    )  # fmt: skip
+    said: list[str] = []
+    check_resources(ResourcesConfig(cpu=4, gpu=1), write=said.append, poll_s=0)
+    assert requests == [[{"CPU": 4.0, "GPU": 1.0}], []]  # the request is withdrawn after
+    assert "asked the cluster's autoscaler" in said[0] and "MMR_NODE_WAIT_S" in said[0]
+    # No node type has a GPU: refused at once, naming the types; nothing requested.
+    requests = _fake_autoscaler(monkeypatch, alive=[[HEAD]], node_types={"cpu": {"CPU": 8}})
+    with pytest.raises(
+        UserInputError, match=r"node types \(cpu: CPU=8\): this cluster has no GPU"
+    ):
+        check_resources(ResourcesConfig(cpu=4, gpu=1), poll_s=0)
+    assert requests == []
+    # A GPU type too small for the trial's CPUs is no way out either.
+    with pytest.raises(UserInputError, match="fit on no node.*lower resources"):
+        _fake_autoscaler(monkeypatch, alive=[[HEAD]], node_types={"gpu": GPU_NODE})
+        check_resources(ResourcesConfig(cpu=16, gpu=1), poll_s=0)
+
+
+def test_without_an_autoscaler_or_a_node_in_time_the_sweep_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ray.autoscaler._private.util import format_readonly_node_type
+
+    from search.config import ResourcesConfig
+    from search.resources import check_resources
+
+    gpu = ResourcesConfig(cpu=1, gpu=1)
+    # `ray start` by hand: only the read-only stand-in reports; refused at once.
+    readonly = {"node_type_mapping": {"ab12": format_readonly_node_type("ab12")}}
+    requests = _fake_autoscaler(monkeypatch, alive=[[HEAD]], report=readonly)
+    with pytest.raises(UserInputError, match="this cluster has no GPU: set resources.gpu=0"):
+        check_resources(gpu, poll_s=0)
+    assert requests == []
+    # A v1 autoscaler that launches nothing for the request: refused after launch_wait_s.
+    idle = {"node_type_mapping": {"ab12": "ray.head.default"}, "pending_launches": {}}
+    requests = _fake_autoscaler(monkeypatch, alive=[[HEAD]], report=idle)
+    with pytest.raises(UserInputError, match="started no node for them within 0 s"):
+        check_resources(gpu, launch_wait_s=0, wait_s=5, poll_s=0.01)
+    assert requests == [[{"CPU": 1.0, "GPU": 1.0}], []]
+    # It launches, but no node joins within wait_s.
+    launching = {**idle, "pending_launches": {"gpu_worker": 1}}
+    _fake_autoscaler(monkeypatch, alive=[[HEAD]], report=launching)
+    with pytest.raises(UserInputError, match="joined within 0.05 s.*MMR_NODE_WAIT_S"):
+        check_resources(gpu, wait_s=0.05, poll_s=0.01)
+    # A live node that fits needs no autoscaler at all.
+    requests = _fake_autoscaler(monkeypatch, alive=[[HEAD, GPU_NODE]])
+    check_resources(gpu)
+    assert requests == []
+
+
+def test_trial_gpu_follows_rays_ids_when_ray_leaves_cuda_visible_devices_alone() -> None:
+    from search.trainable import NOSET_CUDA_VAR, trial_cuda_index
+
+    noset = {NOSET_CUDA_VAR: "1"}
+    assert trial_cuda_index(["3"], {}) is None  # Ray narrowed CUDA_VISIBLE_DEVICES: cuda:0
+    assert trial_cuda_index(["3"], {NOSET_CUDA_VAR: "0"}) is None
+    assert trial_cuda_index([], noset) is None  # a CPU trial
+    assert trial_cuda_index(["3"], noset) == 3
+    assert trial_cuda_index([2, 3], {NOSET_CUDA_VAR: "true"}) == 2
+    # The node's own CUDA_VISIBLE_DEVICES: Ray's ids are its entries, CUDA counts from 0.
+    assert trial_cuda_index(["6"], {**noset, "CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == 2
+    uuids = "GPU-aaa,GPU-bbb"
+    assert trial_cuda_index(["GPU-bbb"], {**noset, "CUDA_VISIBLE_DEVICES": uuids}) == 1
+    with pytest.raises(RuntimeError, match="does not show it"):
+        trial_cuda_index(["1"], {**noset, "CUDA_VISIBLE_DEVICES": "4,5"})
+
+
 def test_token_never_travels_in_the_runtime_env(tmp_path: Path) -> None:
     with pytest.raises(jobs.JobClientError, match="token"):
         jobs.submit_job(
@@ -700,6 +964,7 @@ print(json.dumps({"task": ray.get(where.remote(), timeout=120),
 # Runs as a Ray Job: joins the cluster like the sweep driver does, uses the second node.
 _JOB = """
 import os, ray
+print("launch.py uploaded:", os.path.isfile("launch.py"))
 ray.init()
 
 @ray.remote(num_cpus=0.5, resources={"worker_node": 1})
@@ -708,8 +973,19 @@ class Probe:  # like a Tune trial: an actor placed by its resources
         return ray.get_runtime_context().get_node_id()
 
 print("hello from the job; actor on", ray.get(Probe.remote().node.remote(), timeout=120))
-print("launch.py uploaded:", os.path.isfile("launch.py"))
+try:
+    os.getcwd()
+    print("working dir: kept")
+except FileNotFoundError:
+    print("working dir: deleted under the driver")
 """
+
+
+def _bare_python(tmp_path: Path) -> Path:
+    """A Python of a fresh virtualenv: the standard library, none of mmr-sweep's packages."""
+    venv = tmp_path / "bare-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    return venv / "bin" / "python"
 
 
 def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -733,11 +1009,14 @@ def _launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 class TestTwoNodeCluster:
-    """One cluster (head + a node with {"worker_node": 1}) shared by the tests of this class."""
+    """One cluster shared by the tests of this class, in the production layout: a head
+    without CPUs (drivers and Ray Jobs run there, trials never do) and a node with CPUs and
+    {"worker_node": 1}. Both run from one temp dir, as two plain `ray start` on one machine
+    share /tmp/ray, so a job's working_dir is unpacked twice into one directory."""
 
     @pytest.fixture(scope="class")
     def cluster(self) -> Iterator[LocalCluster]:
-        with local_cluster(head_cpus=1, worker_cpus=1) as c:
+        with local_cluster(head_cpus=0, worker_cpus=2, shared_temp_dir=True) as c:
             yield c
 
     @pytest.fixture()
@@ -804,6 +1083,10 @@ class TestTwoNodeCluster:
         assert status == "SUCCEEDED"
         assert f"hello from the job; actor on {cluster.worker_node_id()}" in logs
         assert "launch.py uploaded: True" in logs
+        # Why the sweep driver leaves its working dir (cluster.driver.leave_job_working_dir):
+        # the second node unpacked the job's package again, into the same shared directory,
+        # deleting the driver's working directory (oneMKL then aborts `import torch`).
+        assert "working dir: deleted under the driver" in logs
         # The dashboard's REST API lists the (now dead) actor with its node.
         probes = cluster.actors(class_name="Probe")
         assert probes and {a["node_id"] for a in probes} == {cluster.worker_node_id()}
@@ -864,6 +1147,25 @@ class TestTwoNodeCluster:
         for text in (sub.stdout, sub.stderr, st.stdout, st.stderr):
             assert cluster.token not in text
 
+    def test_a_job_whose_python_lacks_the_dependencies_says_how_to_start_ray(
+        self, cluster: LocalCluster, tmp_path: Path, token_env: None
+    ) -> None:
+        # The head's PATH finds a Python without mmr-sweep's dependencies (a cluster started
+        # from a venv that was not activated): the job's `python` is that one.
+        bare = _bare_python(tmp_path)
+        path = f"{bare.parent}:{os.environ['PATH']}"
+        job_id = jobs.submit_job(
+            cluster.dashboard_url,
+            jobs.sweep_entrypoint(["--set", "search.num_trials=1"]),
+            working_dir=ROOT,
+            env_vars={"PATH": path},
+        )
+        assert jobs.wait_for_job(cluster.dashboard_url, job_id, timeout=300) == "FAILED"
+        _, logs = jobs.job_status(cluster.dashboard_url, job_id)
+        assert f"runs `python` from the head node's PATH, which is {bare}" in logs, logs
+        assert "ray start --head" in logs and "cluster/Dockerfile" in logs
+        assert "Traceback" not in logs
+
     def test_status_without_or_with_a_wrong_token_explains_the_fix(
         self, cluster: LocalCluster, tmp_path: Path
     ) -> None:
@@ -903,7 +1205,7 @@ def test_losing_the_second_node_mid_sweep_retries_its_trial_on_the_head(
     ) as c:  # fmt: skip
         head_pid = c.head.popen.pid
         worker_id, head_id = c.worker_node_id(), c.head_node_id()
-        node_dirs = [c.head.temp_dir, c.worker.temp_dir]
+        node_markers = [c.head.marker, c.worker.marker]
         exp = tmp_path / "runs" / "failover"
         # Trials of ~10 s (64 px, 8 rounds of 6 epochs): long enough to lose one midway.
         args = _sweep_args(
@@ -959,7 +1261,7 @@ def test_losing_the_second_node_mid_sweep_retries_its_trial_on_the_head(
         assert sorted({r["training_iteration"] for r in results}) == list(range(1, 9))
         recorded = c.pids()
     # The context ended exactly what it started: nothing of either node is left.
-    assert not [p for d in node_dirs for p in marked_processes(str(d))]
+    assert not [p for m in node_markers for p in marked_processes(m)]
     assert all(not Path(f"/proc/{p}").exists() or _is_zombie(p) for p in recorded)
 
 
@@ -1077,3 +1379,67 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     except OSError:
         return True
+
+
+# ------------------------------------------------ an autoscaling cluster (fake node provider)
+
+_CHECK_RESOURCES = """
+import json, sys, ray
+from cluster.auth import enable_client_token_auth
+from mmr.errors import UserInputError
+from search.config import ResourcesConfig
+from search.resources import autoscaler_node_types, check_resources
+
+enable_client_token_auth()
+ray.init(address=sys.argv[1], logging_level="ERROR")
+try:  # a resource no node type has: the autoscaler launches nothing for it
+    check_resources(ResourcesConfig(cpu=1, custom={"tpu": 1}), launch_wait_s=5, poll_s=0.5)
+    refused = None
+except UserInputError as exc:
+    refused = str(exc)
+print(json.dumps({"types": autoscaler_node_types(), "refused": refused,
+                  "nodes": len([n for n in ray.nodes() if n["Alive"]])}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_sweep_on_an_autoscaling_cluster_waits_for_its_gpu_node(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    from search.results import load_trials
+
+    # As cluster/aws.yaml: a CPU head and GPU workers at min_workers 0 (none up at start).
+    gpu_type = {
+        "resources": {"CPU": 1, "GPU": 1},
+        "node_config": {},
+        "min_workers": 0,
+        "max_workers": 1,
+    }
+    with local_cluster(
+        head_cpus=1, with_worker=False, autoscaling_node_types={"gpu_worker": gpu_type}
+    ) as c:
+        env = c.client_env()
+        probe = subprocess.run(
+            [sys.executable, "-c", _CHECK_RESOURCES, c.gcs_address],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        seen = json.loads(probe.stdout.strip().splitlines()[-1])
+        assert seen["types"] == {}  # Ray's v1 autoscaler: runs, does not publish its types
+        assert "started no node" in seen["refused"] and "'tpu': 1.0" in seen["refused"]
+        assert seen["nodes"] == 1  # nothing was launched for it
+        assert not any(n["resources_total"].get("GPU") for n in c.alive_nodes())
+
+        args = _sweep_args(
+            synthetic_root, tmp_path / "runs", "autoscaled", "search.num_trials=1",
+            "resources.gpu=1",
+        )  # fmt: skip
+        out = _launch(["sweep", "--address", c.gcs_address, *args], env)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        assert "asked the cluster's autoscaler" in out.stdout
+        gpu_nodes = [n["node_id"] for n in c.alive_nodes() if n["resources_total"].get("GPU")]
+        assert len(gpu_nodes) == 1
+        exp = tmp_path / "runs" / "autoscaled"
+        assert list(load_trials(exp)["state"]) == ["done"]
+        assert set(_trial_nodes(exp).values()) == set(gpu_nodes)
