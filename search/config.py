@@ -95,6 +95,8 @@ class SearchConfig:
     max_concurrent: int = 8  # trials running at once (per sweep)
     seed: int = 0  # sampler seed
     n_startup_trials: int = 8  # random trials before TPE/GP/CMA-ES model the space
+    warm_start: tuple[str, ...] = ()  # earlier experiments whose finished trials seed the study
+    share_across_categories: bool = False  # per-category studies try each other's top configs
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,12 @@ class SweepConfig:
         _check(s.num_trials >= 1, "search.num_trials", f"must be >= 1, got {s.num_trials}")
         _check(s.max_concurrent >= 1, "search.max_concurrent", "must be >= 1")
         _check(s.n_startup_trials >= 0, "search.n_startup_trials", "must be >= 0")
+        _check(
+            o.per_category or not s.share_across_categories,
+            "search.share_across_categories",
+            "needs objective.per_category: true (a single study has no other category to share "
+            "with)",
+        )
         _check(sc.type in SCHEDULERS, "scheduler.type", f"must be one of {SCHEDULERS}")
         _check(sc.grace_period >= 1, "scheduler.grace_period", "must be >= 1 round")
         _check(sc.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1")
@@ -337,7 +345,33 @@ def resolve_sweep(
     if sweep.search.sampler == "grid":
         space.grid()
     cats = tuple(categories) if categories else _categories(base)
-    return SweepSpec(sweep, base, dict(space_spec), cats)
+    spec = SweepSpec(sweep, base, dict(space_spec), cats)
+    return _check_warm_start(spec)
+
+
+def _check_warm_start(spec: SweepSpec) -> SweepSpec:
+    """Resolves ``search.warm_start`` paths and checks each is an experiment of the same space.
+
+    Runs before anything is written, so a wrong path fails the launch, not a trial.
+    """
+    sources = []
+    for item in spec.sweep.search.warm_start:
+        location = item if is_uri(item) else str(Path(item).expanduser().resolve())
+        if not is_experiment(location):
+            raise UserInputError(
+                f"search.warm_start: {item!r} is not an mmr-sweep experiment (no {SPEC_FILE}): "
+                "list the directories (or storage URIs) of earlier sweeps, e.g. runs/<name>"
+            )
+        keys = load_spec(location).space.keys
+        if sorted(keys) != sorted(spec.space.keys):
+            raise UserInputError(
+                f"search.warm_start: {item!r} searched {sorted(keys)}, this sweep searches "
+                f"{sorted(spec.space.keys)}: warm-start only from sweeps of the same space keys"
+            )
+        sources.append(location)
+    search = dataclasses.replace(spec.sweep.search, warm_start=tuple(sources))
+    sweep = dataclasses.replace(spec.sweep, search=search)
+    return dataclasses.replace(spec, sweep=sweep)
 
 
 def _check_rungs(scheduler: SchedulerConfig, base: Config) -> None:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 OBJECTIVE = "objective"  # the reported key the searcher and scheduler optimise
 ROUNDS_KEY = "rounds_total"  # reported with every result: rounds of a full run
+SHARE_TOP_K = 3  # share_across_categories: a study's top-k trials are tried by the others
 
 
 class BaselineFirstGridSampler(optuna.samplers.GridSampler):
@@ -314,12 +315,15 @@ class PerCategorySearch(Searcher):
     progresses at the same pace; each study stops suggesting after ``num_trials``.
     """
 
-    def __init__(self, searchers: Mapping[str, StudySearch], num_trials: int) -> None:
+    def __init__(
+        self, searchers: Mapping[str, StudySearch], num_trials: int, *, share: bool = False
+    ) -> None:
         super().__init__(metric=OBJECTIVE, mode="max")
         self._searchers = dict(searchers)
         self._num_trials = num_trials
         self._started = {c: 0 for c in self._searchers}
         self._owner: dict[str, str] = {}
+        self._share = share
 
     def suggest(self, trial_id: str) -> dict | None:
         open_ = [c for c in self._searchers if self._started[c] < self._num_trials]
@@ -340,8 +344,30 @@ class PerCategorySearch(Searcher):
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
-        if trial_id in self._owner:
-            self._searchers[self._owner[trial_id]].on_trial_complete(trial_id, result, error)
+        if trial_id not in self._owner:
+            return
+        category = self._owner[trial_id]
+        searcher = self._searchers[category]
+        searcher.on_trial_complete(trial_id, result, error)
+        if getattr(self, "_share", False) and not error:
+            self._share_top(category, searcher._ot_trials.get(trial_id))
+
+    def _share_top(self, category: str, trial: Any) -> None:
+        """Enqueues a fully trained trial into the other studies if it is in its study's top
+        ``SHARE_TOP_K`` (each study then trains it on its own category: values of different
+        categories are never mixed in one study)."""
+        if trial is None:
+            return
+        study = self._searchers[category].study
+        frozen = study.get_trials(deepcopy=False)[trial.number]
+        if frozen.state != TrialState.COMPLETE:
+            return
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if sum(t.value > frozen.value for t in done) >= SHARE_TOP_K:
+            return
+        for other, searcher in self._searchers.items():
+            if other != category and self._started[other] < self._num_trials:
+                searcher.study.enqueue_trial(frozen.params, skip_if_exists=True)
 
     def set_search_properties(
         self, metric: str | None, mode: str | None, config: dict, **spec: Any
@@ -392,12 +418,19 @@ class RetryingLimiter(ConcurrencyLimiter):
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
-def make_searcher(spec: SweepSpec, experiment_dir: Path) -> StudySearch | PerCategorySearch:
-    """The searcher of a sweep: one study, or one per category (``objective.per_category``)."""
+def make_searcher(
+    spec: SweepSpec, experiment_dir: Path, *, storage: optuna.storages.BaseStorage | None = None
+) -> StudySearch | PerCategorySearch:
+    """The searcher of a sweep: one study, or one per category (``objective.per_category``).
+
+    ``storage`` replaces the experiment's study journal (the replay benchmark keeps its
+    thousands of simulated studies in memory).
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own table
     space = spec.space
     baseline = space.baseline(spec.base)
-    storage = study_storage(experiment_dir)
+    storage = storage if storage is not None else study_storage(experiment_dir)
+    warm = [load_warm_trials(source) for source in spec.sweep.search.warm_start]
     o = spec.sweep.objective
     common: dict[str, Any] = {
         "baseline": baseline,
@@ -406,9 +439,11 @@ def make_searcher(spec: SweepSpec, experiment_dir: Path) -> StudySearch | PerCat
         "guards": spec.guard_violations if o.guard else None,
     }
     if not o.per_category:
-        return StudySearch(
+        searcher = StudySearch(
             space, study_name=spec.sweep.name, sampler=make_sampler(spec, space), **common
         )
+        add_warm_trials(searcher.study, space, [t for source in warm for t in _all(source)])
+        return searcher
     searchers = {
         cat: StudySearch(
             space,
@@ -419,4 +454,79 @@ def make_searcher(spec: SweepSpec, experiment_dir: Path) -> StudySearch | PerCat
         )
         for i, cat in enumerate(spec.categories)
     }
-    return PerCategorySearch(searchers, spec.sweep.search.num_trials)
+    for cat, searcher in searchers.items():
+        # A per-category source gives each category its own study's trials; otherwise all.
+        trials = [t for source in warm for t in source.get(cat, _all(source))]
+        add_warm_trials(searcher.study, space, trials)
+    return PerCategorySearch(
+        searchers, spec.sweep.search.num_trials, share=spec.sweep.search.share_across_categories
+    )
+
+
+def _all(source: Mapping[str | None, list]) -> list:
+    return [t for trials in source.values() for t in trials]
+
+
+WARM_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def load_warm_trials(experiment: str) -> dict[str | None, list[optuna.trial.FrozenTrial]]:
+    """The finished (COMPLETE or PRUNED) trials of an earlier sweep, by category.
+
+    Key None holds a single-study sweep's trials; a per-category sweep's studies are keyed
+    by their category (study name ``<sweep>/<category>``).
+    """
+    from search.config import load_spec
+    from search.storage import is_uri, pull
+
+    spec = load_spec(experiment).sweep
+    local = pull(experiment) if is_uri(experiment) else Path(experiment)
+    storage = study_storage(local)
+    out: dict[str | None, list[optuna.trial.FrozenTrial]] = {}
+    for summary in optuna.get_all_study_summaries(storage):
+        name = summary.study_name
+        key = name.split("/", 1)[1] if "/" in name else None
+        study = optuna.load_study(study_name=name, storage=storage)
+        out[key] = [t for t in study.get_trials(deepcopy=False, states=WARM_STATES)]
+    if not any(out.values()):
+        log.warning("search.warm_start: %s (%s) has no finished trial", experiment, spec.name)
+    return out
+
+
+def add_warm_trials(
+    study: optuna.Study, space: Space, trials: list[optuna.trial.FrozenTrial]
+) -> int:
+    """Adds earlier trials to ``study`` with this space's distributions; returns the count.
+
+    COMPLETE trials keep their value, PRUNED ones their intermediate values (TPE ranks them by
+    those, as it ranks its own pruned trials). A trial with a value outside this space (a
+    narrower range, a dropped choice) is skipped: TPE would model a point it cannot sample.
+    """
+    added = []
+    for old in trials:
+        fixed = optuna.trial.FixedTrial(old.params)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # FixedTrial only warns when out of range
+                space.define(fixed)
+        except (ValueError, KeyError, UserWarning):
+            continue
+        if set(fixed.params) != set(old.params):
+            continue  # a parameter the new space no longer has (a condition changed)
+        done = old.state == TrialState.COMPLETE
+        if done and len(old.values) != len(study.directions):
+            continue  # another number of objectives: its values mean something else here
+        added.append(
+            optuna.trial.create_trial(
+                params=fixed.params,
+                distributions=fixed.distributions,
+                values=old.values if done else None,
+                intermediate_values=dict(old.intermediate_values),
+                state=old.state,
+                user_attrs={**old.user_attrs, "warm_start": True},
+            )
+        )
+    study.add_trials(added)
+    if len(added) < len(trials):
+        log.info("warm start: skipped %d trial(s) outside the space", len(trials) - len(added))
+    return len(added)
