@@ -1,0 +1,299 @@
+"""Records full learning curves of the tiny MMR config, for the replay benchmark.
+
+The table is what tabulated HPO benchmarks (NAS-Bench-201, LCBench, YAHPO) hold: every
+configuration of a fixed set trained to the full budget, validated after *every* epoch, so
+that any search strategy can later be replayed on it in simulated time
+(``benchmarks/replay.py``) instead of training again.
+
+What is recorded (``GRID``, ``SEEDS``, ``CATEGORIES``, ``EPOCHS``):
+
+- 48 configurations: the demo space (``spaces/demo.yaml``) on a grid, ``mask_ratio`` in
+  {0.1, 0.4, 0.8} x ``patch_size`` in {8, 16} x ``teacher_layers`` in {[1,2,3], [2,3]} x
+  ``lr`` in {3e-4, 1e-3, 3e-3, 1e-2} (log-spaced, ~3.3x apart). The tiny config's own values
+  (0.4, 8, [1,2,3], 1e-3) are one of the points, so the sweeps' baseline trial is recorded.
+- 2 training seeds (``train.seed`` 54, the tiny config's, and 1).
+- 2 synthetic categories of different kinds (``mmr.synth``): ``nut`` (an object on a
+  textured background) and ``fabric`` (a texture), from the tiny config's synthetic set.
+- 36 epochs, 1.5x the demo's 24, with the tiny config's schedule scaled alike (2 warm-up
+  epochs, lr / 10 at epoch 30 as the demo drops it at 20 of 24); validation after every epoch.
+  48 epochs would cost 1.3x more for a flat tail; a run takes ~2.5 min of one core here.
+
+Rows (``curves.csv``, one per run and epoch): the run's key (``config``, its four
+parameters, ``category``, ``seed``), ``epoch``, the validation metrics (``val_image_auroc``,
+``val_pixel_auroc``, ``val_aupro``, ``val_pixel_f1``), the epoch's training ``loss``, its wall
+``seconds`` (training + validation; CPU, one thread, niced, so noisy) and ``status``
+(``ok``, or ``diverged`` when the loss became NaN). The last epoch's row also holds the
+held-out test-half metrics (``test_*``), which no search ever sees.
+
+Resumable in parts: a run is appended (all its rows in one write) only once it finished, and
+runs already in the file are skipped, so the recorder can be killed at any time and started
+again with the same command; ``load_curves`` drops any incomplete run left by a kill.
+
+Command that made ``benchmarks/data/curves.csv`` (one process, one torch thread, lowest CPU
+priority so that it uses only idle CPU; the run order is seed-major over a fixed shuffle of
+the configurations, so any prefix is a space-filling subset with both categories)::
+
+    OMP_NUM_THREADS=1 nice -n 19 python -m benchmarks.curves --out benchmarks/data/curves.csv
+
+(``--out`` elsewhere and copying the file in is equivalent; ``--limit N`` stops after N runs.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import ROOT
+
+__all__ = [
+    "CATEGORIES",
+    "COLUMNS",
+    "EPOCHS",
+    "GRID",
+    "PARAMS",
+    "SEEDS",
+    "Run",
+    "load_curves",
+    "planned_runs",
+    "record",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = ROOT / "benchmarks" / "data" / "curves.csv"
+BASE_CONFIG = ROOT / "configs" / "tiny.yaml"
+GRID: dict[str, tuple[Any, ...]] = {
+    "mask_ratio": (0.1, 0.4, 0.8),
+    "patch_size": (8, 16),
+    "teacher_layers": ((1, 2, 3), (2, 3)),
+    "lr": (3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2),
+}
+PARAMS = tuple(GRID)
+SEEDS = (54, 1)
+CATEGORIES = ("nut", "fabric")
+EPOCHS = 36
+# The tiny config's schedule (24 epochs: warm-up 2, lr / 10 at 20) stretched to EPOCHS.
+SCHEDULE = ("train.warmup_epochs=2", "train.lr_milestones=[30]")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1")
+KEY = ("config", "category", "seed")
+COLUMNS = (
+    "config",
+    *PARAMS,
+    "category",
+    "seed",
+    "epoch",
+    *(f"val_{m}" for m in METRICS),
+    "loss",
+    "seconds",
+    "status",
+    *(f"test_{m}" for m in METRICS),
+)
+_ORDER_SEED = 11  # fixed shuffle of the configurations: any prefix covers the space
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the table: a configuration, a category and a training seed."""
+
+    config: int  # index into configurations()
+    params: dict[str, Any]
+    category: str
+    seed: int
+
+    @property
+    def key(self) -> tuple[int, str, int]:
+        return (self.config, self.category, self.seed)
+
+    def overrides(self) -> list[str]:
+        """``--set`` style overrides of the tiny config that train this run."""
+        layers = ",".join(str(x) for x in self.params["teacher_layers"])
+        return [
+            f"data.categories=[{self.category}]",
+            f"model.mask_ratio={self.params['mask_ratio']}",
+            f"model.patch_size={self.params['patch_size']}",
+            f"model.teacher_layers=[{layers}]",
+            f"train.lr={self.params['lr']}",
+            f"train.seed={self.seed}",
+            f"train.epochs={EPOCHS}",
+            "train.eval_every=1",
+            "train.threads=1",
+            *SCHEDULE,
+        ]
+
+
+def configurations() -> list[dict[str, Any]]:
+    """The 48 grid points, in a fixed order (their index is the ``config`` column)."""
+    return [dict(zip(PARAMS, values, strict=True)) for values in itertools.product(*GRID.values())]
+
+
+def planned_runs() -> list[Run]:
+    """Every run of the table in recording order: seed-major, configurations shuffled."""
+    configs = configurations()
+    order = list(range(len(configs)))
+    random.Random(_ORDER_SEED).shuffle(order)
+    return [
+        Run(i, configs[i], category, seed)
+        for seed in SEEDS
+        for i in order
+        for category in CATEGORIES
+    ]
+
+
+def load_curves(path: str | Path = DEFAULT_OUT) -> Any:
+    """The complete runs of a curve table as a pandas DataFrame (incomplete runs dropped).
+
+    A run is complete when it has one row per epoch from 1 and test metrics on the last (or,
+    diverged, rows up to the epoch it diverged at). ``teacher_layers`` is kept as the
+    string ``"1-2-3"``.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame(columns=list(COLUMNS))
+    frame = pd.read_csv(path, on_bad_lines="skip", dtype={"teacher_layers": str})
+    if frame.empty:
+        return frame
+    keep = []
+    for _, run in frame.groupby(list(KEY), sort=False):
+        run = run.drop_duplicates("epoch", keep="last").sort_values("epoch")
+        epochs = run["epoch"].tolist()
+        if epochs != list(range(1, len(epochs) + 1)):
+            continue
+        # Test metrics are written with the last epoch only: their presence marks the end.
+        if (run["status"] == "diverged").any() or not math.isnan(run["test_image_auroc"].iloc[-1]):
+            keep.append(run)
+    if not keep:
+        return frame.iloc[0:0]
+    return pd.concat(keep, ignore_index=True)
+
+
+def _recorded(path: Path) -> set[tuple[int, str, int]]:
+    table = load_curves(path)
+    return {
+        (int(c), str(cat), int(s))
+        for c, cat, s in table[list(KEY)].drop_duplicates().itertuples(index=False)
+    }
+
+
+def train_run(run: Run) -> list[dict[str, Any]]:
+    """Trains one run with ``mmr.train.fit`` and returns its rows (see the module doc)."""
+    from mmr.config import load_config
+    from mmr.train import TrainingDiverged, fit
+
+    cfg = load_config(BASE_CONFIG, run.overrides())
+    rows: list[dict[str, Any]] = []
+    clock = {"last": time.perf_counter()}
+
+    def report(_round: int, flat: dict[str, float]) -> None:
+        now = time.perf_counter()
+        rows.append(
+            {
+                **_key_columns(run),
+                "epoch": int(flat["epoch"]),
+                **{f"val_{m}": flat[m] for m in METRICS},
+                "loss": flat["loss"],
+                "seconds": now - clock["last"],
+                "status": "ok",
+            }
+        )
+        clock["last"] = now
+
+    try:
+        result = fit(cfg, report=report, final_test=True)
+    except TrainingDiverged as exc:
+        log.warning("run %s diverged: %s", run.key, exc)
+        for row in rows:
+            row["status"] = "diverged"
+        if not rows:  # diverged in the first epoch: one row saying so
+            rows.append({**_key_columns(run), "epoch": 1, "status": "diverged"})
+        return rows
+    test = result["test"][run.category]
+    rows[-1].update({f"test_{m}": test[m] for m in METRICS})
+    return rows
+
+
+def _key_columns(run: Run) -> dict[str, Any]:
+    return {
+        "config": run.config,
+        **{k: v for k, v in run.params.items() if k != "teacher_layers"},
+        "teacher_layers": "-".join(str(x) for x in run.params["teacher_layers"]),
+        "category": run.category,
+        "seed": run.seed,
+    }
+
+
+def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Appends one run's rows in a single write (a kill leaves at most one partial run)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    if not path.exists() or path.stat().st_size == 0:
+        writer.writeheader()
+    else:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a line cut short by a kill: end it, never extend it
+                buf.write("\n")
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def pending(path: Path, runs: Sequence[Run]) -> Iterator[Run]:
+    """The runs not yet in ``path``."""
+    done = _recorded(path)
+    return (run for run in runs if run.key not in done)
+
+
+def record(path: str | Path = DEFAULT_OUT, *, limit: int | None = None) -> int:
+    """Trains and appends every pending run (at most ``limit``); returns how many it added."""
+    path = Path(path)
+    todo = list(pending(path, planned_runs()))
+    log.info("%d of %d runs pending -> %s", len(todo), len(planned_runs()), path)
+    added = 0
+    for run in todo[:limit]:
+        started = time.perf_counter()
+        rows = train_run(run)
+        _append(path, rows)
+        added += 1
+        last = rows[-1]
+        log.info(
+            "run %s (%s) done in %.0f s: final val image AUROC %s, test %s; %d left",
+            run.key,
+            run.params,
+            time.perf_counter() - started,
+            last.get("val_image_auroc"),
+            last.get("test_image_auroc"),
+            len(todo) - added,
+        )
+    return added
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="curve table (CSV)")
+    parser.add_argument("--limit", type=int, default=None, help="stop after N new runs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    record(args.out, limit=args.limit)
+
+
+if __name__ == "__main__":
+    main()

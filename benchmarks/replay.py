@@ -1,0 +1,367 @@
+"""Replays recorded learning curves through the project's real search stack, in simulated time.
+
+``python -m benchmarks.replay --seeds 30 --json OUT.json`` replays every strategy in
+``STRATEGIES`` (samplers random / TPE / GP / CMA-ES x FIFO / ASHA with grace period, reduction
+factor and validation interval swept / async Hyperband with 3 brackets / median stopping; the
+rung metric as the last value, best so far or smoothed; per-category routing) for 30 search
+seeds each over the curve table of ``benchmarks/curves.py``; how a search is simulated (and
+how sampled points map to recorded configurations) is in ``benchmarks/replay_sim.py``.
+
+Outcome of a search: its incumbent is what ``search.results.best_trials`` would pick at that
+moment (the best reported objective among trials that ran every round); its *test* value is
+the recorded held-out test AUROC of that run (the mean over categories). Target: the best
+configuration's test AUROC in the table (mean over its seeds) minus 0.01 (and 0.02);
+``epochs_to_target`` is the cost spent when the incumbent first reaches it (model-epochs; an
+unreached search seed counts as infinitely many; quantiles are empirical, no interpolation,
+and an infinite one prints as null). Per-category strategies have their own target: the mean
+over categories of each category's best.
+
+Also written: ``rank_correlation`` (Spearman, over runs, of the validation value at epoch E
+with the final validation and test values: what bounds early stopping), ``warm_start``
+(epochs to target with and without ``search.warm_start``) and ``meta``.
+
+Run: ``python -m benchmarks.replay --seeds 30 --json OUT.json`` (``--table`` picks the curve
+table, default ``benchmarks/data/curves.csv``; ``--only NAME,...`` a subset of strategies;
+``--workers`` processes, default 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.common import ROOT
+from benchmarks.replay_sim import CurveTable, SearchTrace, Strategy, simulate, sweep_spec
+
+__all__ = [
+    "STRATEGIES",
+    "DEFAULT_STRATEGY",
+    "rank_correlations",
+    "run_replay",
+    "summarize",
+    "warm_start_replay",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TABLE = ROOT / "benchmarks" / "data" / "curves.csv"
+TARGET_GAPS = (0.01, 0.02)
+
+
+def _strategies() -> list[Strategy]:
+    out = []
+    for sampler in ("random", "tpe", "gp", "cmaes"):
+        out.append(Strategy(f"fifo_{sampler}", sampler, "fifo"))
+        out.append(Strategy(f"asha_{sampler}", sampler, "asha"))
+        out.append(Strategy(f"hyperband_{sampler}", sampler, "hyperband", brackets=3))
+        out.append(Strategy(f"median_{sampler}", sampler, "median"))
+    for sampler in ("random", "tpe"):
+        for every, grace, rf in ((6, 1, 2), (6, 2, 3), (3, 1, 3), (3, 2, 3), (1, 1, 3), (1, 3, 3)):
+            out.append(
+                Strategy(
+                    f"asha_{sampler}_e{every}_g{grace}_rf{rf:g}",
+                    sampler,
+                    "asha",
+                    grace,
+                    rf,
+                    eval_every=every,
+                )
+            )
+        for rung in ("best", "smoothed"):
+            out.append(Strategy(f"asha_{sampler}_{rung}", sampler, "asha", rung_metric=rung))
+        out.append(Strategy(f"fifo_{sampler}/per_category", sampler, "fifo", per_category=True))
+        out.append(Strategy(f"asha_{sampler}/per_category", sampler, "asha", per_category=True))
+    return out
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in _strategies()}
+DEFAULT_STRATEGY = "asha_tpe"  # what configs/demo_sweep.yaml runs (TPE, ASHA grace 1 rf 3)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def _quantiles(values: Sequence[float]) -> dict[str, float | None]:
+    arr = np.asarray(values, dtype=float)
+    out: dict[str, float | None] = {}
+    for name, q in (("median", 0.5), ("q25", 0.25), ("q75", 0.75)):
+        # Empirical quantiles (no interpolation): defined with unreached (infinite) seeds.
+        v = float(np.quantile(arr, q, method="inverted_cdf"))
+        out[name] = None if math.isinf(v) or math.isnan(v) else round(v, 4)
+    return out
+
+
+def summarize(traces: Sequence[SearchTrace], best: float) -> dict[str, Any]:
+    """The per-strategy entry of the JSON output (see ``INTERFACE.md``)."""
+    out: dict[str, Any] = {}
+    for gap in TARGET_GAPS:
+        spent = [t.epochs_to(best - gap) for t in traces]
+        suffix = "" if gap == TARGET_GAPS[0] else f"_{gap:g}"
+        out[f"epochs_to_target{suffix}"] = _quantiles(spent)
+        out[f"reached{suffix}"] = round(float(np.mean([not math.isinf(s) for s in spent])), 4)
+    out["final_test_auroc"] = _quantiles([t.final_test for t in traces])
+    out["epochs_total"] = _quantiles([t.epochs for t in traces])
+    return out
+
+
+def rank_correlations(table: CurveTable, epochs: Iterable[int]) -> dict[str, dict[str, float]]:
+    """Spearman correlation over runs of the value at each epoch with the final values.
+
+    Per category: ``{"val@E": rho(val at E, final val), "test@E": rho(val at E, final
+    test)}``; diverged runs are left out. This bounds what early stopping can save.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for category in table.categories:
+        keys = [k for k in table.val if k[1] == category and len(table.val[k]) == table.epochs]
+        if len(keys) < 3:
+            continue
+        final_val = pd.Series([table.val[k][-1] for k in keys])
+        final_test = pd.Series([table.test[k] for k in keys])
+        row = {}
+        for e in epochs:
+            if 1 <= e <= table.epochs:
+                at = pd.Series([table.val[k][e - 1] for k in keys])
+                row[f"val@{e}"] = round(float(at.corr(final_val, method="spearman")), 3)
+                row[f"test@{e}"] = round(float(at.corr(final_test, method="spearman")), 3)
+        out[category] = row
+    return out
+
+
+def run_replay(
+    table: CurveTable,
+    strategies: Sequence[Strategy],
+    *,
+    seeds: int,
+    num_trials: int = 24,
+    max_concurrent: int = 2,
+    n_startup_trials: int = 4,
+    categories: Sequence[str] | None = None,
+    workers: int = 1,
+    progress: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Replays every strategy for ``seeds`` search seeds; returns the JSON document.
+
+    ``workers`` > 1 replays strategies in that many processes (each search is sequential).
+    """
+    categories = list(categories or table.categories)
+    out: dict[str, Any] = {}
+    best = {
+        False: table.best_test(categories),
+        True: table.best_test(categories, per_category=True),
+    }
+    jobs = [
+        (strategy, table, range(seeds), num_trials, max_concurrent, n_startup_trials, categories)
+        for strategy in strategies
+    ]
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")  # no forked copy of a half-imported Ray
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_quiet) as pool:
+            results = pool.map(_replay_strategy, jobs)
+            done = dict(zip((s.name for s in strategies), results, strict=True))
+    else:
+        _quiet()
+        done = {s.name: _replay_strategy(job) for s, job in zip(strategies, jobs, strict=True)}
+    for strategy in strategies:
+        traces, seconds = done[strategy.name]
+        out[strategy.name] = summarize(traces, best[strategy.per_category])
+        out[strategy.name]["cpu_seconds"] = round(seconds, 2)
+        progress(f"{strategy.name}: {json.dumps(out[strategy.name])}")
+    out["default"] = DEFAULT_STRATEGY
+    out["meta"] = {
+        "table": {
+            "configs": len(table.configs(categories)),
+            "categories": categories,
+            "epochs": table.epochs,
+            "runs": len(table.val),
+        },
+        "targets": {f"best-{g:g}": round(best[False] - g, 4) for g in TARGET_GAPS},
+        "targets_per_category": {f"best-{g:g}": round(best[True] - g, 4) for g in TARGET_GAPS},
+        "seeds": seeds,
+        "num_trials": num_trials,
+        "max_concurrent": max_concurrent,
+        "cost_unit": "model-epochs",
+    }
+    out["rank_correlation"] = rank_correlations(table, (1, 2, 3, 4, 6, 9, 12, 18, 24, 30))
+    return out
+
+
+def _quiet() -> None:
+    """One torch thread (GPSampler) and no per-trial Optuna warnings in replay processes."""
+    import optuna
+    import torch
+
+    torch.set_num_threads(1)
+    optuna.logging.disable_default_handler()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _replay_strategy(job: tuple) -> tuple[list[SearchTrace], float]:
+    strategy, table, seeds, num_trials, max_concurrent, n_startup_trials, categories = job
+    started = time.process_time()
+    traces = [
+        simulate(
+            strategy,
+            table,
+            seed=s,
+            num_trials=num_trials,
+            max_concurrent=max_concurrent,
+            n_startup_trials=n_startup_trials,
+            categories=categories,
+        )
+        for s in seeds
+    ]
+    return traces, time.process_time() - started
+
+
+def warm_start_replay(
+    table: CurveTable,
+    *,
+    seeds: int,
+    strategy: str = DEFAULT_STRATEGY,
+    num_trials: int = 24,
+    max_concurrent: int = 2,
+    n_startup_trials: int = 4,
+) -> dict[str, Any]:
+    """Epochs to target with and without ``search.warm_start``, through ``make_searcher``.
+
+    Two cases: the source is the same sweep run with another search seed (same categories),
+    and, per category, a sweep of another category (each category alone; the source is the
+    other category's sweep). Each source is a real experiment directory (``sweep.json`` and
+    its study journal) written by a replayed search; its cost is not counted.
+    """
+    from search.config import SPEC_FILE
+    from search.searcher import study_storage
+
+    base = STRATEGIES[strategy]
+    cats = table.categories
+    kw = {
+        "num_trials": num_trials,
+        "max_concurrent": max_concurrent,
+        "n_startup_trials": n_startup_trials,
+    }
+    cases: dict[str, tuple[list[str], list[str] | None]] = {"all": (cats, cats)}
+    for k in cats:
+        others = [c for c in cats if c != k]
+        if others and table.configs([k]) and table.configs(others[:1]):
+            cases[k] = ([k], others[:1])
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="replay-warm-") as tmp:
+        for case, (target, source_cats) in cases.items():
+            cold, warm = [], []
+            for s in range(seeds):
+                src_seed = s + 1000
+                src = Path(tmp) / f"{case.replace('/', '-')}-{s}"
+                spec = sweep_spec(
+                    base,
+                    table=table,
+                    categories=source_cats,
+                    seed=src_seed,
+                    extra=[f"name={src.name}", f"storage={tmp}"],
+                    **kw,
+                )
+                src.mkdir()
+                (src / SPEC_FILE).write_text(json.dumps(spec.to_dict()))
+                simulate(
+                    base,
+                    table,
+                    seed=src_seed,
+                    categories=source_cats,
+                    storage=study_storage(src),
+                    experiment_dir=src,
+                    extra=[f"name={src.name}"],
+                    **kw,
+                )
+                cold.append(simulate(base, table, seed=s, categories=target, **kw))
+                warm.append(
+                    simulate(
+                        base,
+                        table,
+                        seed=s,
+                        categories=target,
+                        extra=[f"search.warm_start=[{src}]"],
+                        **kw,
+                    )
+                )
+            best = table.best_test(target)
+            label = "other_seed" if case == "all" else f"{case}_from_{source_cats[0]}"
+            out[f"{strategy}/cold/{case}"] = summarize(cold, best)
+            out[f"{strategy}/warm/{label}"] = summarize(warm, best)
+    return out
+
+
+def load_table(path: str | Path = DEFAULT_TABLE, metric: str = "image_auroc") -> CurveTable:
+    """The complete runs of a recorded curve table."""
+    from benchmarks.curves import load_curves
+
+    frame = load_curves(path)
+    if frame.empty:
+        raise SystemExit(f"{path}: no complete run recorded yet (run python -m benchmarks.curves)")
+    return CurveTable.from_frame(frame, metric=metric)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
+    parser.add_argument("--seeds", type=int, default=30)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--only", default="", help="comma-separated strategy names")
+    parser.add_argument("--trials", type=int, default=24, help="trials per search (per study)")
+    parser.add_argument("--concurrent", type=int, default=2)
+    parser.add_argument("--categories", default="", help="comma-separated (default: all)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--warm-seeds",
+        type=int,
+        default=None,
+        help="seeds of the warm-start comparison (default: --seeds; 0 skips it)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("ray", "optuna"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    names = [n for n in args.only.split(",") if n] or list(STRATEGIES)
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        parser.error(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    if "fifo_random" not in names:
+        names.insert(0, "fifo_random")  # the reference is always part of the output
+    table = load_table(args.table)
+    started = time.perf_counter()
+    doc = run_replay(
+        table,
+        [STRATEGIES[n] for n in names],
+        seeds=args.seeds,
+        num_trials=args.trials,
+        max_concurrent=args.concurrent,
+        workers=args.workers,
+        categories=[c for c in args.categories.split(",") if c] or None,
+    )
+    warm_seeds = args.seeds if args.warm_seeds is None else args.warm_seeds
+    if warm_seeds:
+        doc["warm_start"] = warm_start_replay(
+            table, seeds=warm_seeds, num_trials=args.trials, max_concurrent=args.concurrent
+        )
+    doc["meta"]["seconds"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(doc, indent=1)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,638 @@
+"""The replay's simulated execution back-end: curve table, nearest-config mapping, event loop.
+
+Only the execution back-end is replaced (as in Syne Tune's simulator back-end): the Optuna
+samplers (``search.searcher.make_sampler``), ``StudySearch`` / ``PerCategorySearch`` with their
+PRUNED bookkeeping (``search.searcher.make_searcher``), ``ResumableASHA`` and
+``PerCategoryScheduler`` (``search.sweep``'s own factory) and Ray Tune's other schedulers
+(async Hyperband with several brackets, median stopping) make every decision; ``simulate``
+plays Ray Tune's controller: it asks the searcher for trials, "trains" each from the table of
+recorded curves (``benchmarks/curves.py``), and passes each validation round to the scheduler
+and the searcher in the order and with the arguments Tune's ``TuneController`` uses (a result
+the scheduler answers STOP goes to ``searcher.on_trial_complete`` only). Not replayed: the
+duplicate end-of-trial result Tune re-sends to a FIFO trial, and PAUSE (no scheduler used
+here pauses). ``tuner_decisions`` runs the same search through a real ``Tuner`` for the
+cross-check.
+
+Simulated time: one epoch of one trial takes one time unit; ``max_concurrent`` trials run at
+once, so results arrive interleaved as in a real sweep (ties: the earlier-started trial
+first). Cost is counted in *model-epochs*: a trial that trains two categories in lockstep
+costs two per epoch, a per-category trial one.
+
+Mapping to the table: a trial's sampled parameters map to the nearest recorded configuration
+that has curves for the trial's categories, by distance in the space's unit cube (numbers
+scaled to [0, 1] over their range, on a log scale for ``log: true``; a categorical mismatch
+counts 1 per parameter); ties go to the lower configuration index. Each trial replays one of
+the configuration's recorded training seeds, drawn from (search seed, the trial's number in
+its study), so training noise is replayed and a real Tuner draws the same.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.common import ROOT
+from search.searcher import OBJECTIVE, ROUNDS_KEY
+
+__all__ = [
+    "CurveTable",
+    "Nearest",
+    "SearchTrace",
+    "Strategy",
+    "TrialRecord",
+    "draw_seed",
+    "simulate",
+    "sweep_spec",
+    "tuner_decisions",
+]
+
+SWEEP = ROOT / "configs" / "demo_sweep.yaml"
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass
+class CurveTable:
+    """Recorded curves: per (configuration, category, seed) the validation values per epoch.
+
+    Built from the rows of ``benchmarks.curves`` (``from_frame``); tests build small
+    made-up tables the same way.
+    """
+
+    params: dict[int, dict[str, Any]]  # config -> {param name: value} (the space's keys)
+    val: dict[tuple[int, str, int], np.ndarray]  # run -> val metric per epoch (1-based: [0])
+    test: dict[tuple[int, str, int], float]  # run -> test metric at the end (nan: diverged)
+    epochs: int
+    metric: str = "image_auroc"
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, *, metric: str = "image_auroc") -> CurveTable:
+        """Reads the rows of ``benchmarks.curves.load_curves`` (or a made-up table alike)."""
+        from benchmarks.curves import PARAMS
+
+        params: dict[int, dict[str, Any]] = {}
+        val: dict[tuple[int, str, int], np.ndarray] = {}
+        test: dict[tuple[int, str, int], float] = {}
+        epochs = int(frame["epoch"].max())
+        for (config, category, seed), run in frame.groupby(["config", "category", "seed"]):
+            run = run.sort_values("epoch")
+            first = run.iloc[0]
+            params[int(config)] = {p: _param_value(p, first[p]) for p in PARAMS}
+            key = (int(config), str(category), int(seed))
+            values = run[f"val_{metric}"].to_numpy(dtype=float)
+            diverged = "status" in run and (run["status"] == "diverged").any()
+            if diverged:
+                values = values[~np.isnan(values)]
+            val[key] = values
+            last = run.iloc[-1].get(f"test_{metric}", float("nan"))
+            test[key] = float("nan") if diverged else float(last)
+        return cls(params=params, val=val, test=test, epochs=epochs, metric=metric)
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted({c for _, c, _ in self.val})
+
+    def seeds(self, config: int, categories: Sequence[str]) -> list[int]:
+        """The training seeds recorded for ``config`` on every one of ``categories``."""
+        sets = [{s for c, cat, s in self.val if c == config and cat == k} for k in categories]
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def configs(self, categories: Sequence[str]) -> list[int]:
+        """Configurations with at least one seed recorded on every one of ``categories``."""
+        return sorted(c for c in self.params if self.seeds(c, categories))
+
+    def final_test(self, config: int, categories: Sequence[str]) -> float:
+        """Mean over ``categories`` of the seed-mean test value (nan if any run diverged)."""
+        seeds = self.seeds(config, categories)
+        return float(
+            np.mean([np.mean([self.test[(config, k, s)] for s in seeds]) for k in categories])
+        )
+
+    def best_test(self, categories: Sequence[str], per_category: bool = False) -> float:
+        """The best achievable final test value: one config for all, or one per category."""
+        if per_category:
+            return float(np.mean([self.best_test([k]) for k in categories]))
+        values = [self.final_test(c, categories) for c in self.configs(categories)]
+        return float(np.nanmax(values))
+
+
+def _param_value(name: str, raw: Any) -> Any:
+    if name == "teacher_layers":
+        return tuple(int(x) for x in str(raw).split("-"))
+    if name == "patch_size":
+        return int(raw)
+    return float(raw)
+
+
+class Nearest:
+    """Maps sampled parameters to the nearest recorded configuration (see the module doc)."""
+
+    def __init__(self, table: CurveTable, space: Any, categories: Sequence[str]) -> None:
+        self._configs = table.configs(categories)
+        if not self._configs:
+            raise ValueError(f"the curve table has no configuration recorded on {categories}")
+        self._space = space
+        self._table = table
+        self._cache: dict[tuple, int] = {}
+
+    def __call__(self, sampled: Mapping[str, Any]) -> int:
+        key = tuple(sorted((k, _hashable(v)) for k, v in sampled.items()))
+        if key not in self._cache:
+            self._cache[key] = min(
+                self._configs, key=lambda c: (self._distance(sampled, self._table.params[c]), c)
+            )
+        return self._cache[key]
+
+    def _distance(self, sampled: Mapping[str, Any], recorded: Mapping[str, Any]) -> float:
+        total = 0.0
+        for p in self._space.params:
+            name = p.key.rsplit(".", 1)[-1]
+            if p.key not in sampled or name not in recorded:
+                continue
+            a, b = sampled[p.key], recorded[name]
+            if p.type == "categorical":
+                total += float(_hashable(a) != _hashable(b))
+            elif p.type in ("float", "int"):
+                lo, hi, x, y = p.low, p.high, float(a), float(b)
+                if p.log:
+                    lo, hi, x, y = (math.log(v) for v in (lo, hi, x, y))
+                total += ((x - y) / (hi - lo)) ** 2 if hi > lo else 0.0
+        return total
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way to search: a sampler, a scheduler and how the rung metric is formed."""
+
+    name: str
+    sampler: str = "random"  # tpe | gp | cmaes | random
+    scheduler: str = "fifo"  # fifo | asha | hyperband | median
+    grace_period: int = 1  # in evaluation rounds
+    reduction_factor: float = 3.0
+    brackets: int = 1  # hyperband only
+    rung_metric: str = "last"  # last | best (best so far) | smoothed (EMA, weight 0.5)
+    eval_every: int = 6  # epochs per evaluation round (the tiny config's value)
+    per_category: bool = False
+
+    def overrides(self) -> list[str]:
+        """Sweep overrides of the project's own sampler/scheduler settings."""
+        return [
+            f"search.sampler={self.sampler}",
+            f"scheduler.type={'asha' if self.scheduler == 'asha' else 'fifo'}",
+            f"scheduler.grace_period={self.grace_period}",
+            f"scheduler.reduction_factor={self.reduction_factor}",
+            f"objective.per_category={str(self.per_category).lower()}",
+            f"train.eval_every={self.eval_every}",
+        ]
+
+
+# ----------------------------------------------------------------------------- the event loop
+
+
+@dataclass(eq=False)
+class SimTrial:
+    """What Ray's schedulers read from a ``Trial``: its id, config and status."""
+
+    trial_id: str
+    config: dict[str, Any]
+    status: str = "RUNNING"
+    is_saving: bool = False
+
+    def __str__(self) -> str:
+        return self.trial_id
+
+
+class SimController:
+    """The part of Tune's controller the schedulers call back into."""
+
+    def __init__(self) -> None:
+        self.live: list[SimTrial] = []
+
+    def get_live_trials(self) -> list[SimTrial]:
+        return list(self.live)
+
+    def stop_trial(self, trial: SimTrial) -> None:  # pragma: no cover - sync Hyperband only
+        raise NotImplementedError("the replay runs only schedulers that do not pause trials")
+
+
+@dataclass
+class TrialRecord:
+    """One replayed trial: what it ran and how far."""
+
+    trial_id: str
+    config: int
+    seed: int
+    category: str | None
+    start: float
+    rounds: int = 0
+    state: str = "running"  # running | done | stopped | failed
+    objective: float | None = None  # last reported (possibly smoothed) objective
+    baseline: bool = False
+
+
+@dataclass
+class SearchTrace:
+    """A replayed search: its trials, cost and the incumbent's test value over time."""
+
+    trials: list[TrialRecord] = field(default_factory=list)
+    epochs: float = 0.0  # model-epochs spent in all
+    # (model-epochs spent, test value of the incumbent) at each change of incumbent
+    incumbents: list[tuple[float, float]] = field(default_factory=list)
+    final_test: float = float("nan")
+    study_states: dict[str, int] = field(default_factory=dict)  # Optuna trial states at the end
+
+    def epochs_to(self, target: float) -> float:
+        """Model-epochs spent when the incumbent's test value first reached ``target``."""
+        for spent, value in self.incumbents:
+            if value >= target - 1e-12:
+                return spent
+        return math.inf
+
+    def decisions(self) -> list[tuple[int, int, str]]:
+        """``(config, rounds, state)`` of each trial in start order (for cross-checks)."""
+        return [(t.config, t.rounds, t.state) for t in self.trials]
+
+
+def sweep_spec(
+    strategy: Strategy,
+    *,
+    table: CurveTable,
+    categories: Sequence[str],
+    num_trials: int,
+    max_concurrent: int,
+    seed: int,
+    n_startup_trials: int,
+    extra: Sequence[str] = (),
+) -> Any:
+    """The demo sweep resolved with the strategy's settings and the table's epochs."""
+    from search.config import resolve_sweep
+
+    overrides = [
+        *strategy.overrides(),
+        f"search.num_trials={num_trials}",
+        f"search.max_concurrent={max_concurrent}",
+        f"search.seed={seed}",
+        f"search.n_startup_trials={n_startup_trials}",
+        f"train.epochs={table.epochs}",
+        f"data.categories=[{','.join(categories)}]",
+        *extra,
+    ]
+    return resolve_sweep(SWEEP, overrides, categories=list(categories))
+
+
+def _scheduler(strategy: Strategy, spec: Any, location: str) -> Any:
+    """The project's scheduler for fifo/asha; Ray Tune's own for hyperband/median."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, MedianStoppingRule
+
+    from search.scheduler import PerCategoryScheduler
+    from search.sweep import _scheduler as project_scheduler
+
+    if strategy.scheduler in ("fifo", "asha"):
+        return project_scheduler(spec, location)
+
+    def make(_category: str | None) -> Any:
+        if strategy.scheduler == "hyperband":
+            return AsyncHyperBandScheduler(
+                time_attr="training_iteration",
+                metric=OBJECTIVE,
+                mode="max",
+                max_t=spec.base.num_rounds,
+                grace_period=strategy.grace_period,
+                reduction_factor=strategy.reduction_factor,
+                brackets=strategy.brackets,
+            )
+        return MedianStoppingRule(
+            time_attr="training_iteration",
+            metric=OBJECTIVE,
+            mode="max",
+            grace_period=strategy.grace_period,
+            min_samples_required=3,
+        )
+
+    if strategy.per_category:
+        return PerCategoryScheduler(make, list(spec.categories))
+    return make(None)
+
+
+def simulate(
+    strategy: Strategy,
+    table: CurveTable,
+    *,
+    seed: int,
+    num_trials: int = 24,
+    max_concurrent: int = 2,
+    n_startup_trials: int = 4,
+    categories: Sequence[str] | None = None,
+    extra: Sequence[str] = (),
+    storage: Any = None,
+    experiment_dir: Path | None = None,
+) -> SearchTrace:
+    """Replays one search of ``strategy`` with search seed ``seed`` over ``table``."""
+    import optuna
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import Searcher
+
+    from search.searcher import make_searcher
+
+    categories = list(categories or table.categories)
+    spec = sweep_spec(
+        strategy,
+        table=table,
+        categories=categories,
+        num_trials=num_trials,
+        max_concurrent=max_concurrent,
+        seed=seed,
+        n_startup_trials=n_startup_trials,
+        extra=extra,
+    )
+    with tempfile.TemporaryDirectory(prefix="replay-") as tmp:
+        location = str(experiment_dir or tmp)
+        searcher = make_searcher(
+            spec,
+            Path(location),
+            storage=storage if storage is not None else optuna.storages.InMemoryStorage(),
+        )
+        scheduler = _scheduler(strategy, spec, location)
+        return _loop(
+            strategy,
+            spec,
+            table,
+            searcher,
+            scheduler,
+            seed,
+            categories,
+            TrialScheduler,
+            Searcher.FINISHED,
+        )
+
+
+def _loop(
+    strategy: Strategy,
+    spec: Any,
+    table: CurveTable,
+    searcher: Any,
+    scheduler: Any,
+    seed: int,
+    categories: list[str],
+    ts: Any,
+    finished_marker: Any,
+) -> SearchTrace:
+    per_cat = strategy.per_category
+    nearest = (
+        {k: Nearest(table, spec.space, [k]) for k in categories}
+        if per_cat
+        else {None: Nearest(table, spec.space, categories)}
+    )
+    every, rounds_total = spec.base.train.eval_every, spec.base.num_rounds
+    num_samples = spec.sweep.search.num_trials * (len(categories) if per_cat else 1)
+    best_done: dict[str | None, tuple[float, float]] = {}  # study -> (objective, test)
+    target_cats = {None: categories} if not per_cat else {k: [k] for k in categories}
+    ctrl = SimController()
+    trace = SearchTrace()
+    heap: list[tuple[float, int, SimTrial]] = []
+    state: dict[str, dict[str, Any]] = {}
+    now, started, finished = 0.0, 0, False
+    cost_per_epoch = 1 if per_cat else len(categories)
+
+    def incumbent_value() -> float:
+        if set(best_done) != set(target_cats):
+            return float("nan")
+        return float(np.mean([test for _, test in best_done.values()]))
+
+    def complete(trial: SimTrial, result: dict[str, Any] | None, how: str) -> None:
+        st = state[trial.trial_id]
+        rec: TrialRecord = st["record"]
+        trial.status = "TERMINATED" if how != "failed" else "ERROR"
+        ctrl.live.remove(trial)
+        if how == "failed":
+            scheduler.on_trial_error(ctrl, trial)
+            searcher.on_trial_complete(trial.trial_id, error=True)
+        else:
+            scheduler.on_trial_complete(ctrl, trial, result)
+            searcher.on_trial_complete(trial.trial_id, result=result)
+        rec.state = how
+        if how != "done":
+            return
+        study = rec.category
+        value = (rec.objective, st["test"])
+        if study not in best_done or value[0] > best_done[study][0]:
+            best_done[study] = value
+            current = incumbent_value()
+            if not math.isnan(current):
+                trace.incumbents.append((trace.epochs, current))
+
+    while True:
+        while len(ctrl.live) < spec.sweep.search.max_concurrent and not finished:
+            if started >= num_samples:
+                finished = True
+                break
+            trial_id = f"replay_{started:05d}"
+            config = searcher.suggest(trial_id)
+            if config is None or config == finished_marker:
+                finished = config == finished_marker or not ctrl.live
+                break
+            trial = SimTrial(trial_id, dict(config))
+            category = config.get("category")
+            cats = [category] if per_cat else categories
+            params = {
+                k: v for k, v in config.items() if k not in ("baseline", "category", "study_trial")
+            }
+            cid = nearest[category if per_cat else None](params)
+            run_seed = draw_seed(table, cid, cats, seed, config.get("study_trial", started))
+            curves = [table.val[(cid, k, run_seed)] for k in cats]
+            test = float(np.mean([table.test[(cid, k, run_seed)] for k in cats]))
+            record = TrialRecord(
+                trial_id, cid, run_seed, category, now, baseline=bool(config.get("baseline"))
+            )
+            trace.trials.append(record)
+            state[trial_id] = {
+                "record": record,
+                "curves": curves,
+                "test": test,
+                "smooth": None,
+                "best": -math.inf,
+            }
+            ctrl.live.append(trial)
+            scheduler.on_trial_add(ctrl, trial)
+            started += 1
+            heapq.heappush(heap, (now + min(every, table.epochs), started, trial))
+        if not heap:
+            break
+        when, order, trial = heapq.heappop(heap)
+        trace.epochs += (when - now) * len(ctrl.live) * cost_per_epoch
+        now = when
+        st = state[trial.trial_id]
+        rec = st["record"]
+        rec.rounds += 1
+        epoch = min(rec.rounds * every, table.epochs)
+        if any(len(c) < epoch for c in st["curves"]):  # the recorded run diverged here
+            complete(trial, None, "failed")
+            continue
+        raw = float(np.mean([c[epoch - 1] for c in st["curves"]]))
+        value = _rung_value(strategy.rung_metric, raw, st)
+        rec.objective = value
+        result = {
+            "training_iteration": rec.rounds,
+            OBJECTIVE: value,
+            ROUNDS_KEY: rounds_total,
+            "trial_id": trial.trial_id,
+            "epoch": epoch,
+        }
+        decision = scheduler.on_trial_result(ctrl, trial, result)
+        if decision == ts.PAUSE:
+            raise NotImplementedError(f"{strategy.name}: the replay cannot pause trials")
+        if decision == ts.STOP:
+            complete(trial, result, "done" if rec.rounds >= rounds_total else "stopped")
+            continue
+        searcher.on_trial_result(trial.trial_id, result)
+        if rec.rounds >= rounds_total:
+            complete(trial, result, "done")
+            continue
+        next_epoch = min((rec.rounds + 1) * every, table.epochs)
+        heapq.heappush(heap, (now + next_epoch - epoch, order, trial))
+    trace.final_test = incumbent_value()
+    studies = searcher.studies.values() if hasattr(searcher, "studies") else [searcher.study]
+    trace.study_states = dict(
+        Counter(t.state.name for study in studies for t in study.get_trials(deepcopy=False))
+    )
+    return trace
+
+
+def draw_seed(
+    table: CurveTable, config: int, categories: Sequence[str], search_seed: int, study_trial: int
+) -> int:
+    """The recorded training seed a trial replays: a function of the search seed and the
+    trial's number in its study, so a real Tuner replaying the same search draws the same."""
+    seeds = table.seeds(config, categories)
+    rng = np.random.default_rng([search_seed, int(study_trial), len(categories)])
+    return int(seeds[rng.integers(len(seeds))])
+
+
+def _rung_value(kind: str, raw: float, st: dict[str, Any]) -> float:
+    """The reported objective: the round's value, the best so far, or an EMA (weight 0.5)."""
+    if kind == "best":
+        st["best"] = max(st["best"], raw)
+        return st["best"]
+    if kind == "smoothed":
+        st["smooth"] = raw if st["smooth"] is None else 0.5 * st["smooth"] + 0.5 * raw
+        return st["smooth"]
+    return raw
+
+
+# ----------------------------------------------------------------------------- cross-check
+
+
+def replay_trial(
+    config: dict[str, Any],
+    *,
+    table: CurveTable,
+    strategy: Strategy,
+    categories: list[str],
+    search_seed: int,
+    space_spec: dict[str, Any],
+    eval_every: int,
+) -> None:
+    """A Tune trainable that reports a recorded run instead of training (for cross-checks)."""
+    from ray import tune
+
+    from spaces import load_space
+
+    per_cat = strategy.per_category
+    cats = [config["category"]] if per_cat else categories
+    params = {k: v for k, v in config.items() if k not in ("baseline", "category", "study_trial")}
+    cid = Nearest(table, load_space(space_spec), cats)(params)
+    run_seed = draw_seed(table, cid, cats, search_seed, config["study_trial"])
+    curves = [table.val[(cid, k, run_seed)] for k in cats]
+    rounds_total = -(-table.epochs // eval_every)
+    st: dict[str, Any] = {"smooth": None, "best": -math.inf}
+    for r in range(1, rounds_total + 1):
+        epoch = min(r * eval_every, table.epochs)
+        if any(len(c) < epoch for c in curves):
+            raise RuntimeError("the recorded run diverged")
+        raw = float(np.mean([c[epoch - 1] for c in curves]))
+        value = _rung_value(strategy.rung_metric, raw, st)
+        tune.report({OBJECTIVE: value, ROUNDS_KEY: rounds_total, "replay_config": cid})
+
+
+def tuner_decisions(
+    strategy: Strategy,
+    table: CurveTable,
+    *,
+    seed: int,
+    num_trials: int,
+    storage: str,
+    n_startup_trials: int = 4,
+    categories: Sequence[str] | None = None,
+) -> list[tuple[int, int, str]]:
+    """Runs one search through a real ``Tuner`` (one trial at a time) with ``replay_trial``.
+
+    Returns ``(config, rounds, state)`` per trial in the order the studies numbered them,
+    comparable with ``simulate(..., max_concurrent=1).decisions()``. Needs ``ray.init()``.
+    """
+    from ray import tune
+
+    from search.searcher import make_searcher
+
+    categories = list(categories or table.categories)
+    spec = sweep_spec(
+        strategy,
+        table=table,
+        categories=categories,
+        num_trials=num_trials,
+        max_concurrent=1,
+        seed=seed,
+        n_startup_trials=n_startup_trials,
+        extra=[f"name=replay-{strategy.name.replace('/', '-')}-{seed}", f"storage={storage}"],
+    )
+    location = spec.experiment_location
+    trainable = tune.with_parameters(
+        replay_trial,
+        table=table,
+        strategy=strategy,
+        categories=categories,
+        search_seed=seed,
+        space_spec=spec.space_spec,
+        eval_every=spec.base.train.eval_every,
+    )
+    num_samples = num_trials * (len(categories) if strategy.per_category else 1)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(spec, spec.experiment_dir),
+            scheduler=_scheduler(strategy, spec, location),
+            num_samples=num_samples,
+            max_concurrent_trials=1,
+        ),
+        run_config=tune.RunConfig(name=spec.sweep.name, storage_path=storage, verbose=0),
+    )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        config, last = result.config, result.metrics
+        rounds = int(last["training_iteration"])
+        state = "done" if rounds >= last[ROUNDS_KEY] else "stopped"
+        rows.append(
+            (
+                config.get("category") or "",
+                config["study_trial"],
+                (int(last["replay_config"]), rounds, state),
+            )
+        )
+    return [decision for _, _, decision in sorted(rows)]

@@ -1,0 +1,315 @@
+"""The curve recorder's table format and the replay benchmark, on small made-up curve tables.
+
+Nothing here reads the long recording (``benchmarks/data/curves.csv``): every table is built
+by ``made_up`` with known answers (which configuration is best, how early values rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks import curves
+from benchmarks import replay as R
+from benchmarks import replay_sim as S
+
+BEST = {"mask_ratio": 0.1, "patch_size": 16, "teacher_layers": (2, 3), "lr": 3.0e-3}
+
+
+def quality(p: dict) -> float:
+    """Made-up final AUROC: 0.95 at BEST, lower with every parameter away from it."""
+    q = 0.95
+    q -= 0.12 * abs(np.log10(p["lr"] / BEST["lr"]))
+    q -= 0.1 * abs(p["mask_ratio"] - BEST["mask_ratio"])
+    q -= 0.03 * (p["patch_size"] != BEST["patch_size"])
+    q -= 0.03 * (tuple(p["teacher_layers"]) != BEST["teacher_layers"])
+    return float(q)
+
+
+def made_up(
+    *,
+    epochs: int = 12,
+    seeds: tuple[int, ...] = (54, 1),
+    categories: tuple[str, ...] = ("nut", "fabric"),
+    configs: list[int] | None = None,
+    crossing: bool = False,
+) -> pd.DataFrame:
+    """Rows in ``benchmarks.curves`` format. ``crossing``: early values rank configs in
+    reverse of their final values (so early stopping picks wrongly)."""
+    rows = []
+    grid = curves.configurations()
+    for i in configs if configs is not None else range(len(grid)):
+        p = grid[i]
+        q = quality(p)
+        for category in categories:
+            for seed in seeds:
+                noise = np.random.default_rng([i, seed, len(category)]).normal(0, 0.002, epochs)
+                for e in range(1, epochs + 1):
+                    if crossing:  # early: 1.5 - q (reversed), converging to q at the end
+                        w = (e - 1) / (epochs - 1)
+                        v = (1 - w) * (1.5 - q) + w * q
+                    else:
+                        v = 0.5 + (q - 0.5) * (1 - math.exp(-e / 2))
+                    row = {
+                        **curves._key_columns(curves.Run(i, p, category, seed)),
+                        "epoch": e,
+                        **{f"val_{m}": v + noise[e - 1] for m in curves.METRICS},
+                        "loss": 1.0 / e,
+                        "seconds": 1.0,
+                        "status": "ok",
+                    }
+                    if e == epochs:
+                        row.update({f"test_{m}": q for m in curves.METRICS})
+                    rows.append(row)
+    return pd.DataFrame(rows, columns=list(curves.COLUMNS))
+
+
+def table(**kw) -> S.CurveTable:
+    return S.CurveTable.from_frame(made_up(**kw))
+
+
+# ----------------------------------------------------------------------------- recorder
+
+
+def test_planned_runs_cover_grid_seed_major_with_baseline_first():
+    runs = curves.planned_runs()
+    assert len(curves.configurations()) == 48
+    assert len(runs) == 48 * len(curves.SEEDS) * len(curves.CATEGORIES)
+    assert len({r.key for r in runs}) == len(runs)
+    half = len(runs) // 2
+    assert {r.seed for r in runs[:half]} == {curves.SEEDS[0]}  # seed-major
+    assert [r.category for r in runs[:2]] == list(curves.CATEGORIES)  # both kinds interleaved
+    tiny = {"mask_ratio": 0.4, "patch_size": 8, "teacher_layers": (1, 2, 3), "lr": 1.0e-3}
+    assert tiny in curves.configurations()  # the sweeps' baseline trial is recorded
+
+
+def test_load_curves_drops_incomplete_runs_and_record_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(curves, "EPOCHS", 3)
+    runs = curves.planned_runs()
+    path = tmp_path / "curves.csv"
+    done = made_up(epochs=3, configs=[runs[0].config], seeds=(runs[0].seed,), categories=("nut",))
+    curves._append(path, done.to_dict("records"))
+    # A run killed after writing 2 of its 3 rows, and a line cut short by the kill.
+    cut = made_up(epochs=3, configs=[runs[1].config], seeds=(runs[1].seed,), categories=("nut",))
+    curves._append(path, cut.iloc[:2].to_dict("records"))
+    with path.open("a") as f:
+        f.write("5,0.1,8,1-2")
+    frame = curves.load_curves(path)
+    assert set(frame["config"]) == {runs[0].config}
+    assert len(frame) == 3
+
+    trained = []
+
+    def fake_train(run):
+        trained.append(run.key)
+        return made_up(
+            epochs=3, configs=[run.config], seeds=(run.seed,), categories=(run.category,)
+        ).to_dict("records")
+
+    monkeypatch.setattr(curves, "train_run", fake_train)
+    assert curves.record(path, limit=2) == 2
+    recorded_before = {(runs[0].config, "nut", runs[0].seed)}
+    assert recorded_before.isdisjoint(trained)  # the recorded run was skipped
+    assert len(curves.load_curves(path)) == 3 * 3
+
+
+def test_load_curves_keeps_diverged_runs(tmp_path):
+    frame = made_up(epochs=4, configs=[0], seeds=(54,), categories=("nut",)).iloc[:2].copy()
+    frame["status"] = "diverged"
+    path = tmp_path / "c.csv"
+    curves._append(path, frame.to_dict("records"))
+    t = S.CurveTable.from_frame(curves.load_curves(path))
+    assert len(t.val[(0, "nut", 54)]) == 2 and math.isnan(t.test[(0, "nut", 54)])
+
+
+# ----------------------------------------------------------------------------- mapping
+
+
+def test_nearest_maps_to_closest_recorded_config_log_scale_and_categories():
+    from spaces import load_space
+
+    t = table(configs=[0, 1, 2, 3, 47])
+    space = load_space(R.ROOT / "spaces" / "demo.yaml")
+    near = S.Nearest(t, space, ["nut", "fabric"])
+    grid = curves.configurations()
+    sample = {
+        "model.mask_ratio": 0.12,
+        "model.patch_size": 8,
+        "model.teacher_layers": [1, 2, 3],
+        "train.lr": 6.0e-4,  # linearly nearer 3e-4, on the log scale (the space's) nearer 1e-3
+    }
+    chosen = grid[near(sample)]
+    assert chosen["lr"] == 1.0e-3 and chosen["mask_ratio"] == 0.1
+    sample["train.lr"] = 2.0e-3  # log10 distance to 3e-3 (0.18) < to 1e-3 (0.30)
+    assert grid[near(sample)]["lr"] == 3.0e-3
+    # Unrecorded categorical value: a mismatch costs one full range, like the far numbers.
+    sample.update({"model.patch_size": 16, "train.lr": 3e-4})
+    assert near(sample) == 0
+    sample.update({"model.teacher_layers": [2, 3], "model.mask_ratio": 0.8, "train.lr": 1e-2})
+    assert near(sample) == 47
+
+
+def test_configs_need_every_category():
+    frame = pd.concat(
+        [
+            made_up(configs=[0, 1], categories=("nut",)),
+            made_up(configs=[1], categories=("fabric",)),
+        ]
+    )
+    t = S.CurveTable.from_frame(frame)
+    assert t.configs(["nut", "fabric"]) == [1]
+    assert t.configs(["nut"]) == [0, 1]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_fifo_trains_every_trial_fully_and_counts_model_epochs():
+    t = table(epochs=12)
+    trace = S.simulate(R.STRATEGIES["fifo_random"], t, seed=0, num_trials=6)
+    assert [s for _, _, s in trace.decisions()] == ["done"] * 6
+    assert trace.epochs == 6 * 12 * 2  # 2 categories trained in lockstep
+    assert trace.trials[0].baseline and not any(x.baseline for x in trace.trials[1:])
+    assert trace.study_states == {"COMPLETE": 6}
+
+
+def test_asha_stops_trials_and_study_records_them_pruned():
+    t = table(epochs=12)
+    strategy = dataclasses.replace(
+        R.STRATEGIES["asha_random"], eval_every=2
+    )  # 6 rounds: rungs 1, 3
+    trace = S.simulate(strategy, t, seed=1, num_trials=10, max_concurrent=1)
+    stopped = [x for x in trace.trials if x.state == "stopped"]
+    assert stopped and trace.epochs < 10 * 12 * 2
+    assert trace.study_states.get("PRUNED") == len(stopped)
+    assert trace.study_states.get("COMPLETE") == 10 - len(stopped)
+    assert not trace.trials[0].state == "stopped"  # the baseline is never stopped
+
+
+def test_replay_finds_made_up_best_and_reports_epochs_to_target():
+    t = table(epochs=12, configs=[12, 13, 14, 15])  # lr varies; 14 (lr 3e-3) is BEST
+    best = t.best_test(["nut", "fabric"])
+    assert best == pytest.approx(0.95)
+    traces = [S.simulate(R.STRATEGIES["fifo_random"], t, seed=s, num_trials=8) for s in range(2)]
+    doc = R.summarize(traces, best)
+    assert set(doc) >= {"epochs_to_target", "final_test_auroc", "reached"}
+    assert set(doc["epochs_to_target"]) == {"median", "q25", "q75"}
+    for trace in traces:
+        spent = trace.epochs_to(best - 0.01)
+        # The target was reached at the incumbent change that brought a near-best config.
+        assert any(e == spent and v >= best - 0.01 for e, v in trace.incumbents)
+        assert all(v < best - 0.01 for e, v in trace.incumbents if e < spent)
+        assert spent % 12 == 0 and trace.final_test == pytest.approx(best)
+
+
+def test_summarize_counts_unreached_as_infinite():
+    a, b, c = S.SearchTrace(), S.SearchTrace(), S.SearchTrace()
+    a.incumbents, a.final_test = [(10.0, 0.5), (30.0, 0.9)], 0.9
+    b.incumbents, b.final_test = [(20.0, 0.9)], 0.9
+    c.incumbents, c.final_test = [(10.0, 0.5)], 0.5
+    doc = R.summarize([a, b, c], best=0.91)
+    assert doc["reached"] == pytest.approx(2 / 3, abs=1e-3)
+    assert doc["epochs_to_target"]["median"] == 30.0
+    assert doc["epochs_to_target"]["q75"] is None  # the unreached seed is infinite
+    doc = R.summarize([c], best=0.91)
+    assert doc["reached"] == 0 and doc["epochs_to_target"]["median"] is None
+
+
+def test_rung_metric_variants_change_what_asha_sees():
+    st = {"smooth": None, "best": -math.inf}
+    assert [S._rung_value("best", v, st) for v in (0.5, 0.7, 0.6)] == [0.5, 0.7, 0.7]
+    st = {"smooth": None, "best": -math.inf}
+    assert [S._rung_value("smoothed", v, st) for v in (0.4, 0.8)] == pytest.approx([0.4, 0.6])
+    assert S._rung_value("last", 0.3, st) == 0.3
+
+
+def test_rank_correlations_see_crossing_curves():
+    straight = R.rank_correlations(table(epochs=12, configs=list(range(0, 48, 3))), [1, 12])
+    crossing = R.rank_correlations(
+        table(epochs=12, configs=list(range(0, 48, 3)), crossing=True), [1, 12]
+    )
+    assert straight["nut"]["val@1"] > 0.9 and straight["nut"]["val@12"] == 1.0
+    assert crossing["nut"]["val@1"] < -0.9
+    assert crossing["nut"]["test@12"] > 0.9
+
+
+def test_early_stopping_pays_only_when_early_values_rank_right():
+    kw = {"num_trials": 16, "max_concurrent": 1}
+    asha = dataclasses.replace(R.STRATEGIES["asha_random"], eval_every=1, grace_period=1)
+    good, bad = table(epochs=9), table(epochs=9, crossing=True)
+    target = good.best_test(["nut", "fabric"]) - 0.01
+    reach_good = [S.simulate(asha, good, seed=s, **kw).epochs_to(target) for s in range(4)]
+    reach_bad = [S.simulate(asha, bad, seed=s, **kw).epochs_to(target) for s in range(4)]
+    assert sum(map(math.isinf, reach_bad)) > sum(map(math.isinf, reach_good))
+
+
+def test_per_category_routing_gives_each_study_its_category():
+    t = table(epochs=6)
+    trace = S.simulate(R.STRATEGIES["asha_tpe/per_category"], t, seed=0, num_trials=4)
+    assert sorted(x.category for x in trace.trials) == ["fabric"] * 4 + ["nut"] * 4
+    assert trace.epochs <= 8 * 6  # one model-epoch per epoch of a per-category trial
+
+
+def test_cli_writes_interface_json(tmp_path):
+    path = tmp_path / "curves.csv"
+    made_up(epochs=6, configs=list(range(0, 48, 4))).to_csv(path, index=False)
+    out = tmp_path / "out.json"
+    R.main(
+        [
+            "--table",
+            str(path),
+            "--seeds",
+            "2",
+            "--json",
+            str(out),
+            "--only",
+            "asha_tpe",
+            "--trials",
+            "4",
+            "--workers",
+            "1",
+        ]
+    )
+    doc = json.loads(out.read_text())
+    assert doc["default"] == R.DEFAULT_STRATEGY == "asha_tpe"
+    for name in ("fifo_random", "asha_tpe"):
+        assert set(doc[name]["epochs_to_target"]) == {"median", "q25", "q75"}
+        assert set(doc[name]["final_test_auroc"]) == {"median", "q25", "q75"}
+        assert 0 <= doc[name]["reached"] <= 1
+    assert doc["meta"]["seeds"] == 2
+
+
+def test_default_names_what_the_demo_sweep_runs():
+    from search.config import resolve_sweep
+
+    spec = resolve_sweep(S.SWEEP)
+    default = R.STRATEGIES[R.DEFAULT_STRATEGY]
+    assert spec.sweep.search.sampler == default.sampler
+    assert spec.sweep.scheduler.type == default.scheduler
+    assert spec.sweep.scheduler.grace_period == default.grace_period
+    assert spec.sweep.scheduler.reduction_factor == default.reduction_factor
+    assert spec.base.train.eval_every == default.eval_every
+
+
+@pytest.mark.slow
+def test_real_tuner_makes_the_replayed_decisions(ray_session, tmp_path):
+    t = table(epochs=4, configs=list(range(0, 48, 2)))
+    states = {}
+    for name in ("asha_tpe", "fifo_random"):
+        strategy = dataclasses.replace(R.STRATEGIES[name], eval_every=1)
+        simulated = S.simulate(strategy, t, seed=3, num_trials=6, max_concurrent=1)
+        real = S.tuner_decisions(strategy, t, seed=3, num_trials=6, storage=str(tmp_path))
+        assert real == simulated.decisions(), name
+        states[name] = {s for _, _, s in real}
+    assert "stopped" in states["asha_tpe"]  # the comparison covered early stopping
+
+
+def test_made_up_rows_match_recorder_columns():
+    assert list(made_up(epochs=2, configs=[0]).columns) == list(curves.COLUMNS)
+    assert Path(curves.DEFAULT_OUT).parent.name == "data"
