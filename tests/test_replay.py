@@ -250,15 +250,15 @@ def test_early_stopping_pays_only_when_early_values_rank_right():
 
 
 def test_per_category_routing_gives_each_study_its_category():
-    t = table(epochs=6)
+    t = table(epochs=12)
     trace = S.simulate(R.STRATEGIES["asha_tpe/per_category"], t, seed=0, num_trials=4)
     assert sorted(x.category for x in trace.trials) == ["fabric"] * 4 + ["nut"] * 4
-    assert trace.epochs <= 8 * 6  # one model-epoch per epoch of a per-category trial
+    assert trace.epochs <= 8 * 12  # one model-epoch per epoch of a per-category trial
 
 
 def test_cli_writes_interface_json(tmp_path):
     path = tmp_path / "curves.csv"
-    made_up(epochs=6, configs=list(range(0, 48, 4))).to_csv(path, index=False)
+    made_up(epochs=12, configs=list(range(0, 48, 4))).to_csv(path, index=False)
     out = tmp_path / "out.json"
     R.main(
         [
