@@ -63,6 +63,7 @@ __all__ = [
     "SEEDS",
     "Run",
     "load_curves",
+    "made_up_rows",
     "planned_runs",
     "record",
 ]
@@ -282,6 +283,67 @@ def record(path: str | Path = DEFAULT_OUT, *, limit: int | None = None) -> int:
             len(todo) - added,
         )
     return added
+
+
+# ----------------------------------------------------------------------------- made-up tables
+
+MADE_UP_BEST = {"mask_ratio": 0.1, "patch_size": 16, "teacher_layers": (2, 3), "lr": 3.0e-3}
+
+
+def made_up_quality(p: dict[str, Any]) -> float:
+    """A made-up final AUROC: 0.95 at ``MADE_UP_BEST``, lower with every step away from it."""
+    best = MADE_UP_BEST
+    q = 0.95
+    q -= 0.12 * abs(math.log10(p["lr"] / best["lr"]))
+    q -= 0.1 * abs(p["mask_ratio"] - best["mask_ratio"])
+    q -= 0.03 * (p["patch_size"] != best["patch_size"])
+    q -= 0.03 * (tuple(p["teacher_layers"]) != best["teacher_layers"])
+    return float(q)
+
+
+def made_up_rows(
+    *,
+    epochs: int = 12,
+    seeds: Sequence[int] = SEEDS,
+    categories: Sequence[str] = CATEGORIES,
+    configs: Sequence[int] | None = None,
+    crossing: bool = False,
+) -> Any:
+    """A curve table with known answers, in this module's format (tests, replay timing).
+
+    Each curve rises from 0.5 towards ``made_up_quality`` (plus noise of sd 0.002), which is
+    also its test value. ``crossing``: early values rank configurations in reverse of their
+    final values, so early stopping keeps the wrong ones.
+    """
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    grid = configurations()
+    for i in configs if configs is not None else range(len(grid)):
+        p = grid[i]
+        q = made_up_quality(p)
+        for category in categories:
+            for seed in seeds:
+                noise = np.random.default_rng([i, seed, len(category)]).normal(0, 0.002, epochs)
+                for e in range(1, epochs + 1):
+                    if crossing:  # early: 1.5 - q (reversed), converging to q at the end
+                        w = (e - 1) / max(epochs - 1, 1)
+                        v = (1 - w) * (1.5 - q) + w * q
+                    else:
+                        v = 0.5 + (q - 0.5) * (1 - math.exp(-e / 2))
+                    row = {
+                        **_key_columns(Run(i, p, category, seed)),
+                        "epoch": e,
+                        **{f"val_{m}": v + noise[e - 1] for m in METRICS},
+                        "loss": 1.0 / e,
+                        "seconds": 1.0,
+                        "status": "ok",
+                    }
+                    if e == epochs:
+                        row.update({f"test_{m}": q for m in METRICS})
+                    rows.append(row)
+    return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -32,9 +32,10 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -313,9 +314,94 @@ def load_table(path: str | Path = DEFAULT_TABLE, metric: str = "image_auroc") ->
     return CurveTable.from_frame(frame, metric=metric)
 
 
+def render_markdown(doc: Mapping[str, Any], command: str) -> str:
+    """A markdown summary of a replay document (the ``7. Replay`` section of BENCHMARKS.md)."""
+    meta = doc["meta"]
+    t = meta["table"]
+    ref = doc["fifo_random"]["epochs_to_target"]["median"]
+    made_up = str(meta.get("source", "")).startswith("made up")
+    lines = [
+        *(
+            [
+                "**Made-up curves** (`--made-up`): a timing and code-path check, no evidence "
+                "about MMR or about which strategy to ship.",
+                "",
+            ]
+            if made_up
+            else []
+        ),
+        f"Written by `{command}` on {meta.get('date', '?')}, {meta.get('seconds', '?')} s wall "
+        f"({meta.get('workers', 1)} processes; load average {meta.get('load', '?')} at the "
+        "start).",
+        f"Table: {t['runs']} recorded runs, {t['configs']} configurations with curves on "
+        f"{', '.join(t['categories'])}, {t['epochs']} epochs ({meta.get('source', '')}). "
+        f"{meta['seeds']} search seeds, {meta['num_trials']} trials per study, "
+        f"{meta['max_concurrent']} at a time. Target {meta['targets']['best-0.01']} test image "
+        f"AUROC (best - 0.01; per-category strategies "
+        f"{meta['targets_per_category']['best-0.01']}). Cost in model-epochs; ratio = "
+        "fifo_random's median / the strategy's median (> 1: fewer epochs).",
+        "",
+        "| strategy | epochs to target: median [q25, q75] | ratio | reached | reached (best - "
+        "0.02) | final test AUROC: median [q25, q75] | CPU s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(q: Mapping[str, Any]) -> str:
+        return f"{q['median']} [{q['q25']}, {q['q75']}]"
+
+    names = [k for k, v in doc.items() if isinstance(v, dict) and "epochs_to_target" in v]
+    names.sort(key=lambda n: doc[n]["epochs_to_target"]["median"] or math.inf)
+    for name in names:
+        e = doc[name]
+        med = e["epochs_to_target"]["median"]
+        ratio = f"{ref / med:.2f}x" if ref and med else "-"
+        mark = " (default)" if name == doc.get("default") else ""
+        lines.append(
+            f"| `{name}`{mark} | {fmt(e['epochs_to_target'])} | {ratio} | {e['reached']} | "
+            f"{e.get('reached_0.02', '-')} | {fmt(e['final_test_auroc'])} | "
+            f"{e.get('cpu_seconds', '-')} |"
+        )
+    corr = doc.get("rank_correlation") or {}
+    if corr:
+        epochs = list(next(iter(corr.values())))
+        lines += [
+            "",
+            "Spearman rank correlation over runs of the validation image AUROC at epoch E with "
+            "the final validation (val@E) and final test (test@E) values:",
+            "",
+            "| category | " + " | ".join(epochs) + " |",
+            "|---|" + "---|" * len(epochs),
+        ]
+        for category, row in corr.items():
+            lines.append(f"| {category} | " + " | ".join(str(row[k]) for k in epochs) + " |")
+    warm = doc.get("warm_start") or {}
+    if warm:
+        lines += [
+            "",
+            "Warm start (`search.warm_start`; the source sweep's own epochs not counted):",
+            "",
+            "| search | epochs to target: median [q25, q75] | reached | final test AUROC |",
+            "|---|---|---|---|",
+        ]
+        for name, e in warm.items():
+            lines.append(
+                f"| `{name}` | {fmt(e['epochs_to_target'])} | {e['reached']} | "
+                f"{fmt(e['final_test_auroc'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
+    parser.add_argument(
+        "--made-up",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="replay a made-up table of the full grid instead (curves.made_up_rows; timing)",
+    )
+    parser.add_argument("--markdown", type=Path, default=None, help="write a summary here")
     parser.add_argument("--seeds", type=int, default=30)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--only", default="", help="comma-separated strategy names")
@@ -340,8 +426,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
     if "fifo_random" not in names:
         names.insert(0, "fifo_random")  # the reference is always part of the output
-    table = load_table(args.table)
+    if args.made_up:
+        from benchmarks.curves import made_up_rows
+
+        table = CurveTable.from_frame(made_up_rows(epochs=args.made_up))
+        source = f"made up: benchmarks.curves.made_up_rows(epochs={args.made_up})"
+    else:
+        table = load_table(args.table)
+        source = str(args.table)
     started = time.perf_counter()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     doc = run_replay(
         table,
         [STRATEGIES[n] for n in names],
@@ -356,10 +450,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         doc["warm_start"] = warm_start_replay(
             table, seeds=warm_seeds, num_trials=args.trials, max_concurrent=args.concurrent
         )
-    doc["meta"]["seconds"] = round(time.perf_counter() - started, 1)
+    doc["meta"].update(
+        seconds=round(time.perf_counter() - started, 1),
+        source=source,
+        workers=args.workers,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        load=" / ".join(f"{x:.1f}" for x in load) if load else None,
+    )
     text = json.dumps(doc, indent=1)
     if args.json:
         args.json.write_text(text + "\n")
+    if args.markdown:
+        command = "python -m benchmarks.replay " + " ".join(argv or sys.argv[1:])
+        args.markdown.write_text(render_markdown(doc, command))
     print(text)
 
 

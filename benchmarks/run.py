@@ -91,6 +91,17 @@ SECTIONS = {
         "`time_total_s` / trials at a time); ratio = compute / wall. Target: <= 15% of the "
         "wall time outside trial compute.",
     ),
+    "replay": (
+        "7. Replay of recorded learning curves",
+        "Search strategies replayed in simulated time through the project's own searchers and "
+        "schedulers over learning curves recorded once (`benchmarks/curves.py`, table "
+        "`benchmarks/data/curves.csv`; `benchmarks/replay.py`). Target: the chosen default >= "
+        "3x fewer epochs than FIFO + random to the target test AUROC (median over 30 search "
+        "seeds) with the median final test AUROC within 0.005; warm start >= 2x fewer epochs "
+        "than a cold start; 30 seeds x all strategies <= 10 min. Copied from "
+        "`benchmarks/data/replay.md` (written by `python -m benchmarks.replay --markdown`; this "
+        "suite does not rerun it).",
+    ),
     "gpu": (
         "GPU",
         "From `benchmarks/gpu.py` on a GPU machine (see its docstring).",
@@ -177,6 +188,15 @@ def _table(rows: Sequence[dict[str, Any]]) -> list[str]:
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines
+
+
+def _replay_lines() -> list[str]:
+    path = ROOT / "benchmarks" / "data" / "replay.md"
+    if not path.is_file():
+        return [
+            "Not measured yet: `python -m benchmarks.replay --markdown benchmarks/data/replay.md`."
+        ]
+    return path.read_text().rstrip("\n").split("\n")
 
 
 def _gpu_lines() -> list[str]:
@@ -272,6 +292,9 @@ def render(result: dict[str, Any], *, quick: bool, smoke: bool, command: str) ->
         lines += ["", f"## {title}", "", text, ""]
         if key == "gpu":
             lines += _gpu_lines()
+            continue
+        if key == "replay":
+            lines += _replay_lines()
             continue
         section_rows = [r for r in rows if r["section"] == key]
         module = next((k for k, _ in MODULES if k == key), None)

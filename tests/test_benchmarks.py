@@ -193,6 +193,11 @@ def test_report_marks_quick_runs_and_targets(tmp_path, monkeypatch):
     assert "--dry-run" in text and "not GPU figures" in text
     assert "measured on NVIDIA H200" in text and "| `gpu_run200` | 100 s | 180 s |" in text
     assert "ray " in text and "optuna " in text and "nproc" in text
+    replay_md = run.ROOT / "benchmarks" / "data" / "replay.md"
+    if replay_md.is_file():  # the replay section is copied verbatim from the replay's summary
+        assert replay_md.read_text().strip() in text
+    else:
+        assert "Not measured yet: `python -m benchmarks.replay --markdown" in text
 
 
 def test_run_script_writes_markdown_and_rerenders_it_from_json(tmp_path):

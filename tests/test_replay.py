@@ -11,7 +11,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -19,55 +18,7 @@ from benchmarks import curves
 from benchmarks import replay as R
 from benchmarks import replay_sim as S
 
-BEST = {"mask_ratio": 0.1, "patch_size": 16, "teacher_layers": (2, 3), "lr": 3.0e-3}
-
-
-def quality(p: dict) -> float:
-    """Made-up final AUROC: 0.95 at BEST, lower with every parameter away from it."""
-    q = 0.95
-    q -= 0.12 * abs(np.log10(p["lr"] / BEST["lr"]))
-    q -= 0.1 * abs(p["mask_ratio"] - BEST["mask_ratio"])
-    q -= 0.03 * (p["patch_size"] != BEST["patch_size"])
-    q -= 0.03 * (tuple(p["teacher_layers"]) != BEST["teacher_layers"])
-    return float(q)
-
-
-def made_up(
-    *,
-    epochs: int = 12,
-    seeds: tuple[int, ...] = (54, 1),
-    categories: tuple[str, ...] = ("nut", "fabric"),
-    configs: list[int] | None = None,
-    crossing: bool = False,
-) -> pd.DataFrame:
-    """Rows in ``benchmarks.curves`` format. ``crossing``: early values rank configs in
-    reverse of their final values (so early stopping picks wrongly)."""
-    rows = []
-    grid = curves.configurations()
-    for i in configs if configs is not None else range(len(grid)):
-        p = grid[i]
-        q = quality(p)
-        for category in categories:
-            for seed in seeds:
-                noise = np.random.default_rng([i, seed, len(category)]).normal(0, 0.002, epochs)
-                for e in range(1, epochs + 1):
-                    if crossing:  # early: 1.5 - q (reversed), converging to q at the end
-                        w = (e - 1) / (epochs - 1)
-                        v = (1 - w) * (1.5 - q) + w * q
-                    else:
-                        v = 0.5 + (q - 0.5) * (1 - math.exp(-e / 2))
-                    row = {
-                        **curves._key_columns(curves.Run(i, p, category, seed)),
-                        "epoch": e,
-                        **{f"val_{m}": v + noise[e - 1] for m in curves.METRICS},
-                        "loss": 1.0 / e,
-                        "seconds": 1.0,
-                        "status": "ok",
-                    }
-                    if e == epochs:
-                        row.update({f"test_{m}": q for m in curves.METRICS})
-                    rows.append(row)
-    return pd.DataFrame(rows, columns=list(curves.COLUMNS))
+made_up = curves.made_up_rows
 
 
 def table(**kw) -> S.CurveTable:
@@ -274,6 +225,8 @@ def test_cli_writes_interface_json(tmp_path):
             "4",
             "--workers",
             "1",
+            "--markdown",
+            str(tmp_path / "replay.md"),
         ]
     )
     doc = json.loads(out.read_text())
@@ -283,6 +236,9 @@ def test_cli_writes_interface_json(tmp_path):
         assert set(doc[name]["final_test_auroc"]) == {"median", "q25", "q75"}
         assert 0 <= doc[name]["reached"] <= 1
     assert doc["meta"]["seeds"] == 2
+    assert set(doc["warm_start"]) >= {"asha_tpe/cold/all", "asha_tpe/warm/other_seed"}
+    md = (tmp_path / "replay.md").read_text()
+    assert "`asha_tpe` (default)" in md and "`fifo_random`" in md and "Spearman" in md
 
 
 def test_default_names_what_the_demo_sweep_runs():
