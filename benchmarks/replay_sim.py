@@ -351,6 +351,8 @@ def simulate(
 
     from search.searcher import make_searcher
 
+    # Ray's async Hyperband draws each trial's bracket from NumPy's global generator.
+    np.random.seed(seed)
     categories = list(categories or table.categories)
     spec = sweep_spec(
         strategy,

@@ -269,3 +269,11 @@ def test_real_tuner_makes_the_replayed_decisions(ray_session, tmp_path):
 def test_made_up_rows_match_recorder_columns():
     assert list(made_up(epochs=2, configs=[0]).columns) == list(curves.COLUMNS)
     assert Path(curves.DEFAULT_OUT).parent.name == "data"
+
+
+def test_replay_is_deterministic_for_a_seed_with_hyperband_brackets():
+    t = table(epochs=12)
+    strategy = dataclasses.replace(R.STRATEGIES["hyperband_random"], eval_every=2)
+    runs = [S.simulate(strategy, t, seed=5, num_trials=10).decisions() for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert any(s == "stopped" for _, _, s in runs[0])
