@@ -166,3 +166,24 @@ def test_share_across_categories_enqueues_a_top_trial_in_the_other_study(tmp_pat
     params = [k for k in nut if "." in k]
     same = all(fabric[k] == nut[k] for k in params)
     assert same is share
+
+
+def test_warm_start_from_an_empty_sweep_or_other_objectives_adds_nothing(tmp_path, caplog):
+    src = source_experiment(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / SPEC_FILE).write_text((src / SPEC_FILE).read_text())
+    over = [f"storage={tmp_path}", f"search.warm_start=[{empty}]"]
+    searcher = make_searcher(resolve_sweep(DEMO, over, categories=["nut"]), tmp_path / "a")
+    assert not [t for t in searcher.study.get_trials() if t.state != TrialState.WAITING]
+    assert "has no finished trial" in caplog.text
+    # Two objectives: a one-objective source's values mean something else; PRUNED ones stay.
+    over = [
+        f"storage={tmp_path}",
+        f"search.warm_start=[{src}]",
+        "objective.metrics=[image_auroc, aupro]",
+        "objective.guard={}",
+    ]
+    searcher = make_searcher(resolve_sweep(DEMO, over, categories=["nut"]), tmp_path / "b")
+    states = [t.state for t in searcher.study.get_trials() if t.state != TrialState.WAITING]
+    assert states == [TrialState.PRUNED]
