@@ -329,3 +329,32 @@ def test_multi_objective_samplers_suggest_after_their_start_up(tmp_path, sampler
                   "params_m": 1.0 + i, "training_iteration": 4, "rounds_total": 4}  # fmt: skip
         searcher.on_trial_complete(f"t{i}", result)
     assert [t.state for t in searcher.study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+
+
+@pytest.mark.slow
+def test_per_category_sweep_with_several_objectives_has_a_front_per_category(
+    ray_session, synthetic_root, tmp_path
+):
+    from test_search import spec_for
+
+    from search.sweep import run_sweep
+
+    spec = spec_for(
+        tmp_path, synthetic_root, *THREE, "objective.per_category=true", "objective.guard={}",
+        "data.categories=[disk,grid]", "search.num_trials=2", "scheduler.type=fifo",
+        name="pcmo",
+    )  # fmt: skip
+    run = run_sweep(spec, write=lambda _: None, dashboard=False)
+    pareto = pd.read_csv(run.export_dir / "pareto.csv")
+    assert sorted(pareto["category"]) == ["disk", "disk", "grid", "grid"]
+    summary = json.loads((run.export_dir / "summary.json").read_text())["studies"]
+    for category in ("disk", "grid"):
+        rows = pareto[pareto["category"] == category].reset_index(drop=True)
+        assert rows["baseline"].sum() == 1 and rows["on_front"].any()
+        values = rows[["image_auroc", "aupro", "params_m"]].to_numpy() * [1, 1, -1]
+        assert rows.index[rows["on_front"]].tolist() == [
+            i for i in range(len(rows)) if not _dominated(values, i)
+        ]
+        assert summary[category]["best_trial"] in set(rows[rows["on_front"]]["trial"])
+        assert (run.export_dir / "plots" / f"pareto_front_{category}.png").is_file()
+        assert load_config(run.export_dir / category / "best.yaml").data.categories == (category,)
