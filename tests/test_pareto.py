@@ -358,3 +358,18 @@ def test_per_category_sweep_with_several_objectives_has_a_front_per_category(
         assert summary[category]["best_trial"] in set(rows[rows["on_front"]]["trial"])
         assert (run.export_dir / "plots" / f"pareto_front_{category}.png").is_file()
         assert load_config(run.export_dir / category / "best.yaml").data.categories == (category,)
+
+
+def test_readme_objective_example_resolves_and_its_front_picture_exists(tmp_path):
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Several objectives and guards") :]
+    block = section[section.index("```yaml") + len("```yaml") : section.index("```\n")]
+    objective = yaml.safe_load(block)["objective"]
+    spec = _spec(tmp_path, *(f"objective.{k}={json.dumps(v)}" for k, v in objective.items()))
+    assert spec.sweep.objective.objectives == (
+        ("image_auroc", "max"), ("aupro", "max"), ("latency_ms", "min")
+    )  # fmt: skip
+    for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section.split("\n## ")[0]):
+        assert (ROOT / picture).is_file(), picture
