@@ -306,6 +306,16 @@ def _driver_at_rounds(
     return driver
 
 
+def _kill(driver: subprocess.Popen) -> None:
+    """SIGKILLs a driver (no chance to save anything) and reaps it."""
+    try:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
 def test_driver_killed_mid_sweep_then_resume_completes_exactly_num_trials(
     ray_session, synthetic_root, tmp_path
 ):
@@ -327,13 +337,7 @@ def test_driver_killed_mid_sweep_then_resume_completes_exactly_num_trials(
         ),
     ]
     # Kill the driver mid-sweep: the first trial has recorded two of its six rounds.
-    driver = _driver_at_rounds(args, exp, 2)
-    try:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+    _kill(_driver_at_rounds(args, exp, 2))
     assert len(load_trials(exp)) < 5
     proc = cli("resume", str(exp), "--address", ray_session, env=_driver_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -368,8 +372,9 @@ def test_asha_sweep_resumes_after_its_embedded_rays_driver_is_killed(
 ):
     """The laptop default (no --address): kill the driver mid-trial, then resume.
 
-    The killed trial is a baseline (ASHA never stops it), so it is surely still running; in
-    the per-category sweep it is the second study's (grid) baseline, after disk's finished.
+    Each study runs its baseline only; the killed trial is a baseline (ASHA never stops it),
+    so it is surely still running: in the per-category sweep the second study's (grid),
+    after disk's has finished.
     """
     import re
     import secrets
@@ -383,7 +388,7 @@ def test_asha_sweep_resumes_after_its_embedded_rays_driver_is_killed(
     exp = tmp_path / "runs" / name
     categories = ["disk", "grid"] if per_category else ["disk"]
     extra = [
-        "search.num_trials=2",
+        "search.num_trials=1",  # the baseline: ASHA never stops it, so the kill hits it
         "search.max_concurrent=1",
         "train.epochs=8",  # 8 rounds: rungs at 1, 2, 4
         "train.lr_milestones=[6]",
@@ -397,15 +402,10 @@ def test_asha_sweep_resumes_after_its_embedded_rays_driver_is_killed(
     env = _embedded_env(marker)
     # Kill once the killed trial has recorded 2 of its 8 rounds (after disk's 8, per category).
     kill_at = 8 * (len(categories) - 1) + 2
-    driver = _driver_at_rounds(
-        ["sweep", *_sweep_args(tmp_path, synthetic_root, name, *extra)], exp, kill_at, env
-    )
+    args = ["sweep", *_sweep_args(tmp_path, synthetic_root, name, *extra)]
     try:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
+        _kill(_driver_at_rounds(args, exp, kill_at, env))
     finally:
-        if driver.poll() is None:
-            driver.kill()
         end_marked(marker, timeout=60)  # its Ray dies with it; leftovers are killed by PID
     at_kill = {trial_id: results for trial_id, _, results in read_histories(exp)}
     killed = [t for t, results in at_kill.items() if len(results) < 8]
@@ -433,13 +433,14 @@ def test_asha_sweep_resumes_after_its_embedded_rays_driver_is_killed(
         assert rungs.get(key) == expected, (category, rungs)
 
     df = load_trials(exp)
-    assert len(df) == 2 * len(categories) and set(df["state"]) <= {"done", "stopped"}
-    assert df[df["baseline"]]["state"].eq("done").all()
-    # The killed trial continued from its round checkpoint, not from round 1.
+    assert len(df) == len(categories) and set(df["state"]) == {"done"}
+    # The killed trial continued from its round checkpoint, not from round 1: Tune's round
+    # count goes on either way, the model's own epoch count only if fit resumed.
     results = dict((t, r) for t, _, r in read_histories(exp))[killed]
-    restarts = [r["training_iteration"] for r in results if r["iterations_since_restore"] == 1]
-    assert len(restarts) == 2 and restarts[1] > 1, restarts
-    assert results[-1]["training_iteration"] == 8
+    restarts = [r for r in results if r["iterations_since_restore"] == 1]
+    assert len(restarts) == 2 and restarts[1]["training_iteration"] > 1, restarts
+    assert [r["epoch"] for r in restarts] == [r["training_iteration"] for r in restarts]
+    assert results[-1]["training_iteration"] == 8 and results[-1]["epoch"] == 8
     # The orphaned study trial is FAIL; every other record ended with its Tune trial.
     trials = study(exp, study_name).trials
     assert trials[orphan].state == optuna.trial.TrialState.FAIL
