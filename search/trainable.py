@@ -18,7 +18,14 @@ from search.config import SweepSpec
 from search.searcher import OBJECTIVE, ROUNDS_KEY
 from search.storage import join, read_file, write_file
 
-__all__ = ["train_trial", "trial_config", "trial_cuda_index", "META_KEYS", "FAILED_MARKER"]
+__all__ = [
+    "train_trial",
+    "trial_config",
+    "trial_cuda_index",
+    "select_trial_gpu",
+    "META_KEYS",
+    "FAILED_MARKER",
+]
 
 META_KEYS = ("baseline", "category", "study_trial")  # trial-config keys that are not params
 FAILED_MARKER = "trial_failed.json"  # a deterministic failure: retries end at once
@@ -63,6 +70,20 @@ def trial_cuda_index(gpu_ids: Sequence[int | str], environ: Mapping[str, str]) -
     return visible.index(gpu)
 
 
+def select_trial_gpu() -> int | None:
+    """Makes the trial's GPU the current CUDA device when Ray left all GPUs visible.
+
+    ``train.device`` auto/cuda (``torch.device("cuda")``) then means that GPU. Returns its
+    index, or None when Ray's CUDA_VISIBLE_DEVICES already narrowed it (or no GPU).
+    """
+    index = trial_cuda_index(ray.get_gpu_ids(), os.environ)
+    if index is not None:
+        import torch
+
+        torch.cuda.set_device(index)
+    return index
+
+
 def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
     """Trains one trial, reporting the objective and a checkpoint after every round.
 
@@ -97,11 +118,7 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
     failed = read_file(fs, join(trial_dir, FAILED_MARKER))
     if failed is not None:
         raise RuntimeError(json.loads(failed)["error"])
-    cuda_index = trial_cuda_index(ray.get_gpu_ids(), os.environ)
-    if cuda_index is not None:
-        import torch
-
-        torch.cuda.set_device(cuda_index)  # train.device auto/cuda then means this GPU
+    select_trial_gpu()
 
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="mmr-ckpt-") as tmp:

@@ -657,6 +657,24 @@ def test_trial_gpu_follows_rays_ids_when_ray_leaves_cuda_visible_devices_alone()
         trial_cuda_index(["1"], {**noset, "CUDA_VISIBLE_DEVICES": "4,5"})
 
 
+def test_the_trial_makes_its_gpu_the_current_cuda_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ray
+    import torch
+
+    from search.trainable import NOSET_CUDA_VAR, select_trial_gpu
+
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: ["5"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    monkeypatch.delenv(NOSET_CUDA_VAR, raising=False)
+    assert select_trial_gpu() is None and chosen == []  # Ray's CUDA_VISIBLE_DEVICES rules
+    monkeypatch.setenv(NOSET_CUDA_VAR, "1")
+    assert select_trial_gpu() == 1 and chosen == [1]
+
+
 def test_token_never_travels_in_the_runtime_env(tmp_path: Path) -> None:
     with pytest.raises(jobs.JobClientError, match="token"):
         jobs.submit_job(
@@ -705,7 +723,7 @@ def test_submit_without_address_is_a_clear_error(
 
 def test_cluster_package_imports_neither_torch_nor_ray() -> None:
     code = (
-        "import sys, cluster, cluster.jobs; "
+        "import sys, cluster, cluster.jobs, cluster.driver; "
         "bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
