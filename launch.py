@@ -158,25 +158,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say(text: str) -> None:
-    """``print`` for the sweep's progress, held by a callback that the Tuner pickles.
-
-    Not ``print`` itself: once a worker's or the autoscaler's log line reaches the driver,
-    Ray (its tqdm support) replaces ``builtins.print``, and pickling the original by name
-    then fails ("it's not the same object as builtins.print").
-    """
-    print(text)
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     from search.config import resolve_sweep
 
     spec = resolve_sweep(args.config, args.overrides, name=args.name, storage=args.storage)
     from search.sweep import run_sweep
 
-    run = run_sweep(
-        spec, address=args.address, resume=args.resume, write=_say, dashboard=_dashboard_wanted()
-    )
+    run = run_sweep(spec, address=args.address, resume=args.resume, dashboard=_dashboard_wanted())
     print(f"experiment: {run.location} ({run.seconds:.0f} s)")
     return 130 if run.interrupted else 0
 
@@ -190,7 +178,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run = resume_sweep(
         args.experiment,
         address=args.address,
-        write=_say,
         dashboard=_dashboard_wanted(),
         retry_failed=args.retry_failed,
     )

@@ -31,6 +31,16 @@ log = logging.getLogger(__name__)
 Write = Callable[[str], None]
 
 
+def echo(text: str) -> None:
+    """``print`` for the sweep's progress, held by a callback that the Tuner pickles.
+
+    Not ``print`` itself: once a worker's or the autoscaler's log line reaches the driver,
+    Ray (its tqdm support) replaces ``builtins.print``, and pickling the original by name
+    then fails ("it's not the same object as builtins.print").
+    """
+    print(text)
+
+
 @dataclass
 class SweepRun:
     """What a finished (or interrupted) sweep leaves behind."""
@@ -42,7 +52,7 @@ class SweepRun:
     interrupted: bool = False  # stopped by Ctrl-C with trials unfinished (resume continues)
 
 
-def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write = print) -> None:
+def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write = echo) -> None:
     """Connects to a cluster, or starts an embedded local Ray (dashboard on 127.0.0.1)."""
     if ray.is_initialized():
         return
@@ -179,7 +189,7 @@ def run_sweep(
     *,
     address: str | None = None,
     resume: bool = False,
-    write: Write = print,
+    write: Write = echo,
     dashboard: bool = True,
     export: bool = True,
 ) -> SweepRun:
@@ -226,7 +236,7 @@ def resume_sweep(
     experiment: str | Path,
     *,
     address: str | None = None,
-    write: Write = print,
+    write: Write = echo,
     dashboard: bool = True,
     export: bool = True,
     retry_failed: bool = False,
