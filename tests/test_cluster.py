@@ -592,9 +592,11 @@ def test_gpu_trials_wait_for_a_node_type_the_autoscaler_can_start(
         node_types={"cpu": {"CPU": 8}, "gpu": GPU_NODE},
     )  # fmt: skip
     said: list[str] = []
+    monkeypatch.delenv("MMR_NODE_WAIT_S", raising=False)
     check_resources(ResourcesConfig(cpu=4, gpu=1), write=said.append, poll_s=0)
     assert requests == [[{"CPU": 4.0, "GPU": 1.0}], []]  # the request is withdrawn after
-    assert "asked the cluster's autoscaler" in said[0] and "MMR_NODE_WAIT_S" in said[0]
+    assert "asked the cluster's autoscaler" in said[0]
+    assert "waiting up to 900 s ($MMR_NODE_WAIT_S)" in said[0]  # the README's default
     # No node type has a GPU: refused at once, naming the types; nothing requested.
     requests = _fake_autoscaler(monkeypatch, alive=[[HEAD]], node_types={"cpu": {"CPU": 8}})
     with pytest.raises(
