@@ -10,7 +10,8 @@ recorded curves (``benchmarks/curves.py``), and passes each validation round to 
 and the searcher in the order and with the arguments Tune's ``TuneController`` uses (a result
 the scheduler answers STOP goes to ``searcher.on_trial_complete`` only). Not replayed: the
 duplicate end-of-trial result Tune re-sends to a FIFO trial, and PAUSE (no scheduler used
-here pauses). ``tuner_decisions`` runs the same search through a real ``Tuner`` for the
+here pauses), nor ``objective.guard`` (the table's curves hold only the objective's metric,
+so the replay runs the sweeps without guards). ``tuner_decisions`` runs the same search through a real ``Tuner`` for the
 cross-check.
 
 Simulated time: one epoch of one trial takes one time unit; ``max_concurrent`` trials run at
@@ -292,6 +293,8 @@ def sweep_spec(
         f"search.n_startup_trials={n_startup_trials}",
         f"train.epochs={table.epochs}",
         f"data.categories=[{','.join(categories)}]",
+        # The table holds one validation metric per run; guards need others (not replayed).
+        "objective.guard={}",
         *extra,
     ]
     return resolve_sweep(SWEEP, overrides, categories=list(categories))
