@@ -11,8 +11,8 @@ and the searcher in the order and with the arguments Tune's ``TuneController`` u
 the scheduler answers STOP goes to ``searcher.on_trial_complete`` only). Not replayed: the
 duplicate end-of-trial result Tune re-sends to a FIFO trial, and PAUSE (no scheduler used
 here pauses), nor ``objective.guard`` (the table's curves hold only the objective's metric,
-so the replay runs the sweeps without guards). ``tuner_decisions`` runs the same search through a real ``Tuner`` for the
-cross-check.
+so the replay runs the sweeps without guards). ``tuner_decisions`` runs the same search
+through a real ``Tuner`` for the cross-check.
 
 Simulated time: one epoch of one trial takes one time unit; ``max_concurrent`` trials run at
 once, so results arrive interleaved as in a real sweep (ties: the earlier-started trial
