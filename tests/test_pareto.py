@@ -137,6 +137,8 @@ def test_guards_and_fronts_are_judged_per_category(tmp_path):
         {"trial": "a0", "category": "a", "baseline": True, "image_auroc": 0.5, "aupro": 0.5},
         {"trial": "a1", "category": "a", "image_auroc": 0.9, "aupro": 0.45},  # breaks
         {"trial": "a2", "category": "a", "image_auroc": 0.6, "aupro": 0.55},
+        # Stopped: judged on its last round's values against the baseline's final ones.
+        {"trial": "a3", "category": "a", "image_auroc": 0.5, "aupro": 0.3, "state": "stopped"},
         {"trial": "b0", "category": "b", "baseline": True, "image_auroc": 0.5, "aupro": 0.2},
         {"trial": "b1", "category": "b", "image_auroc": 0.9, "aupro": 0.45},  # fine here
         # Stopped: non-dominated on its (early-round) values, but never on a front.
@@ -148,6 +150,7 @@ def test_guards_and_fronts_are_judged_per_category(tmp_path):
         r.setdefault("state", "done")
     df = _table(spec, rows).set_index("trial")
     assert not df.loc["a1", "feasible"] and df.loc["b1", "feasible"]
+    assert not df.loc["a3", "feasible"] and df.loc["a3", "guard"] == "aupro -0.2000"
     # a2 dominates the baseline a0; b1 and b3 (equal: neither dominates the other) dominate
     # b0; stopped trials are never on a front.
     assert sorted(df.index[df["on_front"]]) == ["a2", "b1", "b3"]
@@ -157,7 +160,7 @@ def test_guards_and_fronts_are_judged_per_category(tmp_path):
     assert list(table.columns[:8]) == [
         "trial", "category", "study_trial", "state", "baseline", "on_front", "feasible", "guard"
     ]  # fmt: skip
-    assert len(table) == 7 and table["baseline"].sum() == 2
+    assert len(table) == 8 and table["baseline"].sum() == 2
 
 
 def test_study_records_objectives_constraints_and_pruned_trials(tmp_path):
