@@ -87,6 +87,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     threads: int | None = None  # torch CPU threads (None: $OMP_NUM_THREADS, which Ray sets)
+    checkpoint_every: int = 1  # rounds between resumable checkpoints (the last round always)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class Config:
         _check(t.device in DEVICES, "train.device", f"must be one of {DEVICES}")
         _check(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
         _check(t.threads is None or t.threads > 0, "train.threads", "must be > 0")
+        _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1 round")
         _check(e.blur_sigma >= 0, "eval.blur_sigma", "must be >= 0")
         _check(e.batch_size > 0, "eval.batch_size", "must be > 0")
         _check(0 < e.aupro_fpr_limit <= 1, "eval.aupro_fpr_limit", "must be in (0, 1]")

@@ -21,6 +21,7 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from mmr.config import ModelConfig
+from mmr.device import fp32_math
 from mmr.errors import ConfigError
 from mmr.weights import create_hub_model, load_encoder_checkpoint, load_teacher_checkpoint
 
@@ -454,12 +455,15 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = (kernel / kernel.sum()).to(maps.dtype)
     x = maps[:, None]
-    for dim in (2, 3):
-        size = x.shape[dim]
-        idx = torch.arange(-radius, size + radius, device=maps.device) % (2 * size)
-        idx = torch.where(idx >= size, 2 * size - 1 - idx, idx)
-        shape = (1, 1, -1, 1) if dim == 2 else (1, 1, 1, -1)
-        x = F.conv2d(x.index_select(dim, idx), kernel.view(shape))
+    # Exact float32: cuDNN runs float32 convolutions in TF32 by default (10-bit mantissa
+    # products), which scipy's filter, the reference, does not.
+    with fp32_math("ieee"):
+        for dim in (2, 3):
+            size = x.shape[dim]
+            idx = torch.arange(-radius, size + radius, device=maps.device) % (2 * size)
+            idx = torch.where(idx >= size, 2 * size - 1 - idx, idx)
+            shape = (1, 1, -1, 1) if dim == 2 else (1, 1, 1, -1)
+            x = F.conv2d(x.index_select(dim, idx), kernel.view(shape))
     return x[:, 0]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import time
@@ -30,6 +31,7 @@ from mmr.data import (
     split_task,
     train_batches,
 )
+from mmr.device import cudnn_benchmark, fp32_math
 from mmr.metrics import evaluate
 from mmr.model import MMR, build_teacher, param_groups
 from mmr.report import flatten_metrics
@@ -44,7 +46,9 @@ __all__ = [
     "lr_at",
     "load_checkpoint",
     "build_models",
+    "checkpoint_due",
     "load_models",
+    "make_optimizer",
     "model_file",
     "save_checkpoint",
     "prepare_eval",
@@ -237,12 +241,7 @@ def fit(
             test_sets[task.name] = prepare_eval(cfg, task, test, device)
 
     models = build_models(cfg, [task.name for task in tasks], device)
-    optimizers = {
-        name: torch.optim.AdamW(
-            param_groups(m, weight_decay=t.weight_decay), lr=t.lr, betas=t.betas
-        )
-        for name, m in models.items()
-    }
+    optimizers = {name: make_optimizer(m, cfg, device) for name, m in models.items()}
     generators = {}
     for i, name in enumerate(models):
         generators[name] = torch.Generator().manual_seed(t.seed * 1000 + i)
@@ -255,46 +254,58 @@ def fit(
         log.info("resumed at epoch %d (round %d)", start_epoch, len(history))
 
     val_metrics: dict[str, dict[str, float]] = {}
-    for epoch in range(start_epoch, t.epochs):
-        lr = lr_at(epoch, cfg)
-        losses = []
-        for name, model in models.items():
-            for group in optimizers[name].param_groups:
-                group["lr"] = lr
-            losses.append(
-                _train_epoch(
-                    model, optimizers[name], train_images[name], generators[name], cfg, name, epoch
+    # Per-epoch mean losses stay on the device until the round ends: reading one is a host
+    # sync, so the loss is read (and checked for NaN) once per round, not once per step.
+    pending: list[tuple[int, float, torch.Tensor]] = []
+    with cudnn_benchmark(device):
+        for epoch in range(start_epoch, t.epochs):
+            lr = lr_at(epoch, cfg)
+            losses = []
+            for name, model in models.items():
+                for group in optimizers[name].param_groups:
+                    group["lr"] = lr
+                try:
+                    losses.append(
+                        _train_epoch(
+                            model, optimizers[name], train_images[name], generators[name], cfg
+                        )
+                    )
+                except torch.OutOfMemoryError as exc:
+                    raise _out_of_memory(exc, cfg, len(models), epoch) from exc
+            pending.append((epoch, lr, torch.stack(losses)))
+            if on_epoch is not None:  # a per-epoch callback needs the loss now: one sync
+                on_epoch(epoch, {"loss": _check_losses(pending[-1:], models)[-1], "lr": lr})
+            if (epoch + 1) % t.eval_every and epoch + 1 != t.epochs:
+                continue
+            round_loss = _check_losses(pending, models)[-1]
+            pending.clear()
+            val_metrics = {}
+            for name, model in models.items():
+                maps = predict_maps(model, val_sets[name], cfg)
+                val_metrics.update(score_maps(maps, val_sets[name], cfg))
+            flat = flatten_metrics(val_metrics)
+            flat.update(epoch=epoch + 1, loss=round_loss)
+            history.append(flat)
+            if checkpoint_dir is not None and checkpoint_due(cfg, len(history)):
+                save_checkpoint(
+                    Path(checkpoint_dir) / CHECKPOINT_NAME,
+                    cfg,
+                    models,
+                    # Training is over after the last round: nothing resumes it, so its
+                    # checkpoint (what export reads) leaves out the AdamW state (2/3 of it).
+                    optimizers if epoch + 1 < t.epochs else None,
+                    generators,
+                    epoch + 1,
+                    history,
                 )
-            )
-        epoch_stats = {"loss": float(sum(losses) / len(losses)), "lr": lr}
-        if on_epoch is not None:
-            on_epoch(epoch, epoch_stats)
-        if (epoch + 1) % t.eval_every and epoch + 1 != t.epochs:
-            continue
-        val_metrics = {}
-        for name, model in models.items():
-            maps = predict_maps(model, val_sets[name], cfg)
-            val_metrics.update(score_maps(maps, val_sets[name], cfg))
-        flat = flatten_metrics(val_metrics)
-        flat.update(epoch=epoch + 1, loss=epoch_stats["loss"])
-        history.append(flat)
-        if checkpoint_dir is not None:
-            save_checkpoint(
-                Path(checkpoint_dir) / CHECKPOINT_NAME,
-                cfg,
-                models,
-                optimizers,
-                generators,
-                epoch + 1,
-                history,
-            )
-        if report is not None:
-            if epoch + 1 == t.epochs:
-                # Once per run, with the final round: the deployment cost of the trained model
-                # (every task's model has the same architecture: the first stands for all).
-                # Kept out of the history, which must not depend on the machine's speed.
-                flat = {**flat, **_speed(next(iter(models.values())), cfg)}
-            report(len(history), flat)
+            if report is not None:
+                if epoch + 1 == t.epochs:
+                    # Once per run, with the final round: the deployment cost of the trained
+                    # model (every task's model has the same architecture: the first stands
+                    # for all). Kept out of the history, which must not depend on the
+                    # machine's speed.
+                    flat = {**flat, **_speed(next(iter(models.values())), cfg)}
+                report(len(history), flat)
 
     if not val_metrics and history:  # resumed after the last round: rebuild from history
         from mmr.report import unflatten_metrics
@@ -315,17 +326,33 @@ def fit(
     }
 
 
+def make_optimizer(
+    model: MMR, cfg: Config, device: torch.device, *, fused: bool | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the student's parameter groups; the fused kernel on CUDA (one launch per
+    step for all parameters, step counts kept on the device). ``fused``: force it either way
+    (the step profile runs CUDA's choice on a CPU)."""
+    t = cfg.train
+    return torch.optim.AdamW(
+        param_groups(model, weight_decay=t.weight_decay),
+        lr=t.lr,
+        betas=t.betas,
+        fused=device.type == "cuda" if fused is None else fused,
+    )
+
+
 def _train_epoch(
     model: MMR,
     opt: torch.optim.Optimizer,
     images: torch.Tensor,
     gen: torch.Generator,
     cfg: Config,
-    name: str,
-    epoch: int,
-) -> float:
+) -> torch.Tensor:
+    """One epoch; returns the mean loss as a 0-d device tensor (reading it is left to the
+    caller: nothing in the loop waits for the device)."""
     model.train()
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float32, device=images.device)
+    count = 0
     batches = train_batches(
         images,
         batch_size=cfg.train.batch_size,
@@ -334,17 +361,16 @@ def _train_epoch(
         augment=cfg.data.augment,
     )
     for idx, x in batches:
-        with _autocast(cfg, images.device):
-            loss = model(x)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"task {name!r}: loss is {loss.item()} at epoch {epoch} (lr "
-                f"{opt.param_groups[0]['lr']:.3g}); lower train.lr or use train.precision=fp32"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # TF32 for the model's float32 math only; the augmentation above runs exact.
+        with fp32_math("tf32"):
+            with _autocast(cfg, images.device):
+                loss = model(x)
+            loss.backward()
         opt.step()
-        total += loss.item() * len(idx)
+        # Gradients are dropped right after the step, so that none are held between steps or
+        # while the other categories of a lockstep trial train.
+        opt.zero_grad(set_to_none=True)
+        total += loss.detach() * len(idx)
         count += len(idx)
     return total / max(count, 1)
 
@@ -361,6 +387,39 @@ def _speed(model: MMR, cfg: Config) -> dict[str, float]:
     )
 
 
+def _out_of_memory(
+    exc: torch.OutOfMemoryError, cfg: Config, tasks: int, epoch: int
+) -> torch.OutOfMemoryError:
+    """The same error, saying which settings size the trial's memory (a retry would only fail
+    again: the search records it as final)."""
+    t, d = cfg.train, cfg.data
+    first_line = (str(exc).splitlines() or [""])[0]
+    return torch.OutOfMemoryError(
+        f"out of GPU memory at epoch {epoch}, training {tasks} task(s) at "
+        f"train.batch_size={t.batch_size}, data.image_size={d.image_size}, "
+        f"train.precision={t.precision}: lower train.batch_size, train fewer categories per "
+        "run (data.categories; in a sweep objective.per_category: true gives each category "
+        "its own trial), or give each trial a larger share of a GPU (resources.gpu: a trial "
+        f"sharing a GPU may use resources.gpu x 0.95 of it). ({first_line})"
+    )
+
+
+def _check_losses(
+    pending: list[tuple[int, float, torch.Tensor]], models: Mapping[str, MMR]
+) -> list[float]:
+    """Reads the pending epochs' losses (one host sync) and fails at the first epoch whose loss
+    is NaN or infinite; returns each epoch's mean loss over the tasks."""
+    values = torch.stack([losses for _, _, losses in pending]).tolist()
+    for (epoch, lr, _), per_task in zip(pending, values, strict=True):
+        bad = [name for name, v in zip(models, per_task, strict=True) if not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(
+                f"task {bad[0]!r}: loss is {per_task[list(models).index(bad[0])]} at epoch "
+                f"{epoch} (lr {lr:.3g}); lower train.lr or use train.precision=fp32"
+            )
+    return [sum(v) / len(v) for v in values]
+
+
 def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
     p = cfg.train.precision
     if p == "bf16" or (p == "auto" and device.type == "cuda"):
@@ -371,16 +430,30 @@ def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMa
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def checkpoint_due(cfg: Config, round_: int) -> bool:
+    """Whether round ``round_`` (1-based) writes a checkpoint: every
+    ``train.checkpoint_every`` rounds, and always the last one.
+
+    A lost worker's trial resumes from the latest checkpoint, so a larger interval trades
+    repeated rounds after a failure for less writing in every round.
+    """
+    return round_ % cfg.train.checkpoint_every == 0 or round_ >= cfg.num_rounds
+
+
 def save_checkpoint(
     path: Path,
     cfg: Config,
     models: Mapping[str, MMR],
-    optimizers: Mapping[str, torch.optim.Optimizer],
+    optimizers: Mapping[str, torch.optim.Optimizer] | None,
     generators: Mapping[str, torch.Generator],
     epoch: int,
     history: list[dict[str, float]],
 ) -> None:
-    """Writes a plain-dict checkpoint (loadable with ``weights_only=True``) atomically."""
+    """Writes a plain-dict checkpoint (loadable with ``weights_only=True``) atomically.
+
+    ``optimizers`` None leaves out the optimiser state: such a checkpoint can be evaluated and
+    exported, not trained further.
+    """
     teacher = next(iter(models.values())).teacher
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -389,13 +462,14 @@ def save_checkpoint(
         "round": len(history),
         "teacher": teacher.state_dict(),
         "students": {name: m.student.state_dict() for name, m in models.items()},
-        "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
         "generators": {name: g.get_state() for name, g in generators.items()},
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": list(random.getstate()[1]),
         "history": history,
     }
+    if optimizers is not None:
+        state["optimizers"] = {name: o.state_dict() for name, o in optimizers.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -414,7 +488,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {str(path)!r} does not exist: pass the file written "
             "by a training run (or the directory holding checkpoint.pt)"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # mmap: tensors are read from the file as they are used, not all copied into memory
+    # first (a 15-category checkpoint is several GB).
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserInputError(
             f"{str(path)!r} is not an mmr-sweep checkpoint (expected format {CHECKPOINT_FORMAT})"
@@ -442,17 +518,25 @@ def _restore(
             "checkpoint was written with a different model config: resume "
             "with the config it was trained with"
         )
+    epoch = int(state["epoch"])
+    if "optimizers" not in state and epoch < cfg.train.epochs:
+        raise UserInputError(
+            f"checkpoint holds no optimiser state (it was written after the last epoch, "
+            f"{epoch}): it can be evaluated or exported, not trained to train.epochs="
+            f"{cfg.train.epochs}"
+        )
     teacher = next(iter(models.values())).teacher
     teacher.load_state_dict(state["teacher"])
     for name, model in models.items():
         model.student.load_state_dict(state["students"][name])
-        optimizers[name].load_state_dict(state["optimizers"][name])
+        if "optimizers" in state:
+            optimizers[name].load_state_dict(state["optimizers"][name])
         generators[name].set_state(state["generators"][name])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate((3, tuple(state["python_rng"]), None))
-    return int(state["epoch"])
+    return epoch
 
 
 def model_file(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -461,10 +545,11 @@ def model_file(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_models(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path | Mapping[str, Any], device: str | torch.device = "cpu"
 ) -> tuple[Config, dict[str, MMR]]:
-    """Rebuilds the trained models of a checkpoint or ``model.pt`` file."""
-    state = load_checkpoint(path)
+    """Rebuilds the trained models of a checkpoint or ``model.pt`` file (or of a checkpoint
+    already loaded with :func:`load_checkpoint`)."""
+    state = path if isinstance(path, Mapping) else load_checkpoint(path)
     cfg = Config.from_dict(state["config"])
     # The weights come from the file: never fetch pretrained weights to be overwritten.
     cfg = cfg.override(
@@ -531,17 +616,19 @@ def _means(flat: Mapping[str, float]) -> dict[str, float]:
 
 
 def evaluate_checkpoint(
-    path: str | Path, *, split: str = "test", device: str = "auto"
+    path: str | Path | Mapping[str, Any], *, split: str = "test", device: str = "auto"
 ) -> tuple[Config, dict[str, dict[str, float]], dict[str, tuple[EvalSet, torch.Tensor]]]:
     """Evaluates a checkpoint's models on the ``test`` (held-out) or ``val`` split.
 
-    Returns the config it was trained with, ``{unit: metrics}`` and, per task, the evaluation
-    data with its anomaly maps (for overlays).
+    ``path``: a checkpoint file or directory, or a state :func:`load_checkpoint` returned
+    (a caller that has one loads the file once). Returns the config it was trained with,
+    ``{unit: metrics}`` and, per task, the evaluation data with its anomaly maps (for
+    overlays).
     """
-    state = load_checkpoint(path)
+    state = path if isinstance(path, Mapping) else load_checkpoint(path)
     trained_cfg = Config.from_dict(state["config"])
     dev = resolve_device(device)
-    cfg, models = load_models(path, dev)
+    cfg, models = load_models(state, dev)
     metrics: dict[str, dict[str, float]] = {}
     outputs: dict[str, tuple[EvalSet, torch.Tensor]] = {}
     for task in list_tasks(cfg.data):

@@ -5,16 +5,25 @@ applies ``RandomResizedCrop(scale=(0.7, 1), ratio=(3/4, 4/3), bicubic)`` + horiz
 testing a center crop; ImageNet normalisation in both. Random crops run batched on the batch's
 device as tiled matrix products with PIL's antialiased bicubic weights (crop and flip folded in)
 and match torchvision-on-PIL to one grey level.
+
+A training epoch makes no host<->device synchronisation: its permutation, crop boxes and
+flips are drawn at once on the CPU (``draw_epoch``) and reach the device in one pinned,
+non-blocking copy; every decision that depends on them (which samples take which PIL pass
+order) is taken on the CPU copy; constants are cached per device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import PIL
 import torch
+
+from mmr.device import fp32_math, to_device
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -26,18 +35,24 @@ __all__ = [
     "center_crop_masks",
     "normalize",
     "batch_indices",
+    "draw_epoch",
+    "EpochDraw",
+    "HOST_DRAW",
     "train_batches",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _PIL_ORDERS_PASSES = int(PIL.__version__.split(".")[0]) >= 13
+# Profiler range of the epoch's host-side draws (CPU tensors by construction: the step
+# profile does not count their ops as device syncs).
+HOST_DRAW = "mmr::draw_epoch"
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (or 0..255 float) N x 3 x H x W -> float32 ImageNet-normalised."""
-    mean, std = _stats(images.device)
-    return images.to(torch.float32, copy=True).mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    scale, shift = _stats(images.device)
+    return images.to(torch.float32, copy=True).mul_(scale).add_(shift)
 
 
 def center_crop(u8: torch.Tensor, *, image_size: int) -> torch.Tensor:
@@ -143,36 +158,67 @@ def resized_crop_batch(
     (float32 ``n x C x size x size``; a new tensor if None).
 
     Matches torchvision's ``resized_crop`` + ``hflip`` on PIL images to one grey level; runs
-    as batched matrix products on ``u8``'s device.
+    as batched matrix products on ``u8``'s device. Pass ``boxes`` and ``flips`` on the CPU:
+    the pass order of each sample is decided there (boxes on the device cost a host sync).
     """
-    n, c, h, w = u8.shape
+    out = _check_out(u8, size, out)
+    boxes, flips = boxes.cpu(), flips.cpu()
+    first = _vertical_first(boxes[:, 2] / size, boxes[:, 3] / size)
+    order = torch.argsort(first.to(torch.int8), stable=True)  # horizontal-first samples first
+    split = len(first) - int(first.sum())
     dev = u8.device
+    if torch.equal(order, torch.arange(len(order))):
+        return _crop_split(u8, to_device(boxes, dev), to_device(flips, dev), split, out)
+    # Mixed orders: resample in pass-order order, then put the samples back.
+    order_dev = to_device(order, dev)
+    res = _crop_split(
+        u8.index_select(0, order_dev),
+        to_device(boxes[order], dev),
+        to_device(flips[order], dev),
+        split,
+        _SCRATCH.get("sorted", out.shape, torch.float32, dev),
+    )
+    return out.index_copy_(0, order_dev, res)
+
+
+def _check_out(u8: torch.Tensor, size: int, out: torch.Tensor | None) -> torch.Tensor:
+    n, c, h, w = u8.shape
     if h != w:
         raise ValueError(f"expected square images (as load_images returns), got {h}x{w}")
     if out is None:
-        out = torch.empty((n, c, size, size), dtype=torch.float32, device=dev)
-    elif out.shape != (n, c, size, size) or out.dtype != torch.float32:
+        return torch.empty((n, c, size, size), dtype=torch.float32, device=u8.device)
+    if out.shape != (n, c, size, size) or out.dtype != torch.float32:
         raise ValueError(f"out must be float32 {(n, c, size, size)}, got {out.dtype} {out.shape}")
-    boxes = boxes.to(dev, torch.float32)
-    rows = _taps(boxes[:, 0], boxes[:, 2], h, size)
-    cols = _taps(boxes[:, 1], boxes[:, 3], w, size, reverse=flips.to(dev))
-    # PIL resamples in two passes with an 8-bit image in between (which shapes the bicubic
-    # overshoot at sharp edges), horizontal first; Pillow >= 13 goes vertical first when the
-    # height shrinks much more than the width. Each order runs on its own part of the batch.
-    first = _vertical_first(boxes[:, 2] / size, boxes[:, 3] / size)
-    if not first.any() or first.all():
-        return _two_passes(u8, rows, cols, vertical_first=bool(first.any()), out=out)
-    for vertical in (False, True):
-        part = (first == vertical).nonzero()[:, 0]
-        part_rows, part_cols = (tuple(t.index_select(0, part) for t in x) for x in (rows, cols))
-        res = _two_passes(
-            u8.index_select(0, part),
-            part_rows,
-            part_cols,
-            vertical_first=vertical,
-            out=_SCRATCH.get("part", (len(part), *out.shape[1:]), torch.float32, dev),
-        )
-        out.index_copy_(0, part, res)
+    return out
+
+
+def _crop_split(
+    u8: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, split: int, out: torch.Tensor
+) -> torch.Tensor:
+    """``resized_crop_batch`` on the device, without a host sync: samples ``[0, split)`` take
+    PIL's horizontal-first pass order, ``[split, n)`` the vertical-first one (``boxes`` int64
+    n x 4 and ``flips`` n, both on ``u8``'s device)."""
+    n, _, h, w = u8.shape
+    size = out.shape[-1]
+    boxes = boxes.to(torch.float32)
+    # Exact float32 products: TF32 would move pixels by more than the one grey level allowed.
+    with fp32_math("ieee"):
+        rows = _taps(boxes[:, 0], boxes[:, 2], h, size)
+        cols = _taps(boxes[:, 1], boxes[:, 3], w, size, reverse=flips.to(torch.bool))
+        # PIL resamples in two passes with an 8-bit image in between (which shapes the bicubic
+        # overshoot at sharp edges), horizontal first; Pillow >= 13 goes vertical first when
+        # the height shrinks much more than the width. Each order runs on its own slice.
+        for vertical, part in ((False, slice(0, split)), (True, slice(split, n))):
+            if part.start == part.stop:
+                continue
+            whole = part.stop - part.start == n
+            _two_passes(
+                u8 if whole else u8[part],
+                rows if whole else (rows[0][part], rows[1][part]),
+                cols if whole else (cols[0][part], cols[1][part]),
+                vertical_first=vertical,
+                out=out if whole else out[part],
+            )
     return out
 
 
@@ -195,8 +241,8 @@ def _two_passes(
         middle = _SCRATCH.get("middle", shape, torch.uint8, dev).permute(0, 2, 1, 3).copy_(mid)
         res = _banded(middle, rows, dim=2, tag="v")
     res = res.add_(0.5).clamp_(0, 255).floor_()
-    mean, std = _stats(dev)
-    return torch.mul(res, 1.0 / (255.0 * std), out=out).add_(-mean / std)
+    scale, shift = _stats(dev)
+    return torch.mul(res, scale, out=out).add_(shift)
 
 
 _Taps = tuple[torch.Tensor, torch.Tensor]  # (positions n x out x k int64, weights n x out x k)
@@ -328,10 +374,73 @@ def _cubic(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
     return torch.where(t < 1.0, near, torch.where(t < 2.0, far, torch.zeros_like(t)))
 
 
+@functools.cache
 def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return mean, std
+    """Per-device constants (scale, shift) of ``(x / 255 - mean) / std``: built once per device,
+    as a fresh ``torch.tensor(..., device=cuda)`` is a blocking host-to-device copy. Callers
+    must not modify them."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    scale, shift = (1.0 / (255.0 * std)).float(), (-mean / std).float()
+    return to_device(scale, device), to_device(shift, device)
+
+
+@dataclass(frozen=True)
+class EpochDraw:
+    """The random draws of one training epoch, made on the CPU (see :func:`draw_epoch`).
+
+    ``table`` is int64 ``n x 6``: image index, then the crop box (top, left, height, width),
+    then 1 where the crop is mirrored; its rows are in the order the epoch visits them.
+    ``batches`` holds, per batch, ``(start, stop, split)``: its rows, and the first row that
+    takes PIL's vertical-first pass order (rows of each order are contiguous in a batch).
+    Without augmentation the box and flip columns are zero and ``split == stop``.
+    """
+
+    table: torch.Tensor
+    batches: tuple[tuple[int, int, int], ...]
+
+
+def draw_epoch(
+    n: int,
+    *,
+    batch_size: int,
+    image_size: int,
+    source_size: int,
+    generator: torch.Generator,
+    augment: bool = True,
+) -> EpochDraw:
+    """Draws an epoch at once: a permutation of ``n`` images (``batch_indices``), then the
+    crop boxes and flips of all ``n`` samples (``sample_crops`` of ``source_size`` square
+    images), in that order from ``generator`` (a CPU generator).
+
+    Within each batch the samples are then grouped by PIL's pass order (horizontal-first
+    first), so that a batch resamples as two slices. Which samples form a batch, and each
+    sample's crop, stay as drawn; only the order inside a batch changes, which the loss (a
+    mean over the batch) does not see.
+    """
+    if generator.device.type != "cpu":
+        raise ValueError("draw_epoch needs a CPU generator: the draws are made on the host")
+    order = torch.cat(batch_indices(n, batch_size=batch_size, generator=generator))
+    table = torch.zeros((n, 6), dtype=torch.int64)
+    table[:, 0] = order
+    if not augment:
+        bounds = range(0, n, batch_size)
+        return EpochDraw(table, tuple((a, min(a + batch_size, n), min(a + batch_size, n))
+                                      for a in bounds))  # fmt: skip
+    boxes, flips = sample_crops(n, height=source_size, width=source_size, generator=generator)
+    table[:, 1:5] = boxes
+    table[:, 5] = flips
+    vertical = _vertical_first(boxes[:, 2] / image_size, boxes[:, 3] / image_size)
+    batch = torch.arange(n) // batch_size
+    table = table[torch.argsort(batch * 2 + vertical.to(torch.int64), stable=True)]
+    counts = torch.zeros(-(-n // batch_size), dtype=torch.int64).index_add_(
+        0, batch, (~vertical).to(torch.int64)
+    )
+    batches = tuple(
+        (a, min(a + batch_size, n), a + int(k))
+        for a, k in zip(range(0, n, batch_size), counts.tolist(), strict=True)
+    )
+    return EpochDraw(table, batches)
 
 
 def train_batches(
@@ -343,29 +452,41 @@ def train_batches(
     augment: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One training epoch of ``images`` (uint8 N x 3 x S x S): ``(indices, batch)`` pairs in a
-    seeded order, each batch augmented (``augment_batch``) or center-cropped, normalised.
+    seeded order (:func:`draw_epoch`), each batch augmented or center-cropped, normalised.
 
-    Batches are written into buffers reused from one batch to the next (on a CPU a fresh
-    multi-MB tensor per batch costs its page faults every time): a batch is valid until the
-    next one is drawn, so copy it to keep it.
+    The epoch's draws reach ``images``' device in one pinned, non-blocking copy; no batch
+    makes a host<->device synchronisation. Batches are written into buffers reused from one
+    batch to the next (on a CPU a fresh multi-MB tensor per batch costs its page faults every
+    time): a batch is valid until the next one is drawn, so copy it to keep it. ``indices``
+    are on the device.
     """
     dev = images.device
+    with torch.profiler.record_function(HOST_DRAW):
+        draw = draw_epoch(
+            len(images),
+            batch_size=batch_size,
+            image_size=image_size,
+            source_size=images.shape[-1],
+            generator=generator,
+            augment=augment,
+        )
+    table = to_device(draw.table, dev)
     picked: torch.Tensor | None = None
     out: torch.Tensor | None = None
-    for idx in batch_indices(len(images), batch_size=batch_size, generator=generator):
-        idx = idx.to(dev)
-        shape = (len(idx), *images.shape[1:])
+    for start, stop, split in draw.batches:
+        rows = table[start:stop]
+        idx = rows[:, 0]
+        shape = (stop - start, *images.shape[1:])
         if picked is None or picked.shape != shape:
             picked = torch.empty(shape, dtype=images.dtype, device=dev)
         torch.index_select(images, 0, idx, out=picked)
         if not augment:
             yield idx, center_crop(picked, image_size=image_size)
             continue
-        if out is None or out.shape[0] != len(idx):
-            out = torch.empty(
-                (len(idx), shape[1], image_size, image_size), dtype=torch.float32, device=dev
-            )
-        yield idx, augment_batch(picked, image_size=image_size, generator=generator, out=out)
+        if out is None or out.shape[0] != shape[0]:
+            out = torch.empty((shape[0], shape[1], image_size, image_size), dtype=torch.float32,
+                              device=dev)  # fmt: skip
+        yield idx, _crop_split(picked, rows[:, 1:5], rows[:, 5], split - start, out)
 
 
 def batch_indices(

@@ -110,7 +110,7 @@ def _export(
             tmp = target / "model.pt.tmp"
             torch.save(model_file(state), tmp)
             tmp.replace(target / "model.pt")
-            _, test_best, outputs = evaluate_checkpoint(ckpt, device=device)
+            _, test_best, outputs = evaluate_checkpoint(state, device=device)  # loaded once
         rows["best (test)"].update(test_best)
         base = _baseline_row(df, category)
         test_base = test_best

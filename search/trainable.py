@@ -91,8 +91,11 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
     A deterministic failure (NaN loss, bad data, CUDA OOM) is recorded in the trial dir so
     that Ray's retries, meant for lost workers, end at once with the same error.
     """
-    from mmr.train import fit
+    from mmr.device import allocator_env, limit_memory, release_memory
+    from mmr.train import checkpoint_due, fit
 
+    # Before CUDA starts in this worker (a reused worker keeps its first trial's allocator).
+    os.environ.update(allocator_env())
     # One INFO line per persisted round checkpoint would flood the driver's terminal.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     sweep = SweepSpec.from_dict(spec)
@@ -120,6 +123,9 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
         raise RuntimeError(json.loads(failed)["error"])
     select_trial_gpu()
 
+    # Trials sharing a GPU (resources.gpu < 1) each get a cap, so that a neighbour's peak
+    # cannot take the memory this trial was promised.
+    limit_memory(sweep.sweep.resources.gpu)
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="mmr-ckpt-") as tmp:
 
@@ -127,7 +133,10 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
             metrics = dict(metrics)
             metrics[ROUNDS_KEY] = cfg.num_rounds
             metrics[OBJECTIVE] = sweep.objective_value(metrics)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            if checkpoint_due(cfg, round_):  # fit wrote this round's checkpoint
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            else:
+                tune.report(metrics)
 
         try:
             if checkpoint is None:
@@ -146,6 +155,9 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
                 error = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
                 write_file(fs, join(trial_dir, FAILED_MARKER), error)
             raise
+        finally:
+            # Ray may run the next trial in this process: hand back the cached GPU memory.
+            release_memory()
 
 
 def _deterministic(exc: BaseException) -> bool:

@@ -110,8 +110,20 @@ def test_gpu_script_dry_run_on_cpu_without_ray_or_optuna(tmp_path):
     assert result["imported_ray_or_optuna"] == []  # the GPU machine has neither
     assert result["peak_bf16_tflops"] > 0
     check_rows(result["rows"], sections={"gpu"})
-    assert {r["benchmark"] for r in result["rows"]} == {"gpu_memory_tiny", "gpu_run200"}
+    # Memory per trial with one category and with several (a dry run: 2) in one trial.
+    names = {r["benchmark"] for r in result["rows"]}
+    assert names == {"gpu_memory_tiny", "gpu_memory_tiny_2cat", "gpu_run200"}
     assert all("DRY RUN" in r["note"] and r["met"] is None for r in result["rows"])
+
+
+def test_gpu_datasheet_peaks_match_the_most_specific_name():
+    from benchmarks.gpu import datasheet_peak
+
+    assert datasheet_peak("NVIDIA H100 PCIe") == 756.0
+    assert datasheet_peak("NVIDIA H100 80GB HBM3") == 989.0
+    assert datasheet_peak("NVIDIA H200") == 989.0
+    assert datasheet_peak("NVIDIA L40S") == 362.0 and datasheet_peak("NVIDIA L4") == 121.0
+    assert datasheet_peak("Tesla T4") is None
 
 
 def test_gpu_step_pieces_flops_and_what_ifs(tmp_path):
@@ -214,6 +226,10 @@ def test_run_script_writes_markdown_and_rerenders_it_from_json(tmp_path):
     text = out.read_text()
     assert "SMOKE run" in text and "`aupro`" in text and "## 4. Search efficiency" in text
     again = tmp_path / "again.md"
+    from benchmarks.run import KEPT_MARKER
+
+    kept = f"{KEPT_MARKER}\n## Checkpoints\nfrom python -m benchmarks.bench_checkpoint\n"
+    again.write_text("an older run\n" + kept)  # hand-measured sections survive a rerun
     proc = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--from-json", str(saved), "--out", str(again)],
         cwd=ROOT,
@@ -222,4 +238,63 @@ def test_run_script_writes_markdown_and_rerenders_it_from_json(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert again.read_text() == text
+    assert again.read_text() == text + "\n" + kept
+
+
+# The step profile at CI sizes: the same code paths as the shipped configs (their teacher,
+# encoder, augmentation and precision), smaller images, batches and depth.
+TINY_PROFILE = ["data.image_size=32", "data.resize=40", "model.encoder_depth=1",
+                "train.batch_size=2", "train.threads=1"]  # fmt: skip
+
+
+def test_step_profile_finds_no_sync_in_the_training_step():
+    from benchmarks.step_profile import profile_config
+
+    for config in ("tiny.yaml", "mvtec.yaml"):  # the paper config: wide_resnet50_2 + ViT-B/16
+        result = profile_config(ROOT / "configs" / config, TINY_PROFILE, steps=2,
+                                warmup_epochs=1)  # fmt: skip
+        assert result["syncs_by_op"] == {}, config
+        assert result["syncs_per_step"] == 0 and result["ops_per_step"] > 100, config
+        assert result["precision"] == "bf16"  # "auto" profiles what CUDA runs
+
+
+def test_step_profile_sees_a_sync_put_back_into_the_step(monkeypatch):
+    from benchmarks.step_profile import profile_config
+    from mmr import model as model_module
+
+    loss_fn = model_module.cosine_loss
+
+    def logging_loss(t, s):  # the per-step loss.item() the loop used to make
+        loss = loss_fn(t, s)
+        loss.item()
+        return loss
+
+    monkeypatch.setattr(model_module, "cosine_loss", logging_loss)
+    result = profile_config(ROOT / "configs" / "tiny.yaml", TINY_PROFILE, steps=2,
+                            warmup_epochs=1)  # fmt: skip
+    assert result["syncs_per_step"] == 1 and result["syncs_by_op"] == {"aten::item": 2}
+
+
+def test_sync_counter_rules():
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from benchmarks.step_profile import count_syncs
+
+    x = torch.rand(4, 4)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        x.sum().item()  # reads device memory
+        torch.nonzero(x > 0.5)  # output size from the data
+        if x.sum() > 0:  # bool() of a tensor
+            pass
+        torch.tensor([1.0, 2.0], device=x.device)  # a blocking host-to-device copy on CUDA
+        x.to(x.device)  # strict: a device argument without non_blocking
+        x.to(x.device, non_blocking=True)  # pinned + non_blocking: not counted
+        x.to(torch.float64)  # a dtype change on the device: not counted
+        x[None, None].to(memory_format=torch.channels_last)  # a layout change: not counted
+        with record_function("host"):
+            torch.nonzero(x)  # in a host-only range: not counted
+    counts = count_syncs(prof.events(), host_scopes=("host",))
+    assert counts["syncs"] == 5, counts
+    assert counts["by_name"] == {"aten::item": 1, "aten::nonzero": 1, "aten::is_nonzero": 1,
+                                 "aten::to": 2}  # fmt: skip

@@ -557,26 +557,49 @@ def test_augment_batch_is_seeded_and_normalised() -> None:
     ).all()
 
 
-def test_train_batches_draw_an_epoch_as_index_plus_augment_into_reused_buffers() -> None:
+def test_train_batches_draw_an_epoch_at_once_into_reused_buffers() -> None:
     u8 = _u8(10, 64)
     gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     got = [(idx, x.clone(), x.data_ptr()) for idx, x in data.train_batches(
         u8, batch_size=4, image_size=56, generator=gen
     )]  # fmt: skip
-    # The same draws in the same order as indexing + augment_batch: a seed gives one epoch.
-    order = data.batch_indices(10, batch_size=4, generator=ref_gen)
-    assert [len(i) for i, _, _ in got] == [4, 4, 2]
-    for (idx, x, _), ref_idx in zip(got, order, strict=True):
-        assert torch.equal(idx, ref_idx)
-        assert torch.equal(x, data.augment_batch(u8[idx], image_size=56, generator=ref_gen))
-    assert got[0][2] == got[1][2]  # full batches share one buffer
+    # The epoch is one draw: permutation, then every sample's crop; a seed gives one epoch.
+    order = torch.cat(data.batch_indices(10, batch_size=4, generator=ref_gen))
+    boxes, flips = transforms.sample_crops(10, height=64, width=64, generator=ref_gen)
     assert torch.equal(gen.get_state(), ref_gen.get_state())
+    assert [len(i) for i, _, _ in got] == [4, 4, 2]
+    for b, (idx, x, _) in enumerate(got):
+        # The batch holds the drawn images, each with its own drawn crop (only the order
+        # inside a batch may differ: grouped by PIL's pass order).
+        drawn = order[4 * b : 4 * b + 4].tolist()
+        assert sorted(idx.tolist()) == sorted(drawn)
+        where = [drawn.index(i) + 4 * b for i in idx.tolist()]
+        ref = transforms.resized_crop_batch(u8[idx], boxes[where], flips[where], size=56)
+        assert torch.equal(x, ref)
+        vertical = transforms._vertical_first(boxes[where, 2] / 56, boxes[where, 3] / 56)
+        assert vertical.tolist() == sorted(vertical.tolist())  # one slice per pass order
+    assert got[0][2] == got[1][2]  # full batches share one buffer
     test = [x.clone() for _, x in data.train_batches(
         u8, batch_size=4, image_size=56, generator=torch.Generator(), augment=False
     )]  # fmt: skip
     assert all(torch.equal(x, data.center_crop(u8[i], image_size=56)) for i, x in zip(
         data.batch_indices(10, batch_size=4, generator=torch.Generator()), test, strict=True
     ))  # fmt: skip
+
+
+def test_draw_epoch_groups_pass_orders_inside_batches() -> None:
+    draw = transforms.draw_epoch(
+        64, batch_size=16, image_size=56, source_size=64,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    table = draw.table
+    assert sorted(table[:, 0].tolist()) == list(range(64))
+    assert [(a, b) for a, b, _ in draw.batches] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    vertical = transforms._vertical_first(table[:, 3] / 56, table[:, 4] / 56)
+    if transforms._PIL_ORDERS_PASSES:  # Pillow >= 13: crops this size mix both orders
+        assert 0 < vertical.sum() < 64
+    for start, stop, split in draw.batches:
+        assert not vertical[start:split].any() and vertical[split:stop].all()
 
 
 def test_augment_batch_writes_into_out_or_names_the_expected_buffer() -> None:

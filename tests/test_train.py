@@ -104,6 +104,25 @@ def test_restart_from_round_checkpoint_continues_exactly(synthetic_root: Path, t
     assert resumed["history"] == full["history"]
 
 
+def test_checkpoints_every_k_rounds_and_the_last_without_optimiser_state(
+    synthetic_root: Path, tmp_path: Path
+):
+    cfg = tiny(synthetic_root, **{"train.epochs": 6, "train.checkpoint_every": 2})
+    on_disk: list[int | None] = []
+
+    def report(round_: int, metrics: dict) -> None:
+        path = tmp_path / "checkpoint.pt"
+        on_disk.append(load_checkpoint(path)["round"] if path.exists() else None)
+
+    fit(cfg, report=report, checkpoint_dir=tmp_path, final_test=False)
+    assert on_disk == [None, 2, 3]  # rounds 2 and 3 (the last) wrote one, before the report
+    last = load_checkpoint(tmp_path)
+    assert "optimizers" not in last and last["epoch"] == 6  # nothing resumes a finished run
+    assert fit(cfg, resume_from=tmp_path, final_test=False)["history"] == last["history"]
+    with pytest.raises(ValueError, match="no optimiser state.*train.epochs=8"):
+        fit(cfg.override({"train.epochs": 8}), resume_from=tmp_path, final_test=False)
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(synthetic_root: Path, tmp_path: Path):
     cfg = tiny(synthetic_root, **{"train.epochs": 2})
     fit(cfg, checkpoint_dir=tmp_path, final_test=False)
@@ -112,12 +131,71 @@ def test_resume_refuses_a_checkpoint_of_another_model(synthetic_root: Path, tmp_
         fit(other, resume_from=tmp_path)
 
 
-def test_nan_loss_ends_the_run_with_a_clear_error(synthetic_root: Path, monkeypatch):
+def test_nan_loss_fails_the_round_naming_the_epoch(
+    synthetic_root: Path, tmp_path: Path, monkeypatch
+):
     from mmr import model as model_module
 
-    monkeypatch.setattr(model_module, "cosine_loss", lambda t, s: torch.tensor(math.nan))
-    with pytest.raises(TrainingDiverged, match="loss is nan.*lower train.lr"):
+    loss_fn = model_module.cosine_loss
+    monkeypatch.setattr(model_module, "cosine_loss", lambda t, s: loss_fn(t, s) * math.nan)
+    reports: list[int] = []
+    # The loss is read once per round: the first round fails, naming the first bad epoch,
+    # before anything of it is reported or checkpointed.
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 0 .*lower train.lr"):
+        fit(tiny(synthetic_root), report=lambda r, m: reports.append(r), checkpoint_dir=tmp_path)
+    assert reports == [] and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_out_of_memory_names_the_settings_to_lower(synthetic_root: Path, monkeypatch):
+    from mmr import model as model_module
+
+    def oom(t, s):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model_module, "cosine_loss", oom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"train.batch_size=4.*lower train.batch_s"
+                       r"ize.*resources.gpu.*Tried to allocate 2.00 GiB"):  # fmt: skip
         fit(tiny(synthetic_root))
+
+
+def test_model_math_is_tf32_while_augmentation_and_blur_stay_exact(
+    synthetic_root: Path, monkeypatch
+):
+    from mmr import device, transforms
+    from mmr import model as model_module
+
+    seen: dict[str, tuple[str, str]] = {}
+    loss_fn, two_passes = model_module.cosine_loss, transforms._two_passes
+
+    def spy_loss(t, s):
+        seen.setdefault("forward", device.fp32_precision())
+        s[0].register_hook(lambda g: seen.setdefault("backward", device.fp32_precision()) and g)
+        return loss_fn(t, s)
+
+    def spy_passes(*args, **kwargs):
+        seen.setdefault("augment", device.fp32_precision())
+        return two_passes(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "cosine_loss", spy_loss)
+    monkeypatch.setattr(transforms, "_two_passes", spy_passes)
+    before = device.fp32_precision()
+    fit(tiny(synthetic_root, **{"train.epochs": 1, "train.eval_every": 1}), final_test=False)
+    assert seen == {
+        "forward": ("tf32", "tf32"),
+        "backward": ("tf32", "tf32"),
+        "augment": ("ieee", "ieee"),
+    }
+    assert device.fp32_precision() == before  # restored after each step
+    conv = torch.nn.functional.conv2d
+
+    def spy_conv(*args, **kwargs):
+        seen["blur"] = device.fp32_precision()
+        return conv(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy_conv)
+    with device.fp32_math("tf32"):  # even where the caller allowed TF32
+        model_module.gaussian_blur(torch.rand(1, 16, 16), 1.0)
+    assert seen["blur"] == ("ieee", "ieee")
 
 
 def test_run_training_writes_outputs_and_model_file_round_trips(
