@@ -162,8 +162,14 @@ def run_project(cfg: Any, *, after_warmup: Callable[[], None] | None = None) -> 
     }
 
 
-def run_reference(cfg: Any, *, workers: int) -> dict[str, Any]:
-    """The official semantics: PIL decode + torchvision transforms each epoch, fp32 eager."""
+def run_reference(cfg: Any, *, workers: int, tf32: bool = False) -> dict[str, Any]:
+    """The official semantics: PIL decode + torchvision transforms each epoch, fp32 eager.
+
+    ``tf32``: float32 matmuls and convolutions in TF32 (what most users enable on a GPU;
+    PyTorch's default runs matmuls in exact float32 and cuDNN convolutions in TF32).
+    """
+    import contextlib
+
     import torch
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
@@ -171,6 +177,7 @@ def run_reference(cfg: Any, *, workers: int) -> dict[str, Any]:
 
     from benchmarks.bench_data import ReferenceDataset
     from mmr.data import list_tasks
+    from mmr.device import fp32_math
     from mmr.metrics import evaluate
     from mmr.model import param_groups
     from mmr.train import build_models, lr_at, resolve_device
@@ -196,6 +203,9 @@ def run_reference(cfg: Any, *, workers: int) -> dict[str, Any]:
         generator=torch.Generator().manual_seed(t.seed),
     )
     epoch_s = []
+    math_scope = contextlib.ExitStack()  # the whole reference run, evaluation included
+    if tf32:
+        math_scope.enter_context(fp32_math("tf32"))
     for epoch in range(t.epochs):
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg)
@@ -246,6 +256,7 @@ def run_reference(cfg: Any, *, workers: int) -> dict[str, Any]:
             maps.append(model.anomaly_map(images.to(device), blur_sigma=cfg.eval.blur_sigma))
             masks.append(m)
             labels.append(y)
+    math_scope.close()
     metrics = evaluate(torch.cat(maps).cpu(), torch.cat(masks), torch.cat(labels))
     return {
         "epoch_s": epoch_s[1:],
@@ -277,7 +288,7 @@ def _child(spec: dict[str, Any]) -> None:
     if spec["mode"] == "project":
         out = run_project(cfg)
     else:
-        out = run_reference(cfg, workers=spec["workers"])
+        out = run_reference(cfg, workers=spec["workers"], tf32=spec.get("tf32", False))
     out["rss_after_imports_mb"] = imported
     write_child_result(spec["result"], out)
 

@@ -310,6 +310,18 @@ def render(result: dict[str, Any], *, quick: bool, smoke: bool, command: str) ->
     return "\n".join(lines) + "\n"
 
 
+# Sections below this line in BENCHMARKS.md come from other commands (each names its own);
+# a rerun of the suite keeps them.
+KEPT_MARKER = "<!-- sections below: measured by the commands they name, kept by run.py -->"
+
+
+def kept_sections(path: Path) -> str:
+    """The part of an existing BENCHMARKS.md from :data:`KEPT_MARKER` on ("" if none)."""
+    text = path.read_text() if path.is_file() else ""
+    at = text.find(KEPT_MARKER)
+    return "" if at < 0 else "\n" + text[at:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes")
@@ -330,7 +342,8 @@ def main() -> None:
         command = " ".join(["python benchmarks/run.py", *sys.argv[1:]])
         quick, smoke = args.quick, args.smoke
         result = run_suite(quick=quick, only=only, smoke=smoke)
-    Path(args.out).write_text(render(result, quick=quick, smoke=smoke, command=command))
+    text = render(result, quick=quick, smoke=smoke, command=command)
+    Path(args.out).write_text(text + kept_sections(Path(args.out)))
     if args.json and not args.from_json:
         saved = {"result": result, "command": command, "quick": quick, "smoke": smoke}
         Path(args.json).write_text(json.dumps(saved, indent=1, default=jsonable))
