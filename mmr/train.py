@@ -489,8 +489,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "by a training run (or the directory holding checkpoint.pt)"
         )
     # mmap: tensors are read from the file as they are used, not all copied into memory
-    # first (a 15-category checkpoint is several GB).
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    # first (a 15-category checkpoint is several GB). Files in torch's legacy (non-zip)
+    # format cannot be mapped: they, and files that are not checkpoints, load as before.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap can only be used" not in str(exc):
+            raise
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserInputError(
             f"{str(path)!r} is not an mmr-sweep checkpoint (expected format {CHECKPOINT_FORMAT})"

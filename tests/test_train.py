@@ -123,6 +123,26 @@ def test_checkpoints_every_k_rounds_and_the_last_without_optimiser_state(
         fit(cfg.override({"train.epochs": 8}), resume_from=tmp_path, final_test=False)
 
 
+def test_checkpoint_is_memory_mapped_and_evaluated_from_one_load(
+    synthetic_root: Path, tmp_path: Path, monkeypatch
+):
+    from mmr.train import evaluate_checkpoint, model_file
+
+    cfg = tiny(synthetic_root, **{"train.epochs": 2})
+    fit(cfg, checkpoint_dir=tmp_path, final_test=False)
+    mmaps: list[bool | None] = []
+    load = torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: mmaps.append(k.get("mmap")) or load(*a, **k)
+    )
+    state = load_checkpoint(tmp_path)
+    _, metrics, _ = evaluate_checkpoint(state, split="val", device="cpu")  # export's path
+    assert mmaps == [True] and set(metrics) == {"disk"}
+    legacy = tmp_path / "legacy.pt"  # torch's old format cannot be mapped: still loads
+    torch.save(model_file(state), legacy, _use_new_zipfile_serialization=False)
+    assert set(load_checkpoint(legacy)["students"]) == {"disk"}
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(synthetic_root: Path, tmp_path: Path):
     cfg = tiny(synthetic_root, **{"train.epochs": 2})
     fit(cfg, checkpoint_dir=tmp_path, final_test=False)
