@@ -403,6 +403,7 @@ def _nest_plain(raw: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    raw = _nest_plain(raw, prefix)  # dotted keys at any depth (``--set a.b.c=1``)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
@@ -431,6 +432,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
+        section = [a for a in args if dataclasses.is_dataclass(a)]
+        if section and isinstance(value, Mapping):  # its own error names the bad key
+            return _coerce(section[0], value, key)
         errors = []
         # Try None first, then the exact-type matches, so "all" stays a str for tuple|str.
         for option in sorted(args, key=lambda a: a is not type(None)):
@@ -439,6 +443,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"config key {key!r}: {value!r} does not fit {_type_name(hint)}")
+    if dataclasses.is_dataclass(hint):  # an optional section, e.g. ``X | None``
+        if not isinstance(value, Mapping):
+            raise ConfigError(
+                f"config key {key!r} must be a mapping of {hint.__name__} keys, got {value!r}"
+            )
+        return _build(hint, value, f"{key}.")
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")

@@ -18,6 +18,7 @@ __all__ = [
     "flatten_metrics",
     "unflatten_metrics",
     "results_markdown",
+    "results_tables",
     "write_json",
 ]
 
@@ -69,10 +70,22 @@ def results_markdown(rows: Mapping[str, Mapping[str, Mapping[str, float]]], *, t
         rows: ``{row label: {unit: {metric: value in [0, 1]}}}``.
         title: heading placed above the tables.
     """
+    parts = [f"# {title}", ""]
+    for df in results_tables(rows):
+        parts += [_markdown(df), ""]
+    return "\n".join(parts)
+
+
+def results_tables(rows: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[pd.DataFrame]:
+    """The tables of :func:`results_markdown` as DataFrames (index name = metric title).
+
+    Args:
+        rows: ``{row label: {unit: {metric: value in [0, 1]}}}``.
+    """
     units: list[str] = []
     for per_unit in rows.values():
         units += [u for u in per_unit if u not in units]
-    parts = [f"# {title}", ""]
+    tables = []
     for metric in METRICS:
         table = {
             label: {u: per_unit.get(u, {}).get(metric) for u in units}
@@ -84,8 +97,8 @@ def results_markdown(rows: Mapping[str, Mapping[str, Mapping[str, float]]], *, t
         df.insert(0, "Avg", df.mean(axis=1, skipna=True))
         df = (df * 100).round(1)
         df.index.name = METRIC_TITLES[metric]
-        parts += [_markdown(df), ""]
-    return "\n".join(parts)
+        tables.append(df)
+    return tables
 
 
 def write_json(data: Any, path: str | Path) -> None:

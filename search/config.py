@@ -57,7 +57,9 @@ SWEEP_SECTIONS = (
     "resources",
     "storage",
     "max_failures",
+    "tracking",
 )
+WANDB_MODES = ("online", "offline")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,32 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class MLflowConfig:
+    # An MLflow server URL, a local file ending in .db (an SQLite store) or a local directory
+    # (file store); local paths are made absolute at launch. None: MLflow's own default.
+    tracking_uri: str | None = None
+    experiment_name: str | None = None  # None: the sweep's name
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    project: str | None = None  # None: the sweep's name
+    mode: str = "online"  # online | offline (runs kept on disk; `wandb sync` uploads later)
+    group: str | None = None  # None: the sweep's name
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    mlflow: MLflowConfig | None = None  # a run per trial in MLflow (MLflowLoggerCallback)
+    wandb: WandbConfig | None = None  # a run per trial in W&B (WandbLoggerCallback)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any tracker is configured (``search.tracking`` is imported only then)."""
+        return self.mlflow is not None or self.wandb is not None
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     name: str = "mmr-sweep"  # experiment name (directory under storage)
     base: str = "configs/tiny.yaml"  # training config every trial starts from
@@ -124,6 +152,7 @@ class SweepConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     storage: str = "runs"  # local dir, NFS path or s3://...
     max_failures: int = 2  # retries of a trial whose worker died (from its last checkpoint)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow / W&B
 
     def validated(self) -> SweepConfig:
         o, s, sc, r = self.objective, self.search, self.scheduler, self.resources
@@ -155,6 +184,9 @@ class SweepConfig:
         )
         _check(self.max_failures >= 0, "max_failures", "must be >= 0")
         _check(bool(self.name) and "/" not in self.name, "name", "must be a plain directory name")
+        w = self.tracking.wandb
+        if w is not None:
+            _check(w.mode in WANDB_MODES, "tracking.wandb.mode", f"must be one of {WANDB_MODES}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,7 +367,11 @@ def resolve_sweep(
         sweep.storage if is_uri(sweep.storage) else str(Path(sweep.storage).expanduser().resolve())
     )
     sweep = dataclasses.replace(
-        sweep, base=str(base_path), space=str(space_path), storage=storage_path
+        sweep,
+        base=str(base_path),
+        space=str(space_path),
+        storage=storage_path,
+        tracking=_resolve_tracking(sweep.tracking),
     )
     _check_rungs(sweep.scheduler, base)
     space_spec = yaml.safe_load(space_path.read_text())
@@ -399,6 +435,19 @@ def _categories(base: Config) -> tuple[str, ...]:
     for task in list_tasks(base.data):
         units += [s.group for s in task.test if s.group not in units]
     return tuple(units)
+
+
+def _resolve_tracking(tracking: TrackingConfig) -> TrackingConfig:
+    """A local MLflow store becomes an absolute path: resume may run from another directory."""
+    m = tracking.mlflow
+    if m is None or m.tracking_uri is None:
+        return tracking
+    uri = m.tracking_uri
+    if ":" in uri or uri == "databricks":  # a URL (http://, file:, sqlite:, databricks://)
+        return tracking
+    local = Path(uri).expanduser().resolve()
+    local = f"sqlite:///{local}" if local.suffix == ".db" else str(local)
+    return dataclasses.replace(tracking, mlflow=dataclasses.replace(m, tracking_uri=local))
 
 
 def _find(value: str, config_dir: Path, key: str) -> Path:

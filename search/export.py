@@ -2,7 +2,7 @@
 
 Layout of ``--out DIR`` (single study)::
 
-    best.yaml  model.pt  results.md  trials.csv  summary.json
+    best.yaml  model.pt  results.md  trials.csv  summary.json  report.html
     plots/optimization_history.png  param_importances.png  parallel_coordinate.png
     plots/overlays_<task>.png  overlays_<task>.gif
 
@@ -30,7 +30,8 @@ from mmr.errors import UserInputError
 from mmr.report import flatten_metrics, results_markdown, write_json
 from search.config import SweepSpec, load_spec
 from search.pareto import write_pareto
-from search.results import best_trials, load_trials
+from search.report_page import write_report
+from search.results import best_trials, load_trials, short_name
 from search.searcher import OBJECTIVE
 from search.storage import local_checkpoint
 
@@ -148,6 +149,12 @@ def _export(
     )
     write_json(summary, out / "summary.json")
     _study_plots(spec, out / "plots")
+    write_report(
+        out,
+        title=spec.sweep.name,
+        rows=rows,
+        params=[short_name(k) for k in spec.space.keys],
+    )
 
 
 def _chosen(df: pd.DataFrame, trial: str) -> dict[str | None, pd.Series]:

@@ -23,6 +23,7 @@ __all__ = [
     "status_table",
     "summary_table",
     "short_name",
+    "trial_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,16 +143,7 @@ def _row(spec: SweepSpec, trial: Any) -> dict[str, Any]:
     result = dict(trial.last_result or {})
     config = dict(trial.config or {})
     rounds = int(result.get("training_iteration", 0) or 0)
-    total = int(result.get(ROUNDS_KEY, spec.base.num_rounds) or spec.base.num_rounds)
-    status = trial.status
-    if status == "TERMINATED":
-        state = "done" if rounds >= total else "stopped"
-    elif status == "ERROR":
-        state = "failed"
-    elif status == "RUNNING":
-        state = "running"
-    else:
-        state = "pending"
+    state = trial_state(trial.status, result, spec.base.num_rounds)
     checkpoint = trial.checkpoint
     row: dict[str, Any] = {
         "trial": trial.trial_id,
@@ -186,6 +178,19 @@ def _error_line(trial: Any) -> str | None:
         return None
     lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
     return lines[-1] if lines else None
+
+
+def trial_state(status: str, result: dict[str, Any], num_rounds: int) -> str:
+    """A Tune trial status and its last result as one of :data:`STATE_ORDER`.
+
+    A terminated trial is ``done`` when it ran every round, else ``stopped`` (early, by the
+    scheduler); ``num_rounds`` counts when the result does not say how many rounds it had.
+    """
+    if status == "TERMINATED":
+        rounds = int(result.get("training_iteration", 0) or 0)
+        total = int(result.get(ROUNDS_KEY, num_rounds) or num_rounds)
+        return "done" if rounds >= total else "stopped"
+    return {"ERROR": "failed", "RUNNING": "running"}.get(status, "pending")
 
 
 def _cell(value: Any) -> Any:

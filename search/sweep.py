@@ -22,7 +22,8 @@ from search.resources import check_resources
 from search.scheduler import PerCategoryScheduler, ResumableASHA
 from search.searcher import OBJECTIVE, RetryingLimiter, make_searcher
 from search.storage import is_uri, probe_writable, push, remove_from_trials
-from search.trainable import FAILED_MARKER, train_trial
+from search.tbx import TrialTensorBoard
+from search.trainable import FAILED_MARKER, trial_trainable
 
 __all__ = ["SweepRun", "init_ray", "check_resources", "run_sweep", "resume_sweep"]
 
@@ -52,10 +53,20 @@ class SweepRun:
     interrupted: bool = False  # stopped by Ctrl-C with trials unfinished (resume continues)
 
 
-def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write = echo) -> None:
-    """Connects to a cluster, or starts an embedded local Ray (dashboard on 127.0.0.1)."""
+def init_ray(
+    address: str | None = None,
+    *,
+    dashboard: bool = True,
+    write: Write = echo,
+    job_metadata: dict[str, str] | None = None,
+) -> None:
+    """Connects to a cluster, or starts an embedded local Ray (dashboard on 127.0.0.1).
+
+    ``job_metadata`` labels this driver's job in the dashboard (Jobs page, ``/api/jobs/``).
+    """
     if ray.is_initialized():
         return
+    job_config = ray.job_config.JobConfig(metadata=dict(job_metadata or {}))
     if address:
         from cluster.auth import enable_client_token_auth
         from cluster.driver import check_gcs_address
@@ -65,7 +76,7 @@ def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write
         # A driver joins a token-auth cluster only with RAY_AUTH_MODE=token set.
         enable_client_token_auth()
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, job_config=job_config)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserInputError(
                 f"cannot connect to the Ray cluster at {address!r}: {exc}. Check the address "
@@ -76,7 +87,10 @@ def init_ray(address: str | None = None, *, dashboard: bool = True, write: Write
         return
     try:
         context = ray.init(
-            include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+            job_config=job_config,
         )
     except ray.exceptions.AuthenticationError as exc:
         raise UserInputError(
@@ -110,12 +124,6 @@ def _dashboard_login() -> str:
     return f"token auth on: log in with the token in {where}"
 
 
-def _trainable(spec: SweepSpec) -> Any:
-    r = spec.sweep.resources
-    resources = {"cpu": r.cpu, "gpu": r.gpu, **r.custom}
-    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), resources)
-
-
 def _scheduler(spec: SweepSpec, location: str) -> Any:
     sc = spec.sweep.scheduler
     if sc.type == "fifo":
@@ -140,19 +148,60 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _run_config(spec: SweepSpec, write: Write, started: float) -> tune.RunConfig:
+def _job_metadata(spec: SweepSpec) -> dict[str, str]:
+    """The driver job's labels in the Ray dashboard: which sweep it runs, and where."""
+    return {"mmr_sweep_name": spec.sweep.name, "mmr_experiment": spec.experiment_location}
+
+
+def _quiet_tune_output() -> None:
+    """Environment for Tune's driver output, set before the Tuner runs."""
     # Round checkpoints force an experiment snapshot each (num_to_keep=1); with short rounds
     # Tune warns about it every few seconds, which drowns the progress table.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's newer console output prints a box and `tensorboard --logdir` of the driver's
+    # staging dir under /tmp/ray (not where the event files end up), even with verbose=0;
+    # the older output honours verbose=0. The sweep prints its own table and TensorBoard line.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def _announce(spec: SweepSpec, write: Write) -> None:
+    """Where to follow the sweep: TensorBoard on the experiment, and the trackers."""
+    write(f"TensorBoard: tensorboard --logdir {spec.experiment_location}")
+    if spec.sweep.tracking.enabled:
+        from search.tracking import describe_tracking
+
+        for line in describe_tracking(spec):
+            write(line)
+
+
+def _run_config(spec: SweepSpec, write: Write, started: float) -> tune.RunConfig:
+    _quiet_tune_output()
     return tune.RunConfig(
         name=spec.sweep.name,
         storage_path=spec.sweep.storage,
         failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[ProgressTable(spec, write=write, started=started)]
-        + ([MirrorSync(spec)] if is_uri(spec.sweep.storage) else []),
+        callbacks=[ProgressTable(spec, write=write, started=started), TrialTensorBoard()]
+        + ([MirrorSync(spec)] if is_uri(spec.sweep.storage) else [])
+        + _tracking_callbacks(spec),
         verbose=0,
     )
+
+
+def _check_tracking(spec: SweepSpec) -> None:
+    # search.tracking imports MLflow/W&B (seconds): only for sweeps that track.
+    if spec.sweep.tracking.enabled:
+        from search.tracking import check_tracking
+
+        check_tracking(spec.sweep.tracking)
+
+
+def _tracking_callbacks(spec: SweepSpec) -> list[tune.Callback]:
+    if not spec.sweep.tracking.enabled:
+        return []
+    from search.tracking import tracking_callbacks
+
+    return tracking_callbacks(spec)
 
 
 def _prepare_storage(spec: SweepSpec) -> None:
@@ -201,7 +250,8 @@ def run_sweep(
         )
     leave_job_working_dir()  # the spec's paths are absolute already
     _prepare_storage(spec)
-    init_ray(address, dashboard=dashboard, write=write)
+    _check_tracking(spec)
+    init_ray(address, dashboard=dashboard, write=write, job_metadata=_job_metadata(spec))
     check_resources(spec.sweep.resources, write=write)
     started = time.time()
     exp = spec.experiment_dir
@@ -214,7 +264,7 @@ def run_sweep(
     s = spec.sweep.search
     num_samples = s.num_trials * (len(spec.categories) if spec.sweep.objective.per_category else 1)
     tuner = tune.Tuner(
-        _trainable(spec),
+        trial_trainable(spec),
         tune_config=tune.TuneConfig(
             # Ray's limiter, as max_concurrent_trials would add it, that also follows the
             # failed trials `resume --retry-failed` runs again.
@@ -222,12 +272,15 @@ def run_sweep(
             scheduler=_scheduler(spec, location),
             num_samples=num_samples,
             trial_dirname_creator=_trial_dirname,
-            reuse_actors=True,  # a new trial skips the worker's torch/timm start-up
+            # An actor per trial: the dashboard names each actor after its trial (its
+            # __repr__, read once when the actor starts); see trial_trainable.
+            reuse_actors=False,
             trial_name_creator=_trial_dirname,
         ),
         run_config=_run_config(spec, write, started),
     )
     write(f"sweep {spec.sweep.name}: {num_samples} trials, experiment {location}")
+    _announce(spec, write)
     tuner.fit()
     return _finish(spec, started, write, export)
 
@@ -256,9 +309,11 @@ def resume_sweep(
             f"{location!r} has no Tune state to resume yet (the sweep was "
             "stopped before its first trial started): run the sweep again"
         )
-    init_ray(address, dashboard=dashboard, write=write)
+    _check_tracking(spec)
+    init_ray(address, dashboard=dashboard, write=write, job_metadata=_job_metadata(spec))
     check_resources(spec.sweep.resources, write=write)
     started = time.time()
+    _quiet_tune_output()
     if retry_failed:
         # Without this, a retried deterministic failure would end at once (train_trial).
         remove_from_trials(location, FAILED_MARKER)
@@ -266,13 +321,14 @@ def resume_sweep(
     # would start failed trials as new trials that no searcher suggested.
     tuner = tune.Tuner.restore(
         location,
-        trainable=_trainable(spec),
+        trainable=trial_trainable(spec),
         resume_unfinished=True,
         resume_errored=retry_failed,
         restart_errored=False,
     )
     retrying = " (failed trials run again)" if retry_failed else ""
     write(f"resuming sweep {spec.sweep.name} in {location}{retrying}")
+    _announce(spec, write)
     tuner.fit()
     return _finish(spec, started, write, export)
 
@@ -305,4 +361,9 @@ def _finish(spec: SweepSpec, started: float, write: Write, export: bool) -> Swee
 
         export_dir = export_experiment(exp, spec.experiment_dir / "export")
         write(f"exported the best configuration to {export_dir}")
+        if spec.sweep.tracking.enabled:
+            from search.tracking import log_export
+
+            for where in log_export(spec, export_dir):
+                write(f"logged the export to {where}")
     return SweepRun(spec.experiment_dir, seconds, export_dir, exp)

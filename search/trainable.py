@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.trainable import wrap_function
 
 from mmr.config import Config
 from search.config import SweepSpec
@@ -20,9 +21,11 @@ from search.storage import join, read_file, write_file
 
 __all__ = [
     "train_trial",
+    "trial_trainable",
     "trial_config",
     "trial_cuda_index",
     "select_trial_gpu",
+    "describe_trial",
     "META_KEYS",
     "FAILED_MARKER",
 ]
@@ -158,6 +161,43 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
         finally:
             # Ray may run the next trial in this process: hand back the cached GPU memory.
             release_memory()
+
+
+def describe_trial(sweep: str, trial_id: str, config: dict[str, Any]) -> str:
+    """One line naming a trial: sweep, id, category and params (the dashboard's actor name)."""
+    parts = [f"{sweep} trial {trial_id}"]
+    if config.get("category") is not None:
+        parts.append(f"[{config['category']}]")
+    for key, value in config.items():
+        if key not in META_KEYS:
+            shown = f"{value:.3g}" if isinstance(value, float) else value
+            shown = list(shown) if isinstance(shown, tuple) else shown
+            parts.append(f"{key.rsplit('.', 1)[-1]}={shown}")
+    if config.get("baseline"):
+        parts.append("(baseline)")
+    return " ".join(parts)
+
+
+def trial_trainable(spec: SweepSpec) -> type[tune.Trainable]:
+    """The Tune trainable of a sweep: :func:`train_trial` as a class that names its trial.
+
+    Tune wraps a function trainable in a class whose actors the Ray dashboard lists as
+    ``ImplicitFunc`` / ``train_trial``, all alike. Ray takes an actor's name from its
+    ``__repr__`` once, when the actor starts, so each trial needs its own actor (the sweep
+    runs with ``reuse_actors=False``) for the name to be that trial's.
+    """
+    r = spec.sweep.resources
+    resources = {"cpu": r.cpu, "gpu": r.gpu, **r.custom}
+    fn = tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), resources)
+    sweep = spec.sweep.name
+
+    class SweepTrial(wrap_function(fn)):  # type: ignore[misc]
+        def __repr__(self) -> str:
+            return describe_trial(sweep, self.trial_id, dict(self.config or {}))
+
+    # The dashboard shows the qualified name; "trial_trainable.<locals>." is noise there.
+    SweepTrial.__qualname__ = SweepTrial.__name__
+    return SweepTrial
 
 
 def _deterministic(exc: BaseException) -> bool:

@@ -1368,7 +1368,22 @@ def test_embedded_ray_dashboard_is_local_needs_the_token_and_lists_the_trial_act
             trial_actors, 240, "the REST API to list a running trial", driver, printed
         )
         assert driver.poll() is None  # listed while the sweep runs
-        assert {a["class_name"] for a in found} == {"ImplicitFunc"}  # Tune's function trainable
+        # Each trial's actor is named after its trial (Tune's own wrapper would list every
+        # one as ImplicitFunc / train_trial): sweep, trial id and params.
+        assert {a["class_name"] for a in found} == {"SweepTrial"}
+        ids = {p.parent.name.removeprefix("trial_") for p in exp.glob("trial_*/worker.json")}
+        for actor in found:
+            named = re.fullmatch(r"embedded trial (\w+) (.*)", actor["repr_name"])
+            assert named and named.group(1) in ids, actor["repr_name"]
+            assert "mask_ratio=" in named.group(2) and "teacher_layers=[" in named.group(2)
+        # The driver's job carries the sweep's name and experiment.
+        drivers = [
+            j
+            for j in _http_json(f"{url}/api/jobs/", token=token)
+            if j["type"] == "DRIVER" and j["status"] == "RUNNING"
+        ]
+        assert [j["metadata"].get("mmr_sweep_name") for j in drivers] == ["embedded"]
+        assert drivers[0]["metadata"]["mmr_experiment"] == str(exp)
         with pytest.raises(urllib.error.HTTPError) as err:
             _http_json(f"{url}/api/v0/actors")  # no token
         assert err.value.code == 401
