@@ -63,6 +63,7 @@ def test_missing_tracking_package_fails_before_ray_starts(
     synthetic_root, tmp_path, monkeypatch
 ) -> None:
     import search.sweep
+    import search.tracking  # noqa: F401  (Ray's W&B module, imported before wandb is hidden)
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")
