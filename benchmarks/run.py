@@ -100,7 +100,9 @@ SECTIONS = {
         "seeds) with the median final test AUROC within 0.005; warm start >= 2x fewer epochs "
         "than a cold start; 30 seeds x all strategies <= 10 min. Copied from "
         "`benchmarks/data/replay.md` (written by `python -m benchmarks.replay --markdown`; this "
-        "suite does not rerun it).",
+        "suite does not rerun it). While the recording (resumable: `OMP_NUM_THREADS=1 nice -n "
+        "19 python -m benchmarks.curves`) is incomplete, that summary may come from "
+        "`--made-up` curves and then says so in bold: a timing and code-path check only.",
     ),
     "gpu": (
         "GPU",
