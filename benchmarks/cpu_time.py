@@ -1,0 +1,73 @@
+"""CPU seconds of the augmentation and of a tiny-config training epoch, for before/after
+comparisons on a busy machine.
+
+    python -m benchmarks.cpu_time [CODE_ROOT]
+
+``time.process_time()`` (the process's CPU seconds, one torch thread) is far less sensitive to
+other processes than wall time. Medians of 5 after a warm-up: one augmented epoch
+(``train_batches``, 100 random images 256 -> 224 px, batch 16) and one training epoch of the
+tiny config (``mmr.train._train_epoch``, 96 images, batch 16). ``CODE_ROOT``: a checkout to
+measure (e.g. a ``git worktree`` of an older commit); default this one. Run the two roots
+alternately in fresh processes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _median_cpu_s(fn: Callable[[], None], repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent)
+    sys.path.insert(0, str(root))
+    import torch
+
+    from mmr import train
+    from mmr.config import load_config
+    from mmr.model import param_groups
+    from mmr.transforms import train_batches
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (100, 3, 256, 256), dtype=torch.uint8, generator=gen)
+
+    def augment_epoch() -> None:
+        for _ in train_batches(u8, batch_size=16, image_size=224, generator=gen):
+            pass
+
+    cfg = load_config(root / "configs" / "tiny.yaml").override(
+        {"model.pretrained": False, "train.device": "cpu"}
+    )
+    model = train.build_models(cfg, ["m"], torch.device("cpu"))["m"]
+    opt = torch.optim.AdamW(param_groups(model, weight_decay=0.05), lr=1e-4, betas=cfg.train.betas)
+    images = torch.randint(0, 256, (96, 3, 72, 72), dtype=torch.uint8, generator=gen)
+    # Older checkouts' epoch function also took the task name and epoch.
+    extra = ("m", 1) if "name" in inspect.signature(train._train_epoch).parameters else ()
+
+    def train_epoch() -> None:
+        train._train_epoch(model, opt, images, gen, cfg, *extra)
+
+    result = {
+        "root": str(root),
+        "augment_epoch_cpu_s": _median_cpu_s(augment_epoch),
+        "tiny_train_epoch_cpu_s": _median_cpu_s(train_epoch),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
