@@ -1,12 +1,20 @@
-"""Per-epoch cost of the data pipeline against the official MMR way, measured side by side.
+"""Per-epoch cost of the data pipeline against the official MMR way, measured side by side,
+and how close the project's training crops are to the official ones.
 
-Project: images decoded once into the uint8 cache (``mmr.data.load_images``), then each epoch
-is ``train_batches`` as ``mmr.train.fit`` runs it: index batches + ``augment_batch`` (batched
+Project: images decoded once into the uint8 cache (``mmr.data.load_images``; training images
+at ``DataConfig.train_size``, 320 px for 224-px crops, test images at 256), then each epoch is
+``train_batches`` as ``mmr.train.fit`` runs it: index batches + ``augment_batch`` (batched
 RandomResizedCrop + flip + normalisation as two matrix products per batch) into reused
-buffers. Reference: what the official code does every epoch, i.e. a ``Dataset`` that opens
-each PNG with PIL, applies torchvision ``Resize((256, 256))`` +
-``RandomResizedCrop(224, scale=(0.7, 1))`` + flip + ``ToTensor`` + ``Normalize``, through a
-``DataLoader`` (batch 16, shuffled) with ``num_workers`` 0 and 2; the faster is the reference.
+buffers. Reference: what the official code (``datasets/mvtec.py``) does every epoch, i.e. a
+``Dataset`` that opens each PNG with PIL and applies ``RandomResizedCrop(224, scale=(0.7, 1),
+bicubic)`` to the ORIGINAL image + flip + ``ToTensor`` + ``Normalize`` (test:
+``Resize(256)`` (bilinear) + ``CenterCrop(224)``), through a ``DataLoader`` (batch 16,
+shuffled) with ``num_workers`` 0 and 2; the faster is the reference.
+
+Crop fidelity: the same RandomResizedCrop boxes, drawn on the full-resolution images, cut by
+PIL from the original (the official crops) and by the project from its cache (the boxes scaled
+to the cache's side): mean |difference| in grey levels (0-255), for the training cache and,
+as the reference, for a crop from the 256-px test cache (what the project did before).
 
 Images: generated with ``mmr.synth`` at 900 px (MVTec AD images are 700-1024 px PNGs).
 Each figure is the median of repeats, all in one process on the same files: project epochs
@@ -31,9 +39,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from benchmarks.common import format_row, row
 from mmr import synth
+from mmr.config import DataConfig
 from mmr.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -42,30 +52,32 @@ from mmr.data import (
     load_images,
     train_batches,
 )
+from mmr.transforms import resized_crop_batch
 
-__all__ = ["ReferenceDataset", "run"]
+__all__ = ["ReferenceDataset", "crop_fidelity", "run"]
 
 RESIZE, IMAGE_SIZE, BATCH = 256, 224, 16
+TRAIN_SIZE = DataConfig(resize=RESIZE, image_size=IMAGE_SIZE).train_size  # auto: 320
+BICUBIC = T.InterpolationMode.BICUBIC
 
 
 class ReferenceDataset(Dataset):
-    """The official pipeline: decode + transform each image on every access."""
+    """The official pipeline: decode + transform each image on every access (training crops
+    from the original image; test images resized with torchvision's default, bilinear)."""
 
     def __init__(
         self, paths: list[Path], *, train: bool, resize: int = RESIZE, image_size: int = IMAGE_SIZE
     ) -> None:
         self.paths = paths
-        bicubic = T.InterpolationMode.BICUBIC
-        crop = (
-            [T.RandomResizedCrop(image_size, scale=(0.7, 1.0), interpolation=bicubic),
+        steps = (
+            [T.RandomResizedCrop(image_size, scale=(0.7, 1.0), interpolation=BICUBIC),
              T.RandomHorizontalFlip()]
             if train
-            else [T.CenterCrop(image_size)]
+            else [T.Resize(resize), T.CenterCrop(image_size)]
         )  # fmt: skip
         self.transform = T.Compose(
-            [T.Resize((resize, resize), interpolation=bicubic), *crop, T.ToTensor(),
-             T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        )  # fmt: skip
+            [*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -108,6 +120,46 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def crop_fidelity(
+    paths: list[Path], caches: list[torch.Tensor], *, crops_per_image: int, seed: int = 0
+) -> list[float]:
+    """Mean |difference| (grey levels) between official crops and the project's crops from
+    each cached copy in ``caches``, for the same boxes and flips.
+
+    Boxes are drawn as torchvision's RandomResizedCrop draws them on each original image; the
+    official crop is ``resized_crop`` (PIL bicubic) of the original, the project's crop is
+    ``resized_crop_batch`` of the cached copy with the box scaled to the copy's side.
+    """
+    torch.manual_seed(seed)  # RandomResizedCrop.get_params draws from the global generator
+    reference, picks, boxes, flips = [], [], [], []
+    for k, path in enumerate(paths):
+        with Image.open(path) as img:
+            original = img.convert("RGB")
+        for _ in range(crops_per_image):
+            box = T.RandomResizedCrop.get_params(original, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3))
+            flip = bool(torch.rand(1) < 0.5)
+            crop = TF.resized_crop(original, *box, [IMAGE_SIZE, IMAGE_SIZE], BICUBIC)
+            reference.append(TF.pil_to_tensor(TF.hflip(crop) if flip else crop))
+            # (top, left, height, width) over the original's (height, width)
+            scale = (original.height, original.width, original.height, original.width)
+            boxes.append([b / s for b, s in zip(box, scale, strict=True)])
+            picks.append(k)
+            flips.append(flip)
+    official = torch.stack(reference).float()
+    unit_boxes = torch.tensor(boxes, dtype=torch.float64)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    out = []
+    for u8 in caches:
+        side = u8.shape[-1]
+        crops = resized_crop_batch(
+            u8[torch.tensor(picks)], unit_boxes * side, torch.tensor(flips), size=IMAGE_SIZE
+        )
+        grey = (crops * std + mean) * 255.0  # undo the normalisation
+        out.append(float((grey - official).abs().mean()))
+    return out
+
+
 SECTION = "data"
 TARGET = ">= 10x"
 
@@ -129,12 +181,16 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict[str, Any]]:
         paths = sorted((root / "disk/train/good").glob("*.png"))
         mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
         cache = Path(tmp) / "cache"
-        build_s = _timed(lambda: load_images(paths, size=RESIZE, cache_dir=cache))
-        u8 = load_images(paths, size=RESIZE, cache_dir=cache)
-        hit = [_timed(lambda: load_images(paths, size=RESIZE, cache_dir=cache)) for _ in range(3)]
+        build_s = _timed(lambda: load_images(paths, size=TRAIN_SIZE, cache_dir=cache))
+        train_u8 = load_images(paths, size=TRAIN_SIZE, cache_dir=cache)
+        test_u8 = load_images(paths, size=RESIZE, cache_dir=cache, interpolation="bilinear")
+        hit = [
+            _timed(lambda: load_images(paths, size=TRAIN_SIZE, cache_dir=cache)) for _ in range(3)
+        ]
         gen = torch.Generator().manual_seed(0)
         rows = []
         for train in (True, False):
+            u8 = train_u8 if train else test_u8
             # Blocks, not interleaved: a forked DataLoader worker leaves every page of this
             # process copy-on-write, which would charge the next project epoch page faults.
             _project_epoch(u8, train=train, generator=gen)  # warm-up (page cache, buffers)
@@ -147,13 +203,18 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict[str, Any]]:
                 ]
             med = {k: statistics.median(v) for k, v in times.items()}
             best = "w0" if med["w0"] <= med["w2"] else "w2"
-            what = "RandomResizedCrop+flip" if train else "center crop"
+            what = (
+                f"official: RandomResizedCrop+flip from the {size}px original; project: from "
+                f"the {TRAIN_SIZE}px cache"
+                if train
+                else f"{RESIZE} -> center crop"
+            )
             ratio = med[best] / med["project"]
             rows.append(
                 row(
                     "train_epoch" if train else "eval_epoch",
-                    f"s/epoch, {n_images} PNGs {mb:.1f} MB {size}px -> {RESIZE} -> {what} "
-                    f"{IMAGE_SIZE} + normalise, batch {BATCH}",
+                    f"s/epoch, {n_images} PNGs {mb:.1f} MB {size}px, {what} {IMAGE_SIZE} + "
+                    f"normalise, batch {BATCH}",
                     med["project"],
                     med[best],
                     note=f"reference = PIL + torchvision DataLoader, num_workers={best[1:]} "
@@ -164,11 +225,28 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict[str, Any]]:
                     met=ratio >= 10,
                 )
             )
+        fidelity, before = crop_fidelity(
+            paths, [train_u8, test_u8], crops_per_image=1 if smoke else 4
+        )
+        rows.append(
+            row(
+                "crop_fidelity",
+                f"mean |diff| (grey levels) of training crops vs the official PIL crops of the "
+                f"{size}px originals, same boxes ({len(paths) * (1 if smoke else 4)} crops)",
+                fidelity,
+                before,
+                unit="grey levels",
+                note=f"project = crops from the {TRAIN_SIZE}px training cache "
+                f"({3 * TRAIN_SIZE**2 // 1024} KiB per image); reference = crops from the "
+                f"{RESIZE}px cache (the project before data.train_resize)",
+                section=SECTION,
+            )
+        )
         ref_epoch = rows[0]["reference_s"]
         rows.append(
             row(
                 "cache_build",
-                f"one-time: hash + decode + resize {n_images} images into the cache",
+                f"one-time: hash + decode + resize {n_images} images into the training cache",
                 build_s,
                 ref_epoch,
                 note="paid once per node and file content; reference = one official train epoch",

@@ -133,7 +133,7 @@ def _prewarm(overrides: list[str]) -> None:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     d = cfg.data
     for task in list_tasks(d):
-        load_images([s.image for s in task.train], size=d.resize, cache_dir=d.cache_dir)
+        load_images([s.image for s in task.train], size=d.train_size, cache_dir=d.cache_dir)
         load_images([s.image for s in task.test], size=d.resize, cache_dir=d.cache_dir)
         load_masks(list(task.test), size=d.resize, cache_dir=d.cache_dir)
 

@@ -200,7 +200,7 @@ def custom_steps(
         torch.set_num_threads(cfg.train.threads)
     task = list_tasks(cfg.data)[0]
     images = load_images(
-        [s.image for s in task.train], size=cfg.data.resize, cache_dir=cfg.data.cache_dir
+        [s.image for s in task.train], size=cfg.data.train_size, cache_dir=cfg.data.cache_dir
     ).to(device)
     model = build_models(cfg, [task.name], device)[task.name]
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -8,6 +8,7 @@ key's full dotted name in the message. ``Config.to_dict`` dumps back losslessly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,30 @@ class DataConfig:
     test_interpolation: str = "bicubic"  # test-image resize: bicubic | bilinear (official)
     mask_binarize: str = "half"  # half: resized mask > 0.5 | official: == its max in the crop
     relabel_empty: bool = False  # anomalous image with an empty mask after the crop -> good
+    train_resize: int | None = None  # side of the cached copy train crops are cut from (None:
+    # auto, the smallest multiple of 16 at which every crop is down-sampled; see train_size)
+
+    @property
+    def train_size(self) -> int:
+        """Side of the cached training images.
+
+        With augmentation, crops (RandomResizedCrop, scale >= 0.7, aspect 3/4..4/3) are cut
+        from a copy at ``train_resize``; auto picks the smallest multiple of 16 whose
+        smallest crop side (sqrt(0.7 * 3/4) of it) is >= ``image_size``, so that every crop is
+        down-sampled to ``image_size`` as the official crops from the original image are (320
+        for 224: 300 KiB per RGB image, 3 x side^2 bytes). Without augmentation the training
+        images are center-cropped from ``resize`` like the test images.
+        """
+        if not self.augment:
+            return self.resize
+        if self.train_resize is not None:
+            return self.train_resize
+        smallest_crop = math.sqrt(_MIN_CROP_SCALE * _MIN_CROP_RATIO)
+        return 16 * math.ceil(self.image_size / smallest_crop / 16)
+
+
+# The RandomResizedCrop bounds of mmr.transforms.augment_batch (the official ones).
+_MIN_CROP_SCALE, _MIN_CROP_RATIO = 0.7, 3 / 4
 
 
 @dataclass(frozen=True)
@@ -152,6 +177,11 @@ class Config:
             d.image_size > 0 and d.resize >= d.image_size,
             "data.resize",
             f"must be >= data.image_size ({d.image_size}) and positive",
+        )
+        _check(
+            d.train_resize is None or d.train_resize >= d.image_size,
+            "data.train_resize",
+            f"must be >= data.image_size ({d.image_size}), or null for auto",
         )
         _check(
             0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1), got {m.mask_ratio}"

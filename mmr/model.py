@@ -171,7 +171,17 @@ def random_masking(
 
 
 class Encoder(nn.Module):
-    """ViT encoder (timm patch embedding, cls token, blocks, final norm) with MAE masking."""
+    """ViT encoder (timm patch embedding, cls token, blocks, final norm) with MAE masking.
+
+    Position embeddings are the fixed 2-D sin-cos table of the encoder's own patch grid,
+    recomputed for every image size; a checkpoint's table is never loaded. At 224 px with
+    16-px patches this is exactly the MAE checkpoint's table (MAE's positions are fixed sin-cos
+    too). At other sizes the official code bicubic-interpolates the checkpoint's 14 x 14 table
+    instead; the project keeps sin-cos of the new grid, which puts the encoder and the decoder
+    (also sin-cos) on the same positions and keeps the frequencies the weights were trained
+    with. The two differ (up to ~2.0 per entry for ViT-B at 320 px), so runs at other sizes
+    are not bit-comparable with the official code.
+    """
 
     def __init__(self, vit: VisionTransformer) -> None:
         super().__init__()

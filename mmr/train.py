@@ -233,8 +233,10 @@ def fit(
     for task in tasks:
         val, test = split_task(task, cfg.data)
         paths = [s.image for s in task.train]
+        # Random crops come from a higher-resolution copy (data.train_size), so that they are
+        # down-sampled as the official crops from the original image are.
         train_images[task.name] = load_images(
-            paths, size=cfg.data.resize, cache_dir=cfg.data.cache_dir
+            paths, size=cfg.data.train_size, cache_dir=cfg.data.cache_dir
         ).to(device)
         val_sets[task.name] = prepare_eval(cfg, task, val, device)
         if final_test:

@@ -38,9 +38,13 @@ def test_data_and_metrics_benchmarks():
     assert [r["benchmark"] for r in rows] == [
         "train_epoch",
         "eval_epoch",
+        "crop_fidelity",
         "cache_build",
         "cache_hit",
     ]
+    fidelity = rows[2]
+    # crops from the training cache are closer to the official full-resolution crops
+    assert fidelity["unit"] == "grey levels" and fidelity["ratio"] > 1.0
     rows = bench_metrics.run(smoke=True)
     check_rows(rows, sections={"metrics"})
     by_name = {r["benchmark"]: r for r in rows}
@@ -298,3 +302,14 @@ def test_sync_counter_rules():
     assert counts["syncs"] == 5, counts
     assert counts["by_name"] == {"aten::item": 1, "aten::nonzero": 1, "aten::is_nonzero": 1,
                                  "aten::to": 2}  # fmt: skip
+
+
+def test_crop_fidelity_is_zero_for_a_full_resolution_cache(synthetic_root, cache_dir):
+    from benchmarks.bench_data import crop_fidelity
+    from mmr.data import load_images
+
+    paths = sorted((synthetic_root / "disk/train/good").glob("*.png"))[:3]
+    full, small = load_images(paths, size=96), load_images(paths, size=64)
+    same, lower = crop_fidelity(paths, [full, small], crops_per_image=2)
+    assert same < 0.05  # same boxes on the same pixels: PIL's crops to rounding
+    assert lower > 10 * same

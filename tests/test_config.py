@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mmr.config import Config, ConfigError, dump_config, load_config, parse_overrides
+from mmr.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    dump_config,
+    load_config,
+    parse_overrides,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +108,7 @@ def test_overrides_are_yaml_values_on_dotted_keys():
         ({"data.test_interpolation": "nearest"}, "data.test_interpolation must be one of"),
         ({"data.mask_binarize": "otsu"}, "data.mask_binarize must be one of"),
         ({"eval.official_pro": "yes"}, "'eval.official_pro' must be true or false"),
+        ({"data.train_resize": 200}, r"data.train_resize must be >= data.image_size \(224\)"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(raw: dict, match: str):
@@ -138,3 +147,22 @@ def test_relative_paths_are_resolved_at_launch(tmp_path: Path, monkeypatch):
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         Config().model.mask_ratio = 0.9  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 96, 224, 384])
+def test_auto_train_size_down_samples_every_crop(image_size: int):
+    d = Config.from_dict(
+        {"data.image_size": image_size, "data.resize": image_size, "model.patch_size": 8}
+    ).data
+    side = d.train_size
+    assert side % 16 == 0
+    # the smallest RandomResizedCrop box (area 0.7, aspect 3/4) still has >= image_size rows,
+    # and 16 px less would not
+    assert math.sqrt(0.7 * 3 / 4) * side >= image_size
+    assert math.sqrt(0.7 * 3 / 4) * (side - 16) < image_size
+
+
+def test_train_size_explicit_and_without_augmentation():
+    assert DataConfig().train_size == 320  # 224-px crops: 300 KiB per cached image
+    assert DataConfig(train_resize=512).train_size == 512
+    assert DataConfig(train_resize=512, augment=False).train_size == 256  # center crops

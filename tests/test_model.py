@@ -523,3 +523,32 @@ def test_import_model_does_not_import_ray_or_optuna():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_position_embeddings_are_recomputed_sin_cos_at_any_image_size(tmp_path):
+    # The documented choice: at an image size other than the checkpoint's, the encoder and
+    # decoder use the sin-cos table of the new grid; the checkpoint's (14 x 14 at 224 px) table
+    # is not interpolated (the official code interpolates it bicubically).
+    cfg = tiny(patch_size=16)
+    torch.manual_seed(0)
+    at_224 = MMR(cfg, image_size=224).student.encoder
+    state = {k: v.clone() for k, v in at_224.state_dict().items()}
+    state["pos_embed"] = torch.randn(1, 1 + 14 * 14, 192)  # a table unlike any sin-cos
+    torch.save({"model": state}, tmp_path / "mae.pth")
+    torch.manual_seed(0)
+    model = MMR(
+        dataclasses.replace(cfg, encoder_checkpoint=str(tmp_path / "mae.pth")), image_size=320
+    )
+    enc, dec = model.student.encoder, model.student.decoder
+    assert enc.grid == (20, 20)
+    torch.testing.assert_close(enc.pos_embed[0], sincos_pos_embed(192, (20, 20), cls_token=True))
+    torch.testing.assert_close(dec.pos_embed[0], sincos_pos_embed(192, (20, 20)))
+    # the checkpoint's other weights did load
+    torch.testing.assert_close(enc.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    # and the choice matters: a bicubic interpolation of the 14 x 14 sin-cos table is another
+    # table (the issue measured up to 2.0 apart for ViT-B at 320 px)
+    from timm.layers import resample_abs_pos_embed
+
+    table = sincos_pos_embed(192, (14, 14))[None]
+    bicubic = resample_abs_pos_embed(table, [20, 20], [14, 14], num_prefix_tokens=0)
+    assert (bicubic[0] - enc.pos_embed[0, 1:]).abs().max() > 0.5

@@ -375,7 +375,7 @@ def test_paper_configs_select_the_paper_protocol(name: str):
 
 
 def test_mvtec_paper_config_trains_end_to_end_on_the_synthetic_set(
-    synthetic_root: Path, tmp_path: Path
+    synthetic_root: Path, tmp_path: Path, cache_dir: Path
 ):
     # The shipped paper config, made tiny with --set style overrides only.
     cfg = load_config(
@@ -386,6 +386,7 @@ def test_mvtec_paper_config_trains_end_to_end_on_the_synthetic_set(
             "data.categories=[disk]",
             "data.resize=40",
             "data.image_size=32",
+            "data.train_resize=56",
             "model.teacher=resnet18",
             "model.encoder=vit_tiny_patch16_224",
             "model.encoder_depth=2",
@@ -407,6 +408,9 @@ def test_mvtec_paper_config_trains_end_to_end_on_the_synthetic_set(
     assert 0.0 <= units["pro_official"] <= 1.0
     assert units == metrics["val"]["units"]["disk"]  # val_split none: the full test set
     assert "| PRO (official) | Avg | disk |" in (tmp_path / "results.md").read_text()
+    # training crops came from the train_resize copy, test images from the bilinear resize
+    assert len(list(cache_dir.glob("rgb-56px-*.npy"))) == 1
+    assert len(list(cache_dir.glob("rgb-bilinear-40px-*.npy"))) == 1
 
 
 def test_readme_lists_exactly_what_the_paper_configs_change():
