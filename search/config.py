@@ -374,6 +374,7 @@ def resolve_sweep(
         tracking=_resolve_tracking(sweep.tracking),
     )
     _check_rungs(sweep.scheduler, base)
+    _check_official_pro(sweep.objective, base)
     space_spec = yaml.safe_load(space_path.read_text())
     space = load_space(space_path)
     space.validate(base)
@@ -423,6 +424,20 @@ def _check_rungs(scheduler: SchedulerConfig, base: Config) -> None:
         f"scheduler.grace_period below {rounds}, raise train.epochs or lower "
         "train.eval_every, or use scheduler.type=fifo"
     )
+
+
+def _check_official_pro(objective: ObjectiveConfig, base: Config) -> None:
+    """Trials report ``pro_official`` only with ``eval.official_pro``: refuse to optimise or
+    guard it otherwise (every trial would fail for a missing metric)."""
+    names = {name for name, _ in objective.objectives} | set(objective.guard)
+    if isinstance(objective.metric, Mapping):
+        names |= set(objective.metric)
+    if "pro_official" in names and not base.eval.official_pro:
+        raise ConfigError(
+            "the objective uses pro_official, which trials report only with "
+            "eval.official_pro: true: set it in the base config or add "
+            "--set eval.official_pro=true"
+        )
 
 
 def _categories(base: Config) -> tuple[str, ...]:

@@ -235,3 +235,14 @@ def test_a_grace_period_asha_can_never_use_is_refused_naming_the_keys(
     for fix in (f"scheduler.grace_period={rounds - 1}", "scheduler.type=fifo"):
         ok = resolve_sweep(None, [*overrides, fix], name="g", storage=str(tmp_path))
         assert ok.base.num_rounds == rounds
+
+
+def test_an_objective_on_pro_official_needs_eval_official_pro(synthetic_root, tmp_path):
+    overrides = [f"data.root={synthetic_root}", "objective.metric=pro_official"]
+    with pytest.raises(ConfigError, match="eval.official_pro"):
+        resolve_sweep(None, overrides, name="p", storage=str(tmp_path))
+    assert not (tmp_path / "p").exists()
+    ok = resolve_sweep(
+        None, [*overrides, "eval.official_pro=true"], name="p", storage=str(tmp_path)
+    )
+    assert ok.base.eval.official_pro
