@@ -1,8 +1,9 @@
 """Batched tensor transforms of cached uint8 images, as the official MMR code applies them.
 
-Resize to ``resize x resize`` happens once, at cache time (``mmr.imagecache``). Training then
-applies ``RandomResizedCrop(scale=(0.7, 1), ratio=(3/4, 4/3), bicubic)`` + horizontal flip, and
-testing a center crop; ImageNet normalisation in both. Random crops run batched on the batch's
+Resizing happens once, at cache time (``mmr.imagecache``: training images to
+``DataConfig.train_size``, large enough that crops are down-sampled, test images to
+``resize``). Training then applies ``RandomResizedCrop(scale=(0.7, 1), ratio=(3/4, 4/3),
+bicubic)`` + horizontal flip, and testing a center crop; ImageNet normalisation in both. Random crops run batched on the batch's
 device as tiled matrix products with PIL's antialiased bicubic weights (crop and flip folded in)
 and match torchvision-on-PIL to one grey level.
 
