@@ -3,9 +3,9 @@
 Resizing happens once, at cache time (``mmr.imagecache``: training images to
 ``DataConfig.train_size``, large enough that crops are down-sampled, test images to
 ``resize``). Training then applies ``RandomResizedCrop(scale=(0.7, 1), ratio=(3/4, 4/3),
-bicubic)`` + horizontal flip, and testing a center crop; ImageNet normalisation in both. Random crops run batched on the batch's
-device as tiled matrix products with PIL's antialiased bicubic weights (crop and flip folded in)
-and match torchvision-on-PIL to one grey level.
+bicubic)`` + horizontal flip, and testing a center crop; ImageNet normalisation in both.
+Random crops run batched on the batch's device as tiled matrix products with PIL's antialiased
+bicubic weights (crop and flip folded in) and match torchvision-on-PIL to one grey level.
 
 A training epoch makes no host<->device synchronisation: its permutation, crop boxes and
 flips are drawn at once on the CPU (``draw_epoch``) and reach the device in one pinned,
