@@ -184,8 +184,19 @@ class StudySearch(OptunaSearch):
     def mode(self) -> str:
         return "max"  # of OBJECTIVE (the study keeps one direction per objective)
 
+    def _finished_in_study(self, trial_id: str) -> bool:
+        """Whether the study already recorded this trial's end.
+
+        After a driver was killed between the study's record and Tune's state snapshot, Tune
+        runs the trial again; Optuna refuses any update of a finished trial.
+        """
+        number = self._ot_trials[trial_id].number
+        return self._ot_study.get_trials(deepcopy=False)[number].state.is_finished()
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._reopen_if_retried(trial_id)
+        if trial_id in self._ot_trials and self._finished_in_study(trial_id):
+            return
         if not self._multi:  # Optuna keeps no intermediate values for several objectives
             super().on_trial_result(trial_id, result)
 
@@ -195,6 +206,9 @@ class StudySearch(OptunaSearch):
         if not error and result and OBJECTIVE in result:
             self._reopen_if_retried(trial_id)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        if self._finished_in_study(trial_id):
+            self._completed_trials.add(trial_id)
             return
         if error:
             # FAIL whatever it reported before: OptunaSearch would record an errored trial
