@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mmr.errors import UserInputError
 
@@ -64,7 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one MMR run over the config's categories")
     p.add_argument("--config", help="training config YAML (default: all defaults)")
     _add_set_option(p, "override a key, e.g. model.mask_ratio=0.5 (repeatable)")
-    p.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
+    p.add_argument(
+        "--out",
+        help="output directory (default: runs/train, or runs/train-2, ... when that holds a run)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier training run in --out (nothing else is ever replaced)",
+    )
 
     p = sub.add_parser("sweep", help="run a hyper-parameter search (no arguments: the demo)")
     _add_sweep_options(p)
@@ -132,26 +141,64 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from mmr.config import load_config
 
-    cfg = load_config(args.config, args.overrides).resolve_paths()
-    from tqdm import tqdm
+    try:
+        cfg = load_config(args.config, args.overrides).resolve_paths()
+    except UserInputError:
+        if args.config and _config_kind(Path(args.config)) == "sweep":
+            raise UserError(
+                f"--config {args.config} is a sweep config (it has sweep sections such as "
+                "base/space/search): run it with `launch.py sweep --config "
+                f"{args.config}`; `train` takes a training config, such as the sweep's `base:`"
+            ) from None
+        raise
+    from mmr.outdir import train_output
 
+    label = Path(args.config).stem if args.config else "defaults"
+    with train_output(args.out, overwrite=args.overwrite) as out:
+        if args.out is None:
+            print(f"train: writing to {out}")
+        return _train(cfg, out, label)
+
+
+def _train(cfg: Any, out: Path, label: str) -> int:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from mmr.imagecache import decode_progress
     from mmr.train import run_training
 
-    out = Path(args.out)
-    label = Path(args.config).stem if args.config else "defaults"
-    with tqdm(total=cfg.train.epochs, unit="epoch", desc="train", dynamic_ncols=True) as bar:
+    bars: list[tqdm] = []  # the epoch bar, made at the first epoch (not while data loads)
 
-        def on_epoch(epoch: int, stats: dict[str, float]) -> None:
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
-            bar.update(1)
+    def bar() -> tqdm:
+        if not bars:
+            bars.append(
+                tqdm(total=cfg.train.epochs, unit="epoch", desc="train", dynamic_ncols=True)
+            )
+        return bars[0]
 
-        def report(round_: int, metrics: dict[str, float]) -> None:
-            shown = {
-                k: f"{metrics[k]:.3f}" for k in ("image_auroc", "pixel_auroc") if k in metrics
-            }
-            bar.write(f"round {round_} (epoch {int(metrics['epoch'])}): val {shown}")
+    def on_epoch(epoch: int, stats: dict[str, float]) -> None:
+        bar().set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
+        bar().update(1)
 
-        result = run_training(cfg, out, label=label, on_epoch=on_epoch, report=report)
+    def report(round_: int, metrics: dict[str, float]) -> None:
+        shown = {k: f"{metrics[k]:.3f}" for k in ("image_auroc", "pixel_auroc") if k in metrics}
+        bar().write(f"round {round_} (epoch {int(metrics['epoch'])}): val {shown}")
+
+    def decoding(what: str, total: int) -> tuple[Any, Any]:
+        progress = tqdm(total=total, unit="img", desc=what, dynamic_ncols=True, leave=False)
+        return (lambda: progress.update(1)), progress.close
+
+    # Log lines go above the bars instead of onto them.
+    with logging_redirect_tqdm(), decode_progress(decoding):
+        try:
+            result = run_training(cfg, out, label=label, on_epoch=on_epoch, report=report)
+        except BaseException:
+            for b in bars:
+                b.leave = False  # an error message, not a stale half-done bar, is the last line
+            raise
+        finally:
+            for b in bars:
+                b.close()
     mean = result["test_mean"]
     print("test (held-out half): " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()))
     print(f"wrote {out / 'metrics.json'}, {out / 'results.md'}, {out / 'model.pt'}")
@@ -161,7 +208,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from search.config import resolve_sweep
 
-    spec = resolve_sweep(args.config, args.overrides, name=args.name, storage=args.storage)
+    try:
+        spec = resolve_sweep(args.config, args.overrides, name=args.name, storage=args.storage)
+    except UserInputError:
+        if args.config and _config_kind(Path(args.config)) == "train":
+            raise UserError(
+                f"--config {args.config} is a training config (sections data/model/train/"
+                f"eval): train it once with `launch.py train --config {args.config}`, or "
+                f"search around it with `launch.py sweep --set base={args.config}`"
+            ) from None
+        raise
     from search.sweep import run_sweep
 
     run = run_sweep(spec, address=args.address, resume=args.resume, dashboard=_dashboard_wanted())
@@ -277,13 +333,30 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 def _is_sweep_config(path: Path) -> bool:
     """A YAML mapping with a sweep's `base` and `space` keys (not a training config)."""
+    return _config_kind(path, strict=True) == "sweep"
+
+
+def _config_kind(path: Path, *, strict: bool = False) -> str | None:
+    """``train`` or ``sweep`` when the YAML file's top-level keys are of one kind only.
+
+    ``strict``: a sweep config must name both ``base`` and ``space``.
+    """
     import yaml
+
+    from search.config import SWEEP_SECTIONS
 
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
-        return False  # load_config reports it
-    return isinstance(raw, dict) and {"base", "space"} <= set(raw)
+        return None  # the loaders report it
+    if not isinstance(raw, dict) or not raw:
+        return None
+    keys = set(raw)
+    if keys <= {"data", "model", "train", "eval"}:
+        return "train"
+    if keys <= set(SWEEP_SECTIONS) and (not strict or {"base", "space"} <= keys):
+        return "sweep"
+    return None
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

@@ -170,7 +170,11 @@ class Config:
             f"must be one of {MASK_BINARIZE}, got {d.mask_binarize!r}",
         )
         if isinstance(d.categories, str):
-            _check(d.categories == "all", "data.categories", 'must be a list of names or "all"')
+            _check(
+                d.categories == "all",
+                "data.categories",
+                f'must be a list of names or "all": write [{d.categories}] for one category',
+            )
         else:
             _check(len(d.categories) > 0, "data.categories", 'must not be empty (or use "all")')
         _check(

@@ -327,7 +327,7 @@ def _require_dir(root: Path) -> None:
 def _require_images(folder: Path, *, recursive: bool, role: str) -> list[Path]:
     images = _images(folder, recursive=recursive)
     if not images:
-        where = "exist" if folder.is_dir() else "is missing"
+        where = "exists" if folder.is_dir() else "is missing"
         raise DataError(
             f"no {role} images in {folder} (the folder {where}): put the normal images there "
             f"({', '.join(IMAGE_SUFFIXES)})"

@@ -44,6 +44,8 @@ __all__ = [
     "default_cache_dir",
     "load_images",
     "load_masks",
+    "check_mask_size",
+    "decode_progress",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,23 @@ class _HasMask(Protocol):  # mmr.data.Sample, without importing it (data imports
 
     @property
     def mask(self) -> Path | None: ...
+
+
+# Called as ``progress(what, total)`` when decoding starts; returns a per-item callback and a
+# close function. None (the library default): decoding only logs. ``launch.py train`` shows a
+# progress bar through it (see ``decode_progress``).
+Progress = Callable[[str, int], tuple[Callable[[], None], Callable[[], None]]]
+_progress: list[Progress] = []
+
+
+@contextlib.contextmanager
+def decode_progress(progress: Progress) -> Iterator[None]:
+    """Reports decoding progress through ``progress`` while the block runs."""
+    _progress.append(progress)
+    try:
+        yield
+    finally:
+        _progress.remove(progress)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -203,11 +222,17 @@ def _cached_array(
     path = root / f"{key}.npy"
     cached = _open_cached(path, (len(jobs), *item_shape))
     if cached is None:
-        with _locked(root / f"{key}.lock"):
-            cached = _open_cached(path, (len(jobs), *item_shape))  # another process built it?
-            if cached is None:
-                _build(path, item_shape, jobs, what=what)
-                cached = _open_cached(path, (len(jobs), *item_shape))
+        try:
+            with _locked(root / f"{key}.lock"):
+                cached = _open_cached(path, (len(jobs), *item_shape))  # built meanwhile?
+                if cached is None:
+                    _build(path, item_shape, jobs, what=what)
+                    cached = _open_cached(path, (len(jobs), *item_shape))
+        except OSError as exc:  # decoding errors are DataErrors: this is the cache's disk
+            raise DataError(
+                f"cannot write to the image cache directory {root}: {exc.strerror or exc}; "
+                "set data.cache_dir or $MMR_CACHE_DIR to a writable directory with free space"
+            ) from exc
     else:
         logger.debug("image cache hit: %s", path.name)
     if cached is None:  # pragma: no cover - the file was just written
@@ -222,7 +247,7 @@ def _open_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
         arr = np.load(path, mmap_mode="c")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty (cut) file
         logger.warning("ignoring unreadable image cache file %s (%s); rebuilding", path, exc)
         return None
     if arr.shape != shape or arr.dtype != np.uint8:
@@ -254,12 +279,15 @@ def _build(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    step, close = _progress[-1](f"decode {what}", len(jobs)) if _progress else (None, None)
     try:
         shape = (len(jobs), *item_shape)
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
 
         def fill(i: int, out: np.ndarray = out) -> None:
             out[i] = jobs[i]()
+            if step is not None:
+                step()
 
         with ThreadPoolExecutor(_workers()) as pool:
             list(pool.map(fill, range(len(jobs))))
@@ -268,6 +296,8 @@ def _build(
         os.replace(tmp, path)  # atomic: readers see the old state or the whole file
     finally:
         tmp.unlink(missing_ok=True)
+        if close is not None:
+            close()
     logger.info(
         "decoded %d %s into the cache in %.2f s (%s)",
         len(jobs),
@@ -321,6 +351,18 @@ def _decode_image(
     return np.asarray(img).transpose(2, 0, 1)
 
 
+def check_mask_size(
+    mask_path: Path, mask_size: tuple[int, int], image_path: Path, image_size: tuple[int, int]
+) -> None:
+    """DataError unless a mask has its image's full resolution (sizes are width, height)."""
+    if tuple(mask_size) != tuple(image_size):
+        raise DataError(
+            f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} but its image {image_path} is "
+            f"{image_size[0]}x{image_size[1]}: masks must have the image's full resolution; "
+            "re-export the mask at the image's size"
+        )
+
+
 def _decode_mask(mask_path: Path, image_path: Path, size: int) -> np.ndarray:
     """One mask bilinearly resized, uint8 grey levels 1 x size x size (0/1 masks scaled to
     0/255 first), checked against its image's size."""
@@ -332,12 +374,7 @@ def _decode_mask(mask_path: Path, image_path: Path, size: int) -> np.ndarray:
         raise DataError(
             f"cannot read {image_path} (the image of mask {mask_path}): {exc}; re-copy it"
         ) from exc
-    if mask.size != image_size:
-        raise DataError(
-            f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
-            f"{image_size[0]}x{image_size[1]}: masks must have the image's full resolution; "
-            "re-export the mask at the image's size"
-        )
+    check_mask_size(mask_path, mask.size, image_path, image_size)
     arr = np.asarray(mask.convert("L"))
     if arr.max() == 1:  # some tools write 0/1 masks instead of 0/255
         arr = arr * np.uint8(255)

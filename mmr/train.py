@@ -314,6 +314,11 @@ def fit(
 
         val_metrics = unflatten_metrics(history[-1])
     test_metrics = {}
+    if final_test:
+        log.info(
+            "evaluating the held-out test half: %d images",
+            sum(len(d.samples) for d in test_sets.values()),
+        )
     for name, model in models.items() if final_test else ():
         test_metrics.update(
             score_maps(predict_maps(model, test_sets[name], cfg), test_sets[name], cfg)
@@ -490,15 +495,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {str(path)!r} does not exist: pass the file written "
             "by a training run (or the directory holding checkpoint.pt)"
         )
+    from mmr.weights import load_torch_file
+
     # mmap: tensors are read from the file as they are used, not all copied into memory
-    # first (a 15-category checkpoint is several GB). Files in torch's legacy (non-zip)
-    # format cannot be mapped: they, and files that are not checkpoints, load as before.
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap can only be used" not in str(exc):
-            raise
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    # first (a 15-category checkpoint is several GB).
+    state = load_torch_file(path, what="checkpoint", mmap=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserInputError(
             f"{str(path)!r} is not an mmr-sweep checkpoint (expected format {CHECKPOINT_FORMAT})"

@@ -30,7 +30,7 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from mmr.config import ModelConfig
-from mmr.errors import ConfigError
+from mmr.errors import ConfigError, UserInputError
 
 __all__ = [
     "checkpoint_filename",
@@ -39,6 +39,7 @@ __all__ = [
     "hub_name",
     "load_encoder_checkpoint",
     "load_teacher_checkpoint",
+    "load_torch_file",
     "read_state_dict",
 ]
 
@@ -112,6 +113,62 @@ def create_hub_model(name: str, *, role: str, key: str, **kwargs: Any) -> nn.Mod
         raise ConfigError(_unavailable_message(full, role=role, key=key, reason=reason)) from exc
 
 
+def load_torch_file(
+    path: str | Path,
+    *,
+    what: str,
+    error: type[UserInputError] = UserInputError,
+    mmap: bool = False,
+) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with errors that say what is wrong.
+
+    torch answers a corrupt file with advice to retry with ``weights_only=False``, which runs
+    the pickled code inside the file and cannot fix a corrupt one. This says instead whether
+    the file is empty, corrupt, not a torch file at all, or holds pickled Python objects.
+    ``mmap``: map the tensors from the file instead of reading them all (zip format only).
+
+    Raises:
+        UserInputError: (or ``error``) the file cannot be read as tensors; the message names it.
+    """
+    file = Path(path)
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise error(f"{what} {str(file)!r} cannot be read: {exc.strerror or exc}") from exc
+    if not head:
+        raise error(
+            f"{what} {str(file)!r} is empty (0 bytes): it was not written completely; "
+            "write it again (or restore it from a copy)"
+        )
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise error(
+            f"{what} {str(file)!r} is not a weights file (it is neither a torch.save archive "
+            "nor a pickle): check the path"
+        )
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            # Files in torch's legacy (non-zip) format cannot be memory-mapped: load them whole.
+            if not mmap or "mmap can only be used" not in str(exc):
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip, pickle and EOF errors have no common base class
+        text = str(exc)
+        if "Unsupported global" in text:
+            name = text.split("Unsupported global:", 1)[1].split(" was ", 1)[0].strip()
+            raise error(
+                f"{what} {str(file)!r} holds pickled Python objects ({name}), not only "
+                "tensors; mmr-sweep never unpickles code from a file: save a plain dict of "
+                "tensors where the file was made (e.g. torch.save(model.state_dict(), path))"
+            ) from None
+        raise error(
+            f"{what} {str(file)!r} is corrupt or truncated (torch cannot read it: "
+            f"{type(exc).__name__}): write it again, or restore it from a copy"
+        ) from None
+
+
 def read_state_dict(path: str | Path, *, key: str) -> dict[str, torch.Tensor]:
     """Reads a weight file into a flat ``{name: tensor}`` dict, unwrapping training checkpoints.
 
@@ -124,19 +181,18 @@ def read_state_dict(path: str | Path, *, key: str) -> dict[str, torch.Tensor]:
             f"{key}: weight file {str(file)!r} does not exist; check the path, or write the "
             "files with `launch.py weights fetch --to DIR` on a machine with internet access"
         )
-    try:
-        if file.suffix == ".safetensors":
-            import safetensors.torch
+    if file.suffix == ".safetensors":
+        import safetensors.torch
 
+        try:
             obj: Any = safetensors.torch.load_file(str(file), device="cpu")
-        else:
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors have no common base class
-        raise ConfigError(
-            f"{key}: {str(file)!r} is not a weight file torch.load(weights_only=True) can read "
-            f"({type(exc).__name__}: {exc}); re-save just its tensors, e.g. "
-            "torch.save(torch.load(path, weights_only=False)['model'], new_path)"
-        ) from exc
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise ConfigError(
+                f"{key}: {str(file)!r} is corrupt or not a safetensors file ({exc}): "
+                "fetch it again (`launch.py weights fetch`)"
+            ) from exc
+    else:
+        obj = load_torch_file(file, what=f"{key}: weight file", error=ConfigError)
     for wrapper in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

@@ -201,6 +201,9 @@ class SweepSpec:
     base: Config  # training config of the baseline trial, paths absolute
     space_spec: dict[str, Any]  # the space as loaded (YAML mapping)
     categories: tuple[str, ...]  # categories trained (each its own study if per_category)
+    # Where the experiment is now, when it was copied or moved away from storage/name. The
+    # sweep's name stays what it was: the studies in the journal are named after it.
+    moved_to: str | None = None
 
     @property
     def space(self) -> Space:
@@ -209,6 +212,8 @@ class SweepSpec:
     @property
     def experiment_location(self) -> str:
         """Where Tune keeps the trials: a directory, or a URI for remote storage."""
+        if self.moved_to is not None:
+            return self.moved_to
         if is_uri(self.sweep.storage):
             return join(self.sweep.storage, self.sweep.name)
         return str(Path(self.sweep.storage) / self.sweep.name)
@@ -216,9 +221,9 @@ class SweepSpec:
     @property
     def experiment_dir(self) -> Path:
         """The local directory of sweep.json and the study journal (see search.storage)."""
-        if is_uri(self.sweep.storage):
+        if is_uri(self.experiment_location):
             return mirror_dir(self.experiment_location)
-        return Path(self.sweep.storage) / self.sweep.name
+        return Path(self.experiment_location)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -301,13 +306,7 @@ def load_spec(experiment: str | Path) -> SweepSpec:
     spec = SweepSpec.from_dict(json.loads((local / SPEC_FILE).read_text()))
     if not is_uri(location) and Path(location).resolve() != spec.experiment_dir.resolve():
         # The directory was moved or copied: keep working where it is now.
-        storage = str(Path(location).resolve().parent)
-        spec = dataclasses.replace(
-            spec,
-            sweep=dataclasses.replace(
-                spec.sweep, storage=storage, name=Path(location).resolve().name
-            ),
-        )
+        spec = dataclasses.replace(spec, moved_to=str(Path(location).resolve()))
     return spec
 
 

@@ -10,7 +10,10 @@ With several objectives also ``pareto.csv`` and ``plots/pareto_front.png``, and 
 has a row per front trial. With ``objective.per_category`` each category gets
 ``<category>/best.yaml`` and ``<category>/model.pt``, and plots per study. Files are written
 to a temporary directory that replaces ``DIR`` at the end, so a failed export leaves nothing
-half-written.
+half-written. ``DIR`` holds a marker (``mmr.outdir.MARKER``) listing what export wrote: an
+existing ``DIR`` is replaced only when it is empty or such an export of the same experiment,
+and ``DIR`` may not lie inside the experiment (except its own ``export/`` folder, where a sweep
+exports itself).
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import torch
 
 from mmr.config import Config, dump_config
 from mmr.errors import UserInputError
+from mmr.outdir import check_replaceable, list_files, read_marker, write_marker
 from mmr.report import flatten_metrics, results_markdown, write_json
 from search.config import SweepSpec, load_spec
 from search.pareto import write_pareto
 from search.report_page import write_report
 from search.results import best_trials, load_trials, short_name
 from search.searcher import OBJECTIVE
-from search.storage import local_checkpoint
+from search.storage import is_uri, local_checkpoint
 
 __all__ = ["export_experiment"]
 
@@ -56,6 +60,7 @@ def export_experiment(
     spec = load_spec(experiment)
     exp = spec.experiment_location
     out = Path(out).resolve()
+    replace = _check_out(exp, out)
     df = load_trials(exp)
     best = best_trials(df)
     if trial is not None:
@@ -69,13 +74,35 @@ def export_experiment(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         _export(spec, df, best, staging, overlays=overlays, device=device)
-        if out.exists():
+        write_marker(staging, kind="export", owner=exp, files=list_files(staging))
+        if replace:
+            _check_out(exp, out)  # still only an earlier export of ours
             shutil.rmtree(out)
         staging.replace(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _check_out(exp: str, out: Path) -> bool:
+    """Refuses an ``--out`` whose replacement would delete what export did not write.
+
+    Returns whether ``out`` exists (and may be replaced).
+    """
+    fix = "pass an empty or new directory as --out"
+    if not is_uri(exp):
+        root = Path(exp).resolve()
+        if out == root or root in out.parents and out != root / "export":
+            raise UserInputError(
+                f"--out {out} is inside the experiment {root}: {fix} outside it "
+                f"(or {root / 'export'}, where the sweep exports itself)"
+            )
+        # The sweep's own export/ belongs to the experiment even after the directory was
+        # copied or moved (its marker still names the old place).
+        if out == root / "export" and read_marker(out) is not None:
+            return check_replaceable(out, kind="export", owner=None, what=f"--out {out}", fix=fix)
+    return check_replaceable(out, kind="export", owner=exp, what=f"--out {out}", fix=fix)
 
 
 def _export(

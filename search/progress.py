@@ -10,6 +10,7 @@ from ray.tune import Callback
 
 from search.config import SweepSpec
 from search.searcher import OBJECTIVE, ROUNDS_KEY
+from search.trainable import failure_reason
 
 __all__ = ["ProgressTable"]
 
@@ -79,7 +80,12 @@ class ProgressTable(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._states[trial.trial_id] = "failed"
-        self._write(f"[{self._elapsed()}] FAILED {trial.trial_id} (see {trial.path}/error.txt)")
+        reason = failure_reason(trial)
+        self._write(
+            f"[{self._elapsed()}] FAILED {trial.trial_id}"
+            + (f": {reason}" if reason else "")
+            + f" (see {trial.path}/error.txt)"
+        )
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._write(self.block(trials))

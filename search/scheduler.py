@@ -14,7 +14,7 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from search.storage import read_histories
+from search.storage import read_histories, resumed_experiment
 
 __all__ = ["ResumableASHA", "PerCategoryScheduler"]
 
@@ -66,6 +66,9 @@ class ResumableASHA(AsyncHyperBandScheduler):
 
     def rebuild_rungs(self) -> int:
         """Records every trial's value at each rung it reached; returns the number recorded."""
+        current = resumed_experiment()
+        if current is not None:  # restored from a pickle: the experiment may have moved
+            self._experiment = current[0]
         bracket = self._brackets[0]
         count = 0
         for trial_id, config, results in read_histories(self._experiment):

@@ -23,6 +23,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.config import OBJECTIVE_METRICS, SweepSpec
+from search.storage import resumed_experiment
 from spaces import Space, SpaceError
 
 __all__ = [
@@ -296,7 +297,26 @@ class StudySearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        self.relocate()
         self.fail_orphans()
+
+    def relocate(self) -> None:
+        """Points a restored searcher at the journal of the experiment being resumed.
+
+        The saved state holds the journal's path at save time: resuming a copied experiment
+        would otherwise write its trials into the original's journal.
+        """
+        current = resumed_experiment()
+        if current is None:
+            return
+        self._storage = study_storage(current[1])
+        self._ot_study = optuna.load_study(
+            study_name=self._study_name, storage=self._storage, sampler=self._sampler
+        )
+        self._ot_trials = {
+            tid: optuna.trial.Trial(self._ot_study, t._trial_id)
+            for tid, t in self._ot_trials.items()
+        }
 
     def fail_orphans(self) -> int:
         """Marks RUNNING study trials that no Tune trial owns (driver killed) as FAIL."""
@@ -400,6 +420,7 @@ class PerCategorySearch(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
         for searcher in self._searchers.values():
+            searcher.relocate()
             searcher.fail_orphans()
 
     @property

@@ -32,12 +32,15 @@ __all__ = [
     "pull",
     "push",
     "exists",
+    "is_empty",
     "probe_writable",
     "read_histories",
     "remove_from_trials",
     "read_file",
     "write_file",
     "local_checkpoint",
+    "resuming",
+    "resumed_experiment",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,20 @@ def exists(location: str, name: str) -> bool:
         return (Path(location) / name).exists()
     fs, path = _fs(location)
     return fs.get_file_info(join(path, name)).type != pafs.FileType.NotFound
+
+
+def is_empty(location: str) -> bool:
+    """Whether ``location`` (path or URI) is absent or an empty directory."""
+    if not is_uri(location):
+        path = Path(location)
+        return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    fs, path = _fs(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return True
+    if info.type != pafs.FileType.Directory:
+        return False
+    return not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
 
 
 def probe_writable(location: str) -> None:
@@ -196,3 +213,24 @@ def local_checkpoint(checkpoint: Any) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="mmr-ckpt-") as tmp:
         pafs.copy_files(checkpoint.path, tmp, source_filesystem=checkpoint.filesystem)
         yield Path(tmp)
+
+
+# Tune restores the searcher and the scheduler of a resumed sweep from pickles that hold the
+# experiment's place at the time they were saved; after the directory was copied or moved that
+# place is the old one. ``resume_sweep`` names the current place here while Tune restores them.
+_resuming: list[tuple[str, Path]] = []
+
+
+@contextlib.contextmanager
+def resuming(location: str, local: Path) -> Iterator[None]:
+    """While resuming: the experiment's current ``location`` and its local directory."""
+    _resuming.append((str(location), Path(local)))
+    try:
+        yield
+    finally:
+        _resuming.pop()
+
+
+def resumed_experiment() -> tuple[str, Path] | None:
+    """``(location, local dir)`` of the experiment being resumed, or None."""
+    return _resuming[-1] if _resuming else None

@@ -21,11 +21,18 @@ from search.progress import ProgressTable
 from search.resources import check_resources
 from search.scheduler import PerCategoryScheduler, ResumableASHA
 from search.searcher import OBJECTIVE, RetryingLimiter, make_searcher
-from search.storage import is_uri, probe_writable, push, remove_from_trials
+from search.storage import is_empty, is_uri, probe_writable, push, remove_from_trials, resuming
 from search.tbx import TrialTensorBoard
-from search.trainable import FAILED_MARKER, trial_trainable
+from search.trainable import FAILED_MARKER, EndDeterministicFailures, trial_trainable
 
-__all__ = ["SweepRun", "init_ray", "check_resources", "run_sweep", "resume_sweep"]
+__all__ = [
+    "SweepRun",
+    "check_resources",
+    "check_sweep_data",
+    "init_ray",
+    "resume_sweep",
+    "run_sweep",
+]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +131,23 @@ def _dashboard_login() -> str:
     return f"token auth on: log in with the token in {where}"
 
 
+def check_sweep_data(spec: SweepSpec, *, address: str | None, write: Write) -> None:
+    """Checks the base config's data on the driver, before any trial starts.
+
+    A truncated image or a missing mask would otherwise fail every trial, each after Ray
+    started it. On a cluster whose data is mounted on the workers only, the trials check it.
+    """
+    from mmr.data import resolve_root
+    from mmr.datacheck import check_data
+
+    data = spec.base.data
+    root = resolve_root(data.root)
+    if address and data.dataset != "synthetic" and not root.exists():
+        write(f"data.root {root} is not visible on this machine: the trials check the data")
+        return
+    check_data(data)
+
+
 def _scheduler(spec: SweepSpec, location: str) -> Any:
     sc = spec.sweep.scheduler
     if sc.type == "fifo":
@@ -181,7 +205,11 @@ def _run_config(spec: SweepSpec, write: Write, started: float) -> tune.RunConfig
         storage_path=spec.sweep.storage,
         failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[ProgressTable(spec, write=write, started=started), TrialTensorBoard()]
+        callbacks=[
+            ProgressTable(spec, write=write, started=started),
+            TrialTensorBoard(),
+            EndDeterministicFailures(),
+        ]
         + ([MirrorSync(spec)] if is_uri(spec.sweep.storage) else [])
         + _tracking_callbacks(spec),
         verbose=0,
@@ -210,6 +238,12 @@ def _prepare_storage(spec: SweepSpec) -> None:
         raise UserInputError(
             f"experiment {location!r} already exists: continue it with `launch.py resume "
             f"{location}` (or `sweep --resume`), or pick another --name"
+        )
+    if not is_empty(location):
+        raise UserInputError(
+            f"{location!r} already exists, is not empty and is not an mmr-sweep experiment "
+            f"(no {SPEC_FILE}): a sweep never writes into it; pick another --name (or "
+            "--storage)"
         )
     # Probe the storage root: the experiment itself is created only once Ray is up and the
     # resources fit, so a failed start leaves no half-made experiment behind.
@@ -251,6 +285,7 @@ def run_sweep(
     leave_job_working_dir()  # the spec's paths are absolute already
     _prepare_storage(spec)
     _check_tracking(spec)
+    check_sweep_data(spec, address=address, write=write)
     init_ray(address, dashboard=dashboard, write=write, job_metadata=_job_metadata(spec))
     check_resources(spec.sweep.resources, write=write)
     started = time.time()
@@ -310,6 +345,7 @@ def resume_sweep(
             "stopped before its first trial started): run the sweep again"
         )
     _check_tracking(spec)
+    check_sweep_data(spec, address=address, write=write)
     init_ray(address, dashboard=dashboard, write=write, job_metadata=_job_metadata(spec))
     check_resources(spec.sweep.resources, write=write)
     started = time.time()
@@ -329,7 +365,8 @@ def resume_sweep(
     retrying = " (failed trials run again)" if retry_failed else ""
     write(f"resuming sweep {spec.sweep.name} in {location}{retrying}")
     _announce(spec, write)
-    tuner.fit()
+    with resuming(location, spec.experiment_dir):
+        tuner.fit()
     return _finish(spec, started, write, export)
 
 

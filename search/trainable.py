@@ -20,14 +20,16 @@ from search.searcher import OBJECTIVE, ROUNDS_KEY
 from search.storage import join, read_file, write_file
 
 __all__ = [
+    "EndDeterministicFailures",
+    "FAILED_MARKER",
+    "META_KEYS",
+    "describe_trial",
+    "failure_reason",
+    "select_trial_gpu",
     "train_trial",
-    "trial_trainable",
     "trial_config",
     "trial_cuda_index",
-    "select_trial_gpu",
-    "describe_trial",
-    "META_KEYS",
-    "FAILED_MARKER",
+    "trial_trainable",
 ]
 
 META_KEYS = ("baseline", "category", "study_trial")  # trial-config keys that are not params
@@ -109,7 +111,13 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
     storage = tune.get_context().get_storage()
     fs, trial_dir = storage.storage_filesystem, storage.trial_fs_path
     fs.create_dir(trial_dir, recursive=True)
-    # Where this attempt runs (a retried trial may move to another node).
+    failed = read_file(fs, join(trial_dir, FAILED_MARKER))
+    if failed is not None:  # a retry of a deterministic failure: end before any work
+        raise RuntimeError(json.loads(failed)["error"])
+    # Where this attempt runs (a retried trial may move to another node), and how many
+    # attempts did real work so far.
+    previous = read_file(fs, join(trial_dir, WORKER_FILE))
+    attempt = 1 + (json.loads(previous).get("attempt", 1) if previous else 0)
     write_file(
         fs,
         join(trial_dir, WORKER_FILE),
@@ -118,12 +126,10 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
                 "pid": os.getpid(),
                 "hostname": socket.gethostname(),
                 "node_id": ray.get_runtime_context().get_node_id(),
+                "attempt": attempt,
             }
         ),
     )
-    failed = read_file(fs, join(trial_dir, FAILED_MARKER))
-    if failed is not None:
-        raise RuntimeError(json.loads(failed)["error"])
     select_trial_gpu()
 
     # Trials sharing a GPU (resources.gpu < 1) each get a cap, so that a neighbour's peak
@@ -198,6 +204,26 @@ def trial_trainable(spec: SweepSpec) -> type[tune.Trainable]:
     # The dashboard shows the qualified name; "trial_trainable.<locals>." is noise there.
     SweepTrial.__qualname__ = SweepTrial.__name__
     return SweepTrial
+
+
+def failure_reason(trial: Any) -> str | None:
+    """The recorded deterministic failure of a Tune trial (driver side), or None."""
+    storage = trial.storage
+    text = read_file(storage.storage_filesystem, join(storage.trial_fs_path, FAILED_MARKER))
+    return None if text is None else json.loads(text)["error"]
+
+
+class EndDeterministicFailures(tune.Callback):
+    """Keeps Ray from retrying a deterministic failure more than once.
+
+    Ray Tune retries every failed trial up to ``max_failures`` times (meant for lost workers)
+    and offers no per-error choice. Once a trial recorded a deterministic failure, its retry
+    ends at once (see ``train_trial``) and this callback makes that retry the last.
+    """
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if failure_reason(trial) is not None:
+            trial.max_failures = trial.run_metadata.num_failures
 
 
 def _deterministic(exc: BaseException) -> bool:

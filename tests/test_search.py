@@ -182,8 +182,15 @@ def test_failing_trial_does_not_stop_the_sweep_and_runs_again_with_retry_failed(
     df = load_trials(exp)
     assert sorted(df["state"]) == ["done", "failed"]
     failed = df[df["state"] == "failed"].iloc[0]
-    error = (exp / f"trial_{failed['trial']}" / "error.txt").read_text()
+    trial_dir = exp / f"trial_{failed['trial']}"
+    error = (trial_dir / "error.txt").read_text()
     assert "nosuch" in error
+    # It ran once: Ray's retry (meant for lost workers) ended before any work and was the
+    # last one (2 failures recorded, not 1 + max_failures).
+    assert json.loads((trial_dir / "worker.json").read_text())["attempt"] == 1
+    assert error.count("Failure #") == 2
+    (failed_line,) = [x for x in lines if "FAILED" in x]
+    assert "unknown category 'nosuch'" in failed_line
     # status names the failure by the error's last line, and says how to run it again.
     last = [x for x in error.splitlines() if x.strip()][-1].strip()
     assert "nosuch" in last and failed["error"] == last
@@ -650,27 +657,26 @@ def test_uri_storage_keeps_everything_remote_and_works_from_the_uri_alone(
     assert len(load_trials(finished.location)) == 2
 
 
-def test_ctrl_c_stops_without_exporting_and_says_how_to_resume(
-    ray_session, synthetic_root, tmp_path
-):
-    from search.results import load_trials
+def interrupted_sweep(address: str, tmp: Path, root: Path, name: str) -> tuple[Path, int, str]:
+    """A 2-trial sweep stopped by Ctrl-C while a trial is under way, with rounds recorded.
 
-    exp = tmp_path / "runs" / "ctrlc"
+    Returns the experiment dir, the driver's exit code and its output.
+    """
+    exp = tmp / "runs" / name
     args = [
         "sweep",
         "--address",
-        ray_session,
+        address,
         *_sweep_args(
-            tmp_path,
-            synthetic_root,
-            "ctrlc",
+            tmp,
+            root,
+            name,
             "search.num_trials=2",
             "search.max_concurrent=1",
             "train.epochs=12",  # still running when Ctrl-C arrives, even on a loaded machine
             "scheduler.type=fifo",
         ),
     ]
-    # A trial under way, with rounds recorded.
     driver = _driver_at_rounds(args, exp, 2)
     try:
         driver.send_signal(signal.SIGINT)
@@ -678,7 +684,16 @@ def test_ctrl_c_stops_without_exporting_and_says_how_to_resume(
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert driver.returncode == 130, out[-3000:]
+    return exp, driver.returncode, out
+
+
+def test_ctrl_c_stops_without_exporting_and_says_how_to_resume(
+    ray_session, synthetic_root, tmp_path
+):
+    from search.results import load_trials
+
+    exp, returncode, out = interrupted_sweep(ray_session, tmp_path, synthetic_root, "ctrlc")
+    assert returncode == 130, out[-3000:]
     assert f"launch.py resume {exp}" in out
     assert not (exp / "export").exists()
     proc = cli("resume", str(exp), "--address", ray_session, env=_driver_env())

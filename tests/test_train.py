@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -301,6 +302,11 @@ def test_train_cli_end_to_end(synthetic_root: Path, tmp_path: Path):
     results = (out / "results.md").read_text()
     assert "| Image AUROC | Avg | disk | grid |" in results
     assert "test (held-out half)" in proc.stdout
+    # Progress: decoding and the final test evaluation show; log lines start their own line
+    # instead of being appended to a progress bar's.
+    assert "decode images" in proc.stderr
+    assert "evaluating the held-out test half" in proc.stderr
+    assert re.search(r"[^\r\n]INFO ", proc.stderr) is None, proc.stderr[-2000:]
 
 
 def test_device_cuda_without_gpu_is_a_config_error(synthetic_root: Path):
