@@ -208,7 +208,7 @@ def _run_config(spec: SweepSpec, write: Write, started: float) -> tune.RunConfig
         callbacks=[
             ProgressTable(spec, write=write, started=started),
             TrialTensorBoard(),
-            EndDeterministicFailures(),
+            EndDeterministicFailures(spec.sweep.max_failures),
         ]
         + ([MirrorSync(spec)] if is_uri(spec.sweep.storage) else [])
         + _tracking_callbacks(spec),

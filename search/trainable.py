@@ -221,9 +221,16 @@ class EndDeterministicFailures(tune.Callback):
     ends at once (see ``train_trial``) and this callback makes that retry the last.
     """
 
+    def __init__(self, max_failures: int) -> None:
+        self._max_failures = max_failures  # the sweep's, restored once a trial runs again
+
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if failure_reason(trial) is not None:
             trial.max_failures = trial.run_metadata.num_failures
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if failure_reason(trial) is None:  # e.g. `resume --retry-failed` cleared the marker
+            trial.max_failures = self._max_failures
 
 
 def _deterministic(exc: BaseException) -> bool:
