@@ -10,8 +10,12 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 from ray import tune
+from ray.train._internal.checkpoint_manager import _TrainingResult
+from ray.train._internal.storage import _exists_at_fs_path
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.trainable import wrap_function
 
 from mmr.config import Config
@@ -32,9 +36,12 @@ __all__ = [
     "trial_trainable",
 ]
 
+logger = logging.getLogger(__name__)
+
 META_KEYS = ("baseline", "category", "study_trial")  # trial-config keys that are not params
 FAILED_MARKER = "trial_failed.json"  # a deterministic failure: retries end at once
 WORKER_FILE = "worker.json"  # pid, host and Ray node of the process running the trial
+ROUND_METADATA = "mmr_round"  # a round checkpoint's metadata key: the round it was saved at
 # When set, Ray leaves CUDA_VISIBLE_DEVICES alone: every trial sees every GPU of its node.
 NOSET_CUDA_VAR = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
@@ -143,7 +150,10 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
             metrics[ROUNDS_KEY] = cfg.num_rounds
             metrics[OBJECTIVE] = sweep.objective_value(metrics)
             if checkpoint_due(cfg, round_):  # fit wrote this round's checkpoint
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+                saved = tune.Checkpoint.from_directory(tmp)
+                # Its round, for a restore that must fall back to it (see surviving_checkpoint).
+                saved.set_metadata({ROUND_METADATA: round_})
+                tune.report(metrics, checkpoint=saved)
             else:
                 tune.report(metrics)
 
@@ -201,9 +211,47 @@ def trial_trainable(spec: SweepSpec) -> type[tune.Trainable]:
         def __repr__(self) -> str:
             return describe_trial(sweep, self.trial_id, dict(self.config or {}))
 
+        def restore(self, checkpoint_path: Any) -> Any:
+            return super().restore(surviving_checkpoint(checkpoint_path))
+
     # The dashboard shows the qualified name; "trial_trainable.<locals>." is noise there.
     SweepTrial.__qualname__ = SweepTrial.__name__
     return SweepTrial
+
+
+def surviving_checkpoint(result: Any) -> Any:
+    """The checkpoint a restored trial can continue from, when Tune's own is gone.
+
+    Tune deletes a trial's older round checkpoints (``num_to_keep``) as soon as it registers a
+    newer one, but writes the experiment state that names the newest one later. A driver
+    killed in between leaves a state naming a deleted checkpoint, and Tune's restore then
+    fails the trial. The trial continues instead from the newest checkpoint still in its
+    directory, with Tune's round count set to that checkpoint's round.
+    """
+    if not isinstance(result, _TrainingResult):
+        return result
+    ckpt = result.checkpoint
+    if _exists_at_fs_path(ckpt.filesystem, ckpt.path):
+        return result
+    fs, trial_dir = ckpt.filesystem, os.path.dirname(ckpt.path.rstrip("/"))
+    found = fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+    names = sorted(
+        info.base_name
+        for info in found
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+    )
+    for name in reversed(names):
+        newer = tune.Checkpoint(join(trial_dir, name), filesystem=fs)
+        round_ = newer.get_metadata().get(ROUND_METADATA)
+        if round_ is not None:
+            logger.warning(
+                "checkpoint %s is gone (the driver died before saving the experiment state); "
+                "continuing from %s (round %d)", ckpt.path, newer.path, round_,
+            )  # fmt: skip
+            return _TrainingResult(
+                checkpoint=newer, metrics={**result.metrics, TRAINING_ITERATION: round_}
+            )
+    return result  # nothing to fall back to: Tune's own error says which checkpoint is gone
 
 
 def failure_reason(trial: Any) -> str | None:

@@ -246,3 +246,38 @@ def test_an_objective_on_pro_official_needs_eval_official_pro(synthetic_root, tm
         None, [*overrides, "eval.official_pro=true"], name="p", storage=str(tmp_path)
     )
     assert ok.base.eval.official_pro
+
+
+def test_restore_falls_back_to_the_newest_surviving_round_checkpoint(tmp_path: Path) -> None:
+    """A driver killed after Tune deleted the checkpoint its saved state names (num_to_keep)."""
+    import pyarrow.fs as pafs
+    from ray import tune
+    from ray.train._internal.checkpoint_manager import _TrainingResult
+
+    from search.trainable import ROUND_METADATA, surviving_checkpoint
+
+    fs = pafs.LocalFileSystem()
+    trial_dir = tmp_path / "trial_x"
+    for index, round_ in ((2, 3), (3, 4), (4, None)):  # checkpoint_000004: no round (not ours)
+        path = trial_dir / f"checkpoint_{index:06d}"
+        path.mkdir(parents=True)
+        (path / "checkpoint.pt").write_bytes(b"x")
+        if round_ is not None:
+            tune.Checkpoint(str(path), filesystem=fs).set_metadata({ROUND_METADATA: round_})
+    gone = tune.Checkpoint(str(trial_dir / "checkpoint_000001"), filesystem=fs)
+    result = _TrainingResult(checkpoint=gone, metrics={"training_iteration": 2, "x": 1})
+
+    restored = surviving_checkpoint(result)
+    assert restored.checkpoint.path == str(trial_dir / "checkpoint_000003")
+    assert restored.metrics == {"training_iteration": 4, "x": 1}  # Tune counts from its round
+
+    kept = _TrainingResult(
+        checkpoint=tune.Checkpoint(str(trial_dir / "checkpoint_000002"), filesystem=fs),
+        metrics={"training_iteration": 3},
+    )
+    assert surviving_checkpoint(kept) is kept  # an existing checkpoint is used as it is
+    empty = _TrainingResult(
+        checkpoint=tune.Checkpoint(str(tmp_path / "other" / "checkpoint_000001"), filesystem=fs),
+        metrics={},
+    )
+    assert surviving_checkpoint(empty) is empty  # nothing to fall back to: Tune's own error
