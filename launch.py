@@ -285,11 +285,36 @@ def cmd_submit(args: argparse.Namespace) -> int:
         name=args.name,
         storage=args.storage,
     )
-    job_id = submit_sweep(url, sweep_args, working_dir=ROOT)
+    name = _submitted_sweep_name(args.config, args.overrides, args.name)
+    job_id = submit_sweep(url, sweep_args, working_dir=ROOT, sweep_name=name)
     print(job_id)
     print(f"submitted to {url}; follow it with:")
     print(f"  python launch.py status --job {job_id} --address {url}")
     return 0
+
+
+def _submitted_sweep_name(
+    config: str | None, overrides: Sequence[str], name: str | None
+) -> str | None:
+    """The name a submitted sweep will run under, for the job's label in the dashboard.
+
+    As ``launch.py sweep`` resolves it: ``--name``, else a ``--set name=...``, else the
+    config's ``name``. None when the config is not a local file (it lives on the cluster).
+    """
+    import yaml
+
+    from search.config import load_sweep_config
+
+    if name:
+        return name
+    for item in reversed(list(overrides)):
+        key, _, value = item.partition("=")
+        if key.strip() == "name":
+            return str(yaml.safe_load(value))
+    if config is not None and not Path(config).expanduser().is_file():
+        return None
+    raw, _ = load_sweep_config(Path(config).expanduser() if config else None)
+    return str(raw["name"]) if raw.get("name") else None
 
 
 def cmd_job_status(args: argparse.Namespace) -> int:

@@ -327,6 +327,7 @@ def submit_sweep(
     excludes: Sequence[str] = (),
     submission_id: str | None = None,
     token: str | None = None,
+    sweep_name: str | None = None,
 ) -> str:
     """Submit ``launch.py sweep <sweep_args>`` as a Ray Job; returns the job id.
 
@@ -334,6 +335,7 @@ def submit_sweep(
     exactly as a user would give them to ``launch.py sweep``; relative paths are resolved on
     the cluster against the uploaded project directory. Results must go to storage every
     node shares (an NFS path or ``s3://...``): the job's own working directory is temporary.
+    ``sweep_name`` labels the job in the dashboard (metadata ``mmr_sweep_name``).
     """
     args = [str(a) for a in sweep_args]
     if not any(a == "--storage" or a.startswith("--storage=") for a in args):
@@ -347,7 +349,7 @@ def submit_sweep(
         working_dir=working_dir,
         excludes=excludes,
         submission_id=submission_id,
-        metadata={"mmr_sweep": "sweep"},
+        metadata={"mmr_sweep": "sweep", **({"mmr_sweep_name": sweep_name} if sweep_name else {})},
         token=token,
     )
 

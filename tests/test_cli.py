@@ -87,3 +87,27 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, args: list, messa
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_submitted_sweep_is_labelled_with_the_name_it_will_run_under(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's dashboard metadata names the sweep as `launch.py sweep` would resolve it."""
+    import cluster.jobs
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("name: from-file\n")
+    assert launch._submitted_sweep_name(str(config), [], None) == "from-file"
+    assert launch._submitted_sweep_name(str(config), ["name=from-set"], None) == "from-set"
+    assert launch._submitted_sweep_name(str(config), ["name=x"], "from-flag") == "from-flag"
+    assert launch._submitted_sweep_name(None, [], None) == "demo"  # the demo sweep's name
+    assert launch._submitted_sweep_name("/on/the/cluster.yaml", [], None) is None
+
+    sent: dict = {}
+    monkeypatch.setattr(cluster.jobs, "submit_job", lambda *a, **kw: sent.update(kw) or "id")
+    cluster.jobs.submit_sweep("http://x", ["--storage", "/s"], working_dir=tmp_path)
+    assert sent["metadata"] == {"mmr_sweep": "sweep"}
+    cluster.jobs.submit_sweep(
+        "http://x", ["--storage", "/s"], working_dir=tmp_path, sweep_name="mine"
+    )
+    assert sent["metadata"] == {"mmr_sweep": "sweep", "mmr_sweep_name": "mine"}
