@@ -266,7 +266,9 @@ def test_train_cli_bad_key_fails_before_any_work(tmp_path: Path):
     assert not (tmp_path / "out").exists()
 
 
-def test_train_cli_end_to_end(synthetic_root: Path, tmp_path: Path):
+def test_train_cli_end_to_end(synthetic_root: Path, tmp_path: Path, cache_dir: Path):
+    # cache_dir: an empty image cache of its own (the run inherits $MMR_CACHE_DIR), so the
+    # images are decoded here whichever tests ran before.
     out = tmp_path / "run"
     proc = subprocess.run(
         [
