@@ -692,8 +692,10 @@ def test_submit_command_passes_sweep_options(
 
     calls: list[tuple[Any, ...]] = []
 
-    def fake_submit(address: str, sweep_args: list[str], *, working_dir: Path) -> str:
-        calls.append((address, sweep_args, working_dir))
+    def fake_submit(
+        address: str, sweep_args: list[str], *, working_dir: Path, sweep_name: str | None
+    ) -> str:
+        calls.append((address, sweep_args, working_dir, sweep_name))
         return "raysubmit_TEST"
 
     monkeypatch.setattr(jobs, "submit_sweep", fake_submit)
@@ -702,8 +704,9 @@ def test_submit_command_passes_sweep_options(
          "--set", "search.num_trials=4", "--name", "exp", "--storage", "/mnt/runs"]
     )  # fmt: skip
     assert rc == 0
-    address, sweep_args, working_dir = calls[0]
+    address, sweep_args, working_dir, sweep_name = calls[0]
     assert address == "http://head:8265" and working_dir == ROOT
+    assert sweep_name == "exp"  # the job's dashboard label
     assert sweep_args == [
         "--config", "configs/sweep_mvtec.yaml", "--set", "search.num_trials=4",
         "--name", "exp", "--storage", "/mnt/runs",
