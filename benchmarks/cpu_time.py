@@ -63,6 +63,7 @@ def main() -> None:
 
     result = {
         "root": str(root),
+        "mmr": train.__file__,  # which checkout was measured
         "augment_epoch_cpu_s": _median_cpu_s(augment_epoch),
         "tiny_train_epoch_cpu_s": _median_cpu_s(train_epoch),
     }

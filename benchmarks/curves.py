@@ -37,7 +37,10 @@ the configurations, so any prefix is a space-filling subset with both categories
 
     OMP_NUM_THREADS=1 nice -n 19 python -m benchmarks.curves --out benchmarks/data/curves.csv
 
-(``--out`` elsewhere and copying the file in is equivalent; ``--limit N`` stops after N runs.)
+(``--out`` elsewhere and copying the file in is equivalent; ``--limit N`` stops after N runs;
+``--shard K/N`` records only the runs at positions K, K + N, ... of the plan, so N niced
+processes, one per idle core, fill the same file without picking the same run: each run is
+appended in one ``write`` to a file opened in append mode, which Linux does not interleave.)
 """
 
 from __future__ import annotations
@@ -253,10 +256,15 @@ def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
                 buf.write("\n")
     writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
+    data = buf.getvalue().encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)  # one syscall: concurrent appenders do not interleave
+        if written != len(data):
+            raise OSError(f"{path}: short write ({written} of {len(data)} bytes)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def pending(path: Path, runs: Sequence[Run]) -> Iterator[Run]:
@@ -265,10 +273,18 @@ def pending(path: Path, runs: Sequence[Run]) -> Iterator[Run]:
     return (run for run in runs if run.key not in done)
 
 
-def record(path: str | Path = DEFAULT_OUT, *, limit: int | None = None) -> int:
-    """Trains and appends every pending run (at most ``limit``); returns how many it added."""
+def record(
+    path: str | Path = DEFAULT_OUT, *, limit: int | None = None, shard: tuple[int, int] = (0, 1)
+) -> int:
+    """Trains and appends every pending run (at most ``limit``); returns how many it added.
+
+    ``shard=(k, n)`` keeps the runs at plan positions ``k, k + n, ...`` only.
+    """
     path = Path(path)
-    todo = list(pending(path, planned_runs()))
+    k, n = shard
+    if not 0 <= k < n:
+        raise ValueError(f"shard {k}/{n}: K must be in 0..N-1")
+    todo = list(pending(path, planned_runs()[k::n]))
     log.info("%d of %d runs pending -> %s", len(todo), len(planned_runs()), path)
     added = 0
     for run in todo[:limit]:
@@ -354,11 +370,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="curve table (CSV)")
     parser.add_argument("--limit", type=int, default=None, help="stop after N new runs")
+    parser.add_argument(
+        "--shard", default="0/1", metavar="K/N", help="record plan positions K, K+N, ... only"
+    )
     args = parser.parse_args(argv)
+    try:
+        k, n = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        parser.error(f"--shard {args.shard!r}: expected K/N, e.g. 0/2")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    record(args.out, limit=args.limit)
+    record(args.out, limit=args.limit, shard=(k, n))
 
 
 if __name__ == "__main__":

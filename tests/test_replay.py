@@ -278,3 +278,28 @@ def test_replay_is_deterministic_for_a_seed_with_hyperband_brackets():
     runs = [S.simulate(strategy, t, seed=5, num_trials=10).decisions() for _ in range(2)]
     assert runs[0] == runs[1]
     assert any(s == "stopped" for _, _, s in runs[0])
+
+
+def test_record_shards_split_the_plan_without_overlap(tmp_path, monkeypatch):
+    monkeypatch.setattr(curves, "EPOCHS", 2)
+    runs = curves.planned_runs()
+    trained: dict[int, list] = {0: [], 1: []}
+
+    def fake_train(shard):
+        def train(run):
+            trained[shard].append(run.key)
+            return made_up(
+                epochs=2, configs=[run.config], seeds=(run.seed,), categories=(run.category,)
+            ).to_dict("records")
+
+        return train
+
+    path = tmp_path / "curves.csv"
+    for k in (0, 1):
+        monkeypatch.setattr(curves, "train_run", fake_train(k))
+        assert curves.record(path, limit=3, shard=(k, 2)) == 3
+    assert trained[0] == [r.key for r in runs[0:6:2]]
+    assert trained[1] == [r.key for r in runs[1:6:2]]
+    assert len(curves.load_curves(path)) == 6 * 2  # both shards' runs, whole, in one file
+    with pytest.raises(ValueError, match="shard 2/2"):
+        curves.record(path, shard=(2, 2))
