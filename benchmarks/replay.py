@@ -16,7 +16,9 @@ unreached search seed counts as infinitely many; quantiles are empirical, no int
 and an infinite one prints as null). Per-category strategies have their own target: the mean
 over categories of each category's best.
 
-Also written: ``rank_correlation`` (Spearman, over runs, of the validation value at epoch E
+Also written: ``oracle`` (the early-stopping strategies replayed on ``CurveTable.oracle``,
+whose early values rank runs as the final ones do: the ideal bound of early stopping with
+that rung structure), ``rank_correlation`` (Spearman, over runs, of the validation value at epoch E
 with the final validation and test values: what bounds early stopping), ``warm_start``
 (epochs to target with and without ``search.warm_start``) and ``meta``.
 
@@ -88,6 +90,8 @@ def _strategies() -> list[Strategy]:
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _strategies()}
 DEFAULT_STRATEGY = "asha_tpe"  # what configs/demo_sweep.yaml runs (TPE, ASHA grace 1 rf 3)
+# Replayed on the oracle table too: early stopping at its ideal, against the same reference.
+ORACLE_STRATEGIES = ("fifo_random", "asha_random", "asha_tpe", "hyperband_random")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -374,6 +378,27 @@ def render_markdown(doc: Mapping[str, Any], command: str) -> str:
         ]
         for category, row in corr.items():
             lines.append(f"| {category} | " + " | ".join(str(row[k]) for k in epochs) + " |")
+    oracle = doc.get("oracle") or {}
+    if oracle:
+        ref_ideal = oracle["fifo_random"]["epochs_to_target"]["median"]
+        lines += [
+            "",
+            "Ideal early stopping: the same strategies replayed on the oracle table (every "
+            "validation value replaced by the run's final one, so rung values rank runs exactly "
+            "as the final values do). Ratio against `fifo_random` on the same oracle table "
+            "(FIFO does not stop early, so only sampling noise separates it from the real one):",
+            "",
+            "| strategy (oracle curves) | epochs to target: median [q25, q75] | ratio | reached "
+            "| final test AUROC: median [q25, q75] |",
+            "|---|---|---|---|---|",
+        ]
+        for name, e in oracle.items():
+            med = e["epochs_to_target"]["median"]
+            ratio = f"{ref_ideal / med:.2f}x" if ref_ideal and med else "-"
+            lines.append(
+                f"| `{name}` | {fmt(e['epochs_to_target'])} | {ratio} | {e['reached']} | "
+                f"{fmt(e['final_test_auroc'])} |"
+            )
     warm = doc.get("warm_start") or {}
     if warm:
         lines += [
@@ -415,6 +440,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="seeds of the warm-start comparison (default: --seeds; 0 skips it)",
     )
+    parser.add_argument(
+        "--oracle-seeds",
+        type=int,
+        default=None,
+        help="seeds of the ideal early-stopping bound (default: --seeds; 0 skips it)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("ray", "optuna"):
@@ -445,6 +476,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         workers=args.workers,
         categories=[c for c in args.categories.split(",") if c] or None,
     )
+    oracle_seeds = args.seeds if args.oracle_seeds is None else args.oracle_seeds
+    if oracle_seeds:
+        ideal = run_replay(
+            table.oracle(),
+            [STRATEGIES[n] for n in ORACLE_STRATEGIES],
+            seeds=oracle_seeds,
+            num_trials=args.trials,
+            max_concurrent=args.concurrent,
+            workers=args.workers,
+            categories=[c for c in args.categories.split(",") if c] or None,
+        )
+        doc["oracle"] = {n: ideal[n] for n in ORACLE_STRATEGIES}
     warm_seeds = args.seeds if args.warm_seeds is None else args.warm_seeds
     if warm_seeds:
         doc["warm_start"] = warm_start_replay(

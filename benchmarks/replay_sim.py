@@ -29,6 +29,7 @@ its study), so training noise is replayed and a real Tuner draws the same.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import tempfile
@@ -118,6 +119,15 @@ class CurveTable:
         return float(
             np.mean([np.mean([self.test[(config, k, s)] for s in seeds]) for k in categories])
         )
+
+    def oracle(self) -> CurveTable:
+        """The same runs, every validation value replaced by the run's final one.
+
+        Early values then rank runs exactly as the final values do (Spearman 1 at every
+        epoch): early stopping at its ideal, the bound no rung metric can beat.
+        """
+        val = {k: np.full(len(v), v[-1]) if len(v) else v for k, v in self.val.items()}
+        return dataclasses.replace(self, val=val)
 
     def best_test(self, categories: Sequence[str], per_category: bool = False) -> float:
         """The best achievable final test value: one config for all, or one per category."""

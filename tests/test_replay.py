@@ -190,6 +190,14 @@ def test_rank_correlations_see_crossing_curves():
     assert crossing["nut"]["test@12"] > 0.9
 
 
+def test_oracle_table_ranks_runs_by_their_final_values_from_the_first_epoch():
+    crossing = table(epochs=12, configs=list(range(0, 48, 3)), crossing=True)
+    ideal = crossing.oracle()
+    assert R.rank_correlations(ideal, [1])["nut"]["val@1"] == 1.0  # -0.9 on the real table
+    key = next(iter(crossing.val))
+    assert ideal.val[key][0] == crossing.val[key][-1] and ideal.test == crossing.test
+
+
 def test_early_stopping_pays_only_when_early_values_rank_right():
     kw = {"num_trials": 16, "max_concurrent": 1}
     asha = dataclasses.replace(R.STRATEGIES["asha_random"], eval_every=1, grace_period=1)
@@ -237,8 +245,10 @@ def test_cli_writes_interface_json(tmp_path):
         assert 0 <= doc[name]["reached"] <= 1
     assert doc["meta"]["seeds"] == 2
     assert set(doc["warm_start"]) >= {"asha_tpe/cold/all", "asha_tpe/warm/other_seed"}
+    assert set(doc["oracle"]) == set(R.ORACLE_STRATEGIES)
     md = (tmp_path / "replay.md").read_text()
     assert "`asha_tpe` (default)" in md and "`fifo_random`" in md and "Spearman" in md
+    assert "Ideal early stopping" in md
 
 
 def test_default_names_what_the_demo_sweep_runs():
