@@ -249,6 +249,31 @@ def test_cli_writes_interface_json(tmp_path):
     md = (tmp_path / "replay.md").read_text()
     assert "`asha_tpe` (default)" in md and "`fifo_random`" in md and "Spearman" in md
     assert "Ideal early stopping" in md
+    assert doc["best"] in R.STRATEGIES and f"Evidence picks `{doc['best']}`" in md
+
+
+def _entry(median, reached, final, q75=None):
+    return {
+        "epochs_to_target": {"median": median, "q25": median, "q75": q75 or median},
+        "reached": reached,
+        "final_test_auroc": {"median": final, "q25": final, "q75": final},
+    }
+
+
+def test_evidence_best_takes_fewest_epochs_among_strategies_as_good_as_the_reference():
+    doc = {
+        "fifo_random": _entry(900.0, 0.6, 0.80),
+        "asha_random": _entry(300.0, 0.6, 0.79),  # cheapest, but final 0.01 worse
+        "asha_tpe": _entry(400.0, 0.5, 0.81),  # reaches the target less often
+        "fifo_tpe": _entry(600.0, 0.7, 0.797),  # within 0.005: eligible
+        "asha_tpe_best": _entry(100.0, 1.0, 0.9),  # replay-only rung metric: not shippable
+        "asha_tpe/per_category": _entry(100.0, 1.0, 0.9),
+    }
+    assert R.evidence_best(doc) == "fifo_tpe"
+    doc["fifo_tpe"]["final_test_auroc"]["median"] = 0.794
+    assert R.evidence_best(doc) == "fifo_random"  # the reference is always eligible
+    doc["fifo_gp"] = _entry(None, 0.6, 0.80, q75=None)
+    assert R.evidence_best(doc) == "fifo_random"  # unreached medians count as infinite
 
 
 def test_default_names_what_the_demo_sweep_runs():
