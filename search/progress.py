@@ -56,6 +56,11 @@ class ProgressTable(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._states[trial.trial_id] = "running"
+        restart = _restart(trial)
+        if restart is not None:
+            self._results.pop(trial.trial_id, None)  # its last round runs again: "starting"
+            self._write(f"[{self._elapsed()}] restart {trial.trial_id} {restart}")
+            return
         self._write(f"[{self._elapsed()}] start  {trial.trial_id}: {self._describe(trial.config)}")
 
     def on_trial_result(
@@ -125,3 +130,26 @@ class ProgressTable(Callback):
             + f" | best {OBJECTIVE} so far {best}"
         )
         return "\n".join([head, *running])
+
+
+def _restart(trial: Any) -> str | None:
+    """Where a trial that reported before continues (a retry after a lost worker, or a
+    resumed sweep), and which rounds it trains again; None for a first start.
+
+    A retry of a recorded deterministic failure ends at once and trains nothing.
+    """
+    if not trial.has_reported_at_least_once:  # (last_result would wait for a default one)
+        return None
+    reached = int(trial.last_result.get("training_iteration", 0) or 0)
+    if not reached or failure_reason(trial) is not None:
+        return None
+    saved = trial.latest_checkpoint_result
+    kept = int(saved.metrics.get("training_iteration", 0) or 0) if saved else 0
+    if reached == kept + 1:
+        again = f"round {reached} runs again"
+    elif reached > kept:
+        again = f"rounds {kept + 1}-{reached} run again"
+    else:
+        again = "no round runs again"
+    where = f"its round-{kept} checkpoint" if kept else "the start (no checkpoint)"
+    return f"from {where}, having reached round {reached}: {again}"

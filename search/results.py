@@ -12,6 +12,7 @@ import pandas as pd
 
 from mmr.report import METRICS, SPEED_METRICS
 from search.config import SweepSpec, load_spec
+from search.rounds import count_repeated
 from search.searcher import OBJECTIVE, ROUNDS_KEY
 from search.trainable import META_KEYS
 
@@ -157,8 +158,11 @@ def _row(spec: SweepSpec, trial: Any) -> dict[str, Any]:
         {
             OBJECTIVE: result.get(OBJECTIVE),
             "rounds": rounds,
+            # The trained model's: a round trained again after a restart counts once here
+            # (Tune's time_total_s continues from the checkpoint's), and in rounds_repeated.
             "epochs": result.get("epoch"),
             "wall_s": result.get("time_total_s"),
+            "rounds_repeated": _repeated(trial),
             "node_ip": result.get("node_ip"),
         }
     )
@@ -167,6 +171,15 @@ def _row(spec: SweepSpec, trial: Any) -> dict[str, Any]:
     row.update({k: v for k, v in result.items() if "/" in k and k.rsplit("/", 1)[-1] in METRICS})
     row["checkpoint"] = checkpoint  # a Tune Checkpoint (local or remote) or None
     return row
+
+
+def _repeated(trial: Any) -> int | None:
+    """Rounds of the trial that restarts trained again; None when its storage is unreachable."""
+    try:
+        return count_repeated(trial)
+    except OSError as exc:
+        log.debug("cannot read the repeated rounds of trial %s: %s", trial.trial_id, exc)
+        return None
 
 
 def _error_line(trial: Any) -> str | None:
@@ -256,6 +269,8 @@ def status_table(experiment: str | Path) -> str:
     cols += [
         c for c in (OBJECTIVE, *METRICS, *SPEED_METRICS, "rounds", "epochs", "wall_s") if c in df
     ]
+    if "rounds_repeated" in df and df["rounds_repeated"].fillna(0).gt(0).any():
+        cols.append("rounds_repeated")  # restarts trained these rounds again
     shown = df.copy()
     if "on_front" in df:
         shown["front"] = np.where(df["on_front"].astype(bool), "*", "")

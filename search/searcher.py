@@ -198,8 +198,26 @@ class StudySearch(OptunaSearch):
         self._reopen_if_retried(trial_id)
         if trial_id in self._ot_trials and self._finished_in_study(trial_id):
             return
-        if not self._multi:  # Optuna keeps no intermediate values for several objectives
-            super().on_trial_result(trial_id, result)
+        if self._multi:  # Optuna keeps no intermediate values for several objectives
+            return
+        if trial_id in self._completed_trials:
+            super().on_trial_result(trial_id, result)  # Ray's warning: a result after the end
+            return
+        self._report(trial_id, result[OBJECTIVE], int(result["training_iteration"]))
+
+    def _report(self, trial_id: str, value: float, step: int) -> None:
+        """``Trial.report``, where a step reported again replaces the earlier value.
+
+        A trial restarted from a checkpoint older than its last round trains the rounds
+        since then again and reports their steps again; Optuna's ``report`` would keep the
+        first attempt's value (and warn), which a PRUNED trial's ranking would then use.
+        """
+        ot_trial = self._ot_trials[trial_id]
+        frozen = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
+        if step in frozen.intermediate_values:
+            ot_trial.storage.set_trial_intermediate_value(ot_trial._trial_id, step, float(value))
+        else:
+            ot_trial.report(value, step)
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
@@ -223,10 +241,8 @@ class StudySearch(OptunaSearch):
             # Stopped early by the scheduler: PRUNED, valued by its last intermediate value.
             # Tune passes the result that triggered the stop here, not to on_trial_result.
             ot_trial = self._ot_trials[trial_id]
-            step = int(result.get("training_iteration", 0))
-            frozen = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
-            if not self._multi and step not in frozen.intermediate_values:
-                ot_trial.report(result[OBJECTIVE], step)
+            if not self._multi:
+                self._report(trial_id, result[OBJECTIVE], int(result["training_iteration"]))
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
             return

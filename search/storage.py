@@ -166,7 +166,10 @@ def pull(uri: str) -> Path:
 
 
 def read_histories(location: str) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
-    """Yields ``(trial_id, config, results)`` from each trial's ``result.json`` (path or URI)."""
+    """Yields ``(trial_id, config, results)`` from each trial's ``result.json`` (path or URI).
+
+    ``results`` holds one result per round, in round order.
+    """
     fs, path = _fs(location) if is_uri(location) else (pafs.LocalFileSystem(), str(location))
     try:
         entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -180,12 +183,16 @@ def read_histories(location: str) -> Iterator[tuple[str, dict[str, Any], list[di
             continue
         with fs.open_input_stream(result) as f:
             text = f.read().decode()
-        results = []
+        latest: dict[Any, dict[str, Any]] = {}
         for line in text.splitlines():
             try:
-                results.append(json.loads(line))
+                result = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a killed driver
+            # A round trained again after a restart keeps its place and its latest values
+            # (search.rounds keeps each round once; older experiments may repeat rounds).
+            latest[result.get("training_iteration")] = result
+        results = list(latest.values())
         if results:
             yield results[0]["trial_id"], results[-1].get("config", {}), results
 

@@ -19,6 +19,7 @@ from mmr.errors import UserInputError
 from search.config import SPEC_FILE, SweepSpec, is_experiment, load_spec
 from search.progress import ProgressTable
 from search.resources import check_resources
+from search.rounds import RoundCSVLogger, RoundJsonLogger
 from search.scheduler import PerCategoryScheduler, ResumableASHA
 from search.searcher import OBJECTIVE, RetryingLimiter, make_searcher
 from search.storage import is_empty, is_uri, probe_writable, push, remove_from_trials, resuming
@@ -207,6 +208,9 @@ def _run_config(spec: SweepSpec, write: Write, started: float) -> tune.RunConfig
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         callbacks=[
             ProgressTable(spec, write=write, started=started),
+            # Tune's file loggers, keeping each round once after a restart repeated rounds.
+            RoundJsonLogger(),
+            RoundCSVLogger(),
             TrialTensorBoard(),
             EndDeterministicFailures(spec.sweep.max_failures),
         ]

@@ -503,6 +503,101 @@ def test_worker_killed_mid_trial_resumes_from_its_checkpoint(
     assert json.loads(next(exp.glob("trial_*/worker.json")).read_text())["pid"] != worker["pid"]
 
 
+def test_rounds_a_retried_trial_trains_again_appear_once_with_the_retrys_values(
+    ray_session, synthetic_root, tmp_path, monkeypatch
+):
+    """``train.checkpoint_every: 2`` and a worker lost after round 3 (a non-deterministic
+    error: Ray retries the trial). The retry continues from round 2's checkpoint and trains
+    round 3 again; every record holds each round once, round 3 with the retry's value (the
+    first attempt reported a recognisably lower one), and the repeated round is counted."""
+    import warnings
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from search import trainable
+    from search.results import load_trials, status_table
+    from search.storage import read_histories
+    from search.sweep import run_sweep
+
+    failed = tmp_path / "failed-once"
+
+    def flaky(config, *, spec):  # runs in the trial's worker (a closure: pickled by value)
+        import ray.tune
+
+        from search.trainable import train_trial
+
+        report = ray.tune.report
+
+        def report_then_fail(metrics, *, checkpoint=None):
+            first = not failed.exists()
+            if first and metrics["epoch"] == 3:
+                metrics = {**metrics, "objective": metrics["objective"] - 0.5}
+            report(metrics, checkpoint=checkpoint)
+            if first and metrics["epoch"] == 3:
+                failed.touch()
+                raise RuntimeError("injected: the worker is lost after round 3")
+
+        ray.tune.report = report_then_fail
+        try:
+            train_trial(config, spec=spec)
+        finally:
+            ray.tune.report = report
+
+    monkeypatch.setattr(trainable, "train_trial", flaky)
+    spec = spec_for(
+        tmp_path,
+        synthetic_root,
+        "search.num_trials=1",
+        "train.checkpoint_every=2",
+        "max_failures=2",
+        name="again",
+    )
+    lines: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = run_sweep(spec, write=lines.append, dashboard=False, export=False)
+    exp = run.experiment_dir
+    assert failed.exists()
+    (trial_dir,) = exp.glob("trial_*")
+
+    # Tune's files: each round once; round 3 is the retry's (its first round).
+    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    assert [r["training_iteration"] for r in rows] == [1, 2, 3, 4]
+    assert [r["iterations_since_restore"] for r in rows] == [1, 2, 1, 2]
+    value = {r["training_iteration"]: r["objective"] for r in rows}
+    (stale,) = [
+        json.loads(x) for x in (trial_dir / "result_repeated.json").read_text().splitlines()
+    ]
+    assert stale["training_iteration"] == 3 and stale["objective"] < value[3] - 0.4
+    progress = pd.read_csv(trial_dir / "progress.csv")
+    assert progress["training_iteration"].tolist() == [1, 2, 3, 4]
+    assert progress["objective"].tolist() == pytest.approx([value[r] for r in range(1, 5)])
+    ((_, _, results),) = read_histories(exp)
+    assert [(r["training_iteration"], r["objective"]) for r in results] == list(value.items())
+    events = EventAccumulator(str(trial_dir))
+    events.Reload()
+    scalars = events.Scalars("ray/tune/objective")
+    assert [s.step for s in scalars] == [1, 2, 3, 4]
+    assert [s.value for s in scalars] == pytest.approx(list(value.values()), abs=1e-6)
+
+    # The trials table: the model's 4 rounds, and the one round trained again.
+    (row,) = load_trials(exp).to_dict("records")
+    assert (row["state"], row["rounds"], row["epochs"], row["rounds_repeated"]) == (
+        "done", 4, 4, 1,
+    )  # fmt: skip
+    assert "rounds_repeated" in status_table(exp)
+
+    # The study: one intermediate value per round, round 3's the retry's; no Optuna warning.
+    (ot_trial,) = study(exp, "again").trials
+    assert ot_trial.state == optuna.trial.TrialState.COMPLETE
+    assert ot_trial.intermediate_values == pytest.approx(value)
+    assert not [w for w in caught if "already reported" in str(w.message)]
+
+    # The terminal says what the retry repeats.
+    (retry,) = [x for x in lines if " restart " in x]
+    assert "round-2 checkpoint" in retry and "round 3 runs again" in retry, retry
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -599,6 +694,127 @@ def test_resumed_asha_rebuilds_its_rungs_from_disk_and_still_stops_trials(tmp_pa
     asha.on_trial_add(None, base)
     assert asha.on_trial_result(None, base, result) == TrialScheduler.CONTINUE
     assert "base" in dict(asha.rungs)[1]
+
+
+def test_asha_decides_a_rung_once_when_a_retried_trial_reports_it_again(tmp_path):
+    """Ray's ASHA records a trial at a rung once: a round that a retry trains again (here far
+    below the cutoff) neither stops the trial nor changes its record. A resumed sweep
+    rebuilds the rung from ``result.json`` with the latest attempt's value."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from search.scheduler import ResumableASHA
+
+    def asha() -> ResumableASHA:  # rungs at rounds 1 and 3
+        return ResumableASHA(
+            experiment=str(tmp_path), metric="objective", max_t=4, grace_period=1,
+            reduction_factor=3,
+        )  # fmt: skip
+
+    live = asha()
+    good, weak = (
+        SimpleNamespace(trial_id="good", config={}),
+        SimpleNamespace(trial_id="weak", config={}),
+    )
+    for trial, value in ((weak, 0.5), (good, 0.9)):
+        live.on_trial_add(None, trial)
+        for round_ in (1, 2, 3):
+            result = {"training_iteration": round_, "objective": value}
+            assert live.on_trial_result(None, trial, result) == TrialScheduler.CONTINUE
+    # The worker of "good" is lost after round 3; Tune requeues it and the retry, restored
+    # from round 2's checkpoint, reports round 3 again, with a value that the rung would stop.
+    live.on_trial_error(None, good)
+    live.on_trial_add(None, good)
+    result = {"training_iteration": 3, "objective": 0.1}
+    assert live.on_trial_result(None, good, result) == TrialScheduler.CONTINUE
+    assert dict(live.rungs)[3] == {"weak": 0.5, "good": 0.9}
+    assert live._num_stopped == 0
+
+    # result.json of a trial whose round 3 was trained again (rows as an older sweep left them).
+    rows = [(1, 0.9), (2, 0.9), (3, 0.2), (3, 0.8)]
+    (tmp_path / "trial_a").mkdir()
+    (tmp_path / "trial_a" / "result.json").write_text(
+        "".join(
+            json.dumps({"trial_id": "a", "training_iteration": r, "objective": v}) + "\n"
+            for r, v in rows
+        )
+    )
+    resumed = asha()
+    resumed.on_trial_add(None, SimpleNamespace(trial_id="new", config={}))
+    assert {m: dict(r) for m, r in resumed.rungs} == {3: {"a": 0.8}, 1: {"a": 0.9}}
+
+
+def test_file_loggers_keep_each_round_once_and_record_the_repeated_rows(tmp_path):
+    """Tune's file loggers as a sweep drives them, through a retry in the same driver and a
+    resumed driver. Tune writes a trial's files in the driver's staging dir and uploads them
+    to the storage now and then; a resumed driver starts with an empty staging dir."""
+    import shutil
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    from search.rounds import RoundCSVLogger, RoundJsonLogger, count_repeated
+
+    remote = tmp_path / "storage" / "trial"
+    remote.mkdir(parents=True)
+
+    class Trial:  # what the loggers use of a Tune trial
+        config: dict = {}
+        checkpoint: str | None = None
+        local_path = ""
+        storage = SimpleNamespace(
+            storage_filesystem=pafs.LocalFileSystem(), trial_fs_path=str(remote)
+        )
+
+        def init_local_path(self) -> None:
+            Path(self.local_path).mkdir(parents=True, exist_ok=True)
+
+    trial = Trial()
+
+    def driver(staging: str) -> list:  # fresh loggers, an empty staging dir
+        trial.local_path = str(tmp_path / staging / "trial")
+        trial.init_local_path()
+        return [RoundJsonLogger(), RoundCSVLogger()]
+
+    def start(loggers: list) -> None:  # Tune's on_trial_start: a new, retried or resumed trial
+        for logger in loggers:
+            logger.log_trial_start(trial)
+
+    def report(loggers: list, attempt: int, round_: int) -> None:
+        result = {"training_iteration": round_, "objective": attempt + round_ / 10}
+        if round_ == 3:  # the final round adds the speed metrics
+            result["latency_ms"] = 1.0
+        for logger in loggers:
+            logger.log_trial_result(round_, trial, result)
+
+    def upload() -> None:  # Tune's sync of the staging dir to the storage
+        shutil.copytree(trial.local_path, remote, dirs_exist_ok=True)
+
+    first = driver("a")
+    start(first)
+    report(first, 1, 1)
+    upload()
+    trial.checkpoint = "round 1"
+    report(first, 1, 2)  # not uploaded when the worker is lost
+    start(first)  # the retry, from round 1's checkpoint, trains round 2 again
+    report(first, 2, 2)
+    upload()  # the driver is killed
+    resumed = driver("b")
+    trial.checkpoint = "round 2"
+    start(resumed)
+    report(resumed, 3, 3)  # the final round, with more keys than the file's header
+    start(resumed)  # its worker lost while saving: round 3 runs again
+    report(resumed, 4, 3)
+    upload()
+
+    rows = [json.loads(line) for line in (remote / "result.json").read_text().splitlines()]
+    expected = {1: 1.1, 2: 2.2, 3: 4.3}
+    assert [(r["training_iteration"], r["objective"]) for r in rows] == list(expected.items())
+    progress = pd.read_csv(remote / "progress.csv")
+    assert list(progress.columns) == ["training_iteration", "objective"]
+    assert progress.set_index("training_iteration")["objective"].to_dict() == expected
+    assert count_repeated(trial) == 2  # attempt 1's round 2, attempt 3's round 3
 
 
 @pytest.mark.parametrize(
