@@ -213,8 +213,7 @@ class StudySearch(OptunaSearch):
         first attempt's value (and warn), which a PRUNED trial's ranking would then use.
         """
         ot_trial = self._ot_trials[trial_id]
-        frozen = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
-        if step in frozen.intermediate_values:
+        if step in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
             ot_trial.storage.set_trial_intermediate_value(ot_trial._trial_id, step, float(value))
         else:
             ot_trial.report(value, step)
