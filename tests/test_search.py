@@ -102,7 +102,8 @@ def test_sweep_end_to_end_with_export_that_reproduces_the_best_trial(
         assert (out / name).is_file(), name
     trials = pd.read_csv(out / "trials.csv")
     assert trials["baseline"].tolist().count(True) == 1 and len(trials) == 4
-    assert "disk/image_auroc" in trials.columns and "wall_s" in trials.columns
+    assert {"disk/image_auroc", "wall_s", "rounds_repeated"} <= set(trials.columns)
+    assert trials["rounds_repeated"].eq(0).all()  # no trial was restarted
     results = (out / "results.md").read_text()
     assert "| baseline (test) |" in results and "| best (test) |" in results
     state = torch.load(out / "model.pt", weights_only=True)
