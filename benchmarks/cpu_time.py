@@ -1,7 +1,7 @@
 """CPU seconds of the augmentation and of a tiny-config training epoch, for before/after
 comparisons on a busy machine.
 
-    python -m benchmarks.cpu_time [CODE_ROOT]
+    python -m benchmarks.cpu_time [CODE_ROOT] [--paper]
 
 ``time.process_time()`` (the process's CPU seconds, one torch thread) is far less sensitive to
 other processes than wall time. Medians of 5 after a warm-up: one augmented epoch
@@ -9,6 +9,10 @@ other processes than wall time. Medians of 5 after a warm-up: one augmented epoc
 tiny config (``mmr.train._train_epoch``, 96 images, batch 16). ``CODE_ROOT``: a checkout to
 measure (e.g. a ``git worktree`` of an older commit); default this one. Run the two roots
 alternately in fresh processes.
+
+``--paper``: instead, one training epoch of the paper config (``configs/mvtec.yaml``,
+wide_resnet50_2 + ViT-B/16 at 224 px, random init) on 8 images at 256 px, batch 4 (two steps),
+median of 3 after a warm-up.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ def _median_cpu_s(fn: Callable[[], None], repeats: int = 5) -> float:
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent)
+    args = [a for a in sys.argv[1:] if a != "--paper"]
+    paper = "--paper" in sys.argv[1:]
+    root = Path(args[0] if args else Path(__file__).resolve().parent.parent)
     sys.path.insert(0, str(root))
     import torch
 
@@ -44,6 +50,20 @@ def main() -> None:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (100, 3, 256, 256), dtype=torch.uint8, generator=gen)
+
+    if paper:
+        cfg = load_config(root / "configs" / "mvtec.yaml").override(
+            {"model.pretrained": False, "train.device": "cpu", "train.batch_size": 4}
+        )
+        model = train.build_models(cfg, ["m"], torch.device("cpu"))["m"]
+        opt = torch.optim.AdamW(
+            param_groups(model, weight_decay=0.05), lr=1e-4, betas=cfg.train.betas
+        )
+        images = torch.randint(0, 256, (8, 3, 256, 256), dtype=torch.uint8, generator=gen)
+        extra = ("m", 1) if "name" in inspect.signature(train._train_epoch).parameters else ()
+        cpu_s = _median_cpu_s(lambda: train._train_epoch(model, opt, images, gen, cfg, *extra), 3)
+        print(json.dumps({"root": str(root), "mmr": train.__file__, "paper_epoch_cpu_s": cpu_s}))
+        return
 
     def augment_epoch() -> None:
         for _ in train_batches(u8, batch_size=16, image_size=224, generator=gen):

@@ -372,13 +372,16 @@ def _train_epoch(
         with fp32_math("tf32"):
             with _autocast(cfg, images.device):
                 loss = model(x)
+            # Dropped here rather than right after the step: the backward then reuses the
+            # blocks just freed (the forward's activations would take them otherwise), 3.5%
+            # less CPU time per paper-config epoch (benchmarks.cpu_time --paper).
+            opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
-        # Gradients are dropped right after the step, so that none are held between steps or
-        # while the other categories of a lockstep trial train.
-        opt.zero_grad(set_to_none=True)
         total += loss.detach() * len(idx)
         count += len(idx)
+    # None are held between epochs, nor while the other categories of a lockstep trial train.
+    opt.zero_grad(set_to_none=True)
     return total / max(count, 1)
 
 

@@ -485,3 +485,18 @@ def test_latency_is_the_median_per_image_of_timed_calls(monkeypatch):
     model.calls = 0
     assert speed.latency_ms(model, batch_size=1, blur_sigma=0.0) == pytest.approx(300.0)
     assert model.calls == 7
+
+
+def test_an_epoch_leaves_no_gradients_held():
+    """A lockstep trial trains its categories one after another: none may keep gradients."""
+    from mmr.train import _train_epoch, build_models, make_optimizer
+
+    cfg = tiny(ROOT).override({"train.device": "cpu", "model.pretrained": False})
+    model = build_models(cfg, ["disk"], torch.device("cpu"))["disk"]
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    before = [p.detach().clone() for p in model.student.parameters()]
+    images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
+    loss = _train_epoch(model, opt, images, torch.Generator().manual_seed(0), cfg)
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.student.parameters(), strict=True))
+    assert all(p.grad is None for p in model.student.parameters())
