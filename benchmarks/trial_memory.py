@@ -5,8 +5,9 @@ counts (computed on a CPU), and how many such trials fit on a GPU.
 
 Per category ``fit`` keeps the student's float32 parameters and AdamW's two float32 moments
 (12 bytes per parameter). Gradients (4 bytes per parameter) exist only while one category
-steps: lockstep trains the categories one after the other and drops the gradients right
-after each step (``zero_grad(set_to_none=True)``); before that change every category kept
+steps: lockstep trains the categories one after the other and drops the gradients before
+each backward and at the end of each epoch (``zero_grad(set_to_none=True)``); before that
+change every category kept
 its last gradients between epochs (16 bytes per parameter per category). One frozen teacher
 is shared. Not included: activations of a training step (batch, image size and precision
 dependent: measure them with ``benchmarks/gpu.py --parts memory`` on a GPU), the CUDA
