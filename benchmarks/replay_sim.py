@@ -129,6 +129,22 @@ class CurveTable:
         val = {k: np.full(len(v), v[-1]) if len(v) else v for k, v in self.val.items()}
         return dataclasses.replace(self, val=val)
 
+    def final_val(self, config: int, categories: Sequence[str]) -> float:
+        """Mean over ``categories`` of the seed-mean final validation value."""
+        seeds = self.seeds(config, categories)
+        return float(
+            np.mean([np.mean([self.val[(config, k, s)][-1] for s in seeds]) for k in categories])
+        )
+
+    def best_by_validation(self, categories: Sequence[str]) -> tuple[int, float]:
+        """The configuration with the best final validation value, and its test value: what a
+        search that trained every configuration fully and picked by validation would ship
+        (diverged configurations left out; ties: the lower index)."""
+        cats = list(categories)
+        finished = [c for c in self.configs(cats) if not np.isnan(self.final_test(c, cats))]
+        best = max(finished, key=lambda c: (self.final_val(c, categories), -c))
+        return best, self.final_test(best, categories)
+
     def best_test(self, categories: Sequence[str], per_category: bool = False) -> float:
         """The best achievable final test value: one config for all, or one per category."""
         if per_category:

@@ -276,6 +276,35 @@ def test_evidence_best_takes_fewest_epochs_among_strategies_as_good_as_the_refer
     assert R.evidence_best(doc) == "fifo_random"  # unreached medians count as infinite
 
 
+def test_evidence_uses_best_minus_002_when_the_reference_rarely_reaches_best_minus_001():
+    doc = {
+        "fifo_random": _entry(None, 0.4, 0.80),
+        "asha_tpe": _entry(None, 0.45, 0.80),  # would win on best - 0.01 reached
+        "fifo_tpe": _entry(None, 0.2, 0.80),
+    }
+    doc["fifo_random"].update({"epochs_to_target_0.02": {"median": 800.0, "q75": None},
+                               "reached_0.02": 0.9})  # fmt: skip
+    doc["asha_tpe"].update({"epochs_to_target_0.02": {"median": 900.0, "q75": None},
+                            "reached_0.02": 0.9})  # fmt: skip
+    doc["fifo_tpe"].update({"epochs_to_target_0.02": {"median": 400.0, "q75": 600.0},
+                            "reached_0.02": 0.95})  # fmt: skip
+    assert R.decisive_target(doc) == "epochs_to_target_0.02"
+    assert R.evidence_best(doc) == "fifo_tpe"
+    doc["fifo_random"]["epochs_to_target"]["median"] = 900.0
+    assert R.decisive_target(doc) == "epochs_to_target"
+    assert R.evidence_best(doc) == "fifo_random"  # asha_tpe's median is unreached
+
+
+def test_best_by_validation_is_what_picking_by_validation_ships():
+    t = table(epochs=4, configs=[12, 13, 14, 15])  # 14 is the made-up best on test
+    assert t.best_by_validation(["nut", "fabric"]) == (14, pytest.approx(0.95))
+    for key in [k for k in t.val if k[0] == 12]:  # 12 now looks best on validation only
+        t.val[key] = t.val[key] + 0.5
+    config, test = t.best_by_validation(["nut", "fabric"])
+    assert config == 12 and test == pytest.approx(t.final_test(12, ["nut", "fabric"]))
+    assert test < t.best_test(["nut", "fabric"]) - 0.01
+
+
 def test_default_names_what_the_demo_sweep_runs():
     from search.config import resolve_sweep
 
