@@ -17,7 +17,8 @@ What is recorded (``GRID``, ``SEEDS``, ``CATEGORIES``, ``EPOCHS``):
 - 36 epochs, 1.5x the demo's 24, with the tiny config's schedule scaled alike (2 warm-up
   epochs, lr / 10 for the last 6 epochs as the demo's for its last 4 or 5); validation after
   every epoch.
-  48 epochs would cost 1.3x more for a flat tail; a run takes ~2.5 min of one core here.
+  48 epochs would cost 1.3x more for a flat tail. A run took 54 s of one core (median over
+  the 192; quartiles 45 and 76 s; runs slowed by other work took up to an hour).
 
 Rows (``curves.csv``, one per run and epoch): the run's key (``config``, its four
 parameters, ``category``, ``seed``), ``epoch``, the validation metrics (``val_image_auroc``,
@@ -31,11 +32,14 @@ Resumable in parts: a run is appended (all its rows in one write) only once it f
 runs already in the file are skipped, so the recorder can be killed at any time and started
 again with the same command; ``load_curves`` drops any incomplete run left by a kill.
 
-Command that made ``benchmarks/data/curves.csv`` (one process, one torch thread, lowest CPU
-priority so that it uses only idle CPU; the run order is seed-major over a fixed shuffle of
-the configurations, so any prefix is a space-filling subset with both categories)::
+Command that made ``benchmarks/data/curves.csv`` (one torch thread, lowest CPU priority so
+that it uses only idle CPU; the run order is seed-major over a fixed shuffle of the
+configurations, so any prefix is a space-filling subset with both categories; ``--out``
+is ``benchmarks/data/curves.csv`` by default). The first 37
+runs came from one process; the rest from two, one per core, started as::
 
-    OMP_NUM_THREADS=1 nice -n 19 python -m benchmarks.curves --out benchmarks/data/curves.csv
+    OMP_NUM_THREADS=1 nice -n 19 python -m benchmarks.curves --shard 0/2
+    OMP_NUM_THREADS=1 nice -n 19 python -m benchmarks.curves --shard 1/2
 
 (``--out`` elsewhere and copying the file in is equivalent; ``--limit N`` stops after N runs;
 ``--shard K/N`` records only the runs at positions K, K + N, ... of the plan, so N niced

@@ -367,3 +367,17 @@ def test_record_shards_split_the_plan_without_overlap(tmp_path, monkeypatch):
     assert len(curves.load_curves(path)) == 6 * 2  # both shards' runs, whole, in one file
     with pytest.raises(ValueError, match="shard 2/2"):
         curves.record(path, shard=(2, 2))
+
+
+EVIDENCE = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "replay.json"
+
+
+def test_committed_replay_evidence_is_from_the_full_recording_and_its_rule():
+    """BENCHMARKS.md section 7 quotes this file: real curves, all runs, the rule's own pick."""
+    doc = json.loads(EVIDENCE.read_text())
+    assert not str(doc["meta"]["source"]).startswith("made up")
+    assert doc["meta"]["seeds"] >= 30
+    assert doc["meta"]["table"]["runs"] == len(curves.planned_runs())
+    assert doc["default"] == R.DEFAULT_STRATEGY  # what the shipped sweep configs run
+    assert R.evidence_best(doc) == doc["best"]  # the rule, rerun on the committed figures
+    assert set(doc["oracle"]) == set(R.ORACLE_STRATEGIES) and doc["warm_start"]
