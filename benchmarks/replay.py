@@ -490,7 +490,7 @@ def render_markdown(doc: Mapping[str, Any], command: str) -> str:
             "Ideal early stopping: the same strategies replayed on the oracle table (every "
             "validation value replaced by the run's final one, so rung values rank runs exactly "
             "as the final values do). Ratio against `fifo_random` on the same oracle table "
-            "(FIFO does not stop early, so only sampling noise separates it from the real one):",
+            "(which neither stops early nor models values: the same as on the real table):",
             "",
             "| strategy (oracle curves) | epochs to best - 0.01: median [q25, q75] | reached | "
             "epochs to best - 0.02: median [q25, q75] | reached | ratio | final test AUROC: "
