@@ -51,17 +51,23 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (100, 3, 256, 256), dtype=torch.uint8, generator=gen)
 
-    if paper:
-        cfg = load_config(root / "configs" / "mvtec.yaml").override(
-            {"model.pretrained": False, "train.device": "cpu", "train.batch_size": 4}
+    def training_epoch(config: str, overrides: dict, shape: tuple[int, ...]) -> Callable[[], None]:
+        """One ``_train_epoch`` of ``configs/<config>`` (random init, CPU) on random images."""
+        cfg = load_config(root / "configs" / config).override(
+            {"model.pretrained": False, "train.device": "cpu", **overrides}
         )
         model = train.build_models(cfg, ["m"], torch.device("cpu"))["m"]
         opt = torch.optim.AdamW(
             param_groups(model, weight_decay=0.05), lr=1e-4, betas=cfg.train.betas
         )
-        images = torch.randint(0, 256, (8, 3, 256, 256), dtype=torch.uint8, generator=gen)
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        # Older checkouts' epoch function also took the task name and epoch.
         extra = ("m", 1) if "name" in inspect.signature(train._train_epoch).parameters else ()
-        cpu_s = _median_cpu_s(lambda: train._train_epoch(model, opt, images, gen, cfg, *extra), 3)
+        return lambda: train._train_epoch(model, opt, images, gen, cfg, *extra)
+
+    if paper:
+        epoch = training_epoch("mvtec.yaml", {"train.batch_size": 4}, (8, 3, 256, 256))
+        cpu_s = _median_cpu_s(epoch, 3)
         print(json.dumps({"root": str(root), "mmr": train.__file__, "paper_epoch_cpu_s": cpu_s}))
         return
 
@@ -69,18 +75,7 @@ def main() -> None:
         for _ in train_batches(u8, batch_size=16, image_size=224, generator=gen):
             pass
 
-    cfg = load_config(root / "configs" / "tiny.yaml").override(
-        {"model.pretrained": False, "train.device": "cpu"}
-    )
-    model = train.build_models(cfg, ["m"], torch.device("cpu"))["m"]
-    opt = torch.optim.AdamW(param_groups(model, weight_decay=0.05), lr=1e-4, betas=cfg.train.betas)
-    images = torch.randint(0, 256, (96, 3, 72, 72), dtype=torch.uint8, generator=gen)
-    # Older checkouts' epoch function also took the task name and epoch.
-    extra = ("m", 1) if "name" in inspect.signature(train._train_epoch).parameters else ()
-
-    def train_epoch() -> None:
-        train._train_epoch(model, opt, images, gen, cfg, *extra)
-
+    train_epoch = training_epoch("tiny.yaml", {}, (96, 3, 72, 72))
     result = {
         "root": str(root),
         "mmr": train.__file__,  # which checkout was measured

@@ -445,20 +445,26 @@ def render_markdown(doc: Mapping[str, Any], command: str) -> str:
     def fmt(q: Mapping[str, Any] | None) -> str:
         return f"{q['median']} [{q['q25']}, {q['q75']}]" if q else "-"
 
+    def cells(e: Mapping[str, Any], ref_median: float | None) -> str:
+        """Both targets' epochs and reach, the ratio and the final test AUROC of one row."""
+        med = e[key]["median"]
+        ratio = f"{ref_median / med:.2f}x" if ref_median and med else "-"
+        return (
+            f"{fmt(e['epochs_to_target'])} | {e['reached']} | "
+            f"{fmt(e.get('epochs_to_target_0.02'))} | {e.get('reached_0.02', '-')} | {ratio} | "
+            f"{fmt(e['final_test_auroc'])}"
+        )
+
     names = [k for k, v in doc.items() if isinstance(v, dict) and "epochs_to_target" in v]
     names.sort(
         key=lambda n: (doc[n][key]["median"] or math.inf, -doc[n].get(f"reached{suffix}", 0))
     )
     for name in names:
         e = doc[name]
-        med = e[key]["median"]
-        ratio = f"{ref / med:.2f}x" if ref and med else "-"
         mark = " (default)" if name == doc.get("default") else ""
         total = (e.get("epochs_total") or {}).get("median", "-")
         lines.append(
-            f"| `{name}`{mark} | {fmt(e['epochs_to_target'])} | {e['reached']} | "
-            f"{fmt(e.get('epochs_to_target_0.02'))} | {e.get('reached_0.02', '-')} | {ratio} | "
-            f"{fmt(e['final_test_auroc'])} | {total} | {e.get('cpu_seconds', '-')} |"
+            f"| `{name}`{mark} | {cells(e, ref)} | {total} | {e.get('cpu_seconds', '-')} |"
         )
     if doc.get("best"):
         lines += [
@@ -497,14 +503,7 @@ def render_markdown(doc: Mapping[str, Any], command: str) -> str:
             "median [q25, q75] |",
             "|---|---|---|---|---|---|---|",
         ]
-        for name, e in oracle.items():
-            med = e[key]["median"]
-            ratio = f"{ref_ideal / med:.2f}x" if ref_ideal and med else "-"
-            lines.append(
-                f"| `{name}` | {fmt(e['epochs_to_target'])} | {e['reached']} | "
-                f"{fmt(e.get('epochs_to_target_0.02'))} | {e.get('reached_0.02', '-')} | "
-                f"{ratio} | {fmt(e['final_test_auroc'])} |"
-            )
+        lines += [f"| `{name}` | {cells(e, ref_ideal)} |" for name, e in oracle.items()]
     warm = doc.get("warm_start") or {}
     if warm:
         lines += [
@@ -573,26 +572,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         source = str(args.table)
     started = time.perf_counter()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    doc = run_replay(
-        table,
-        [STRATEGIES[n] for n in names],
-        seeds=args.seeds,
-        num_trials=args.trials,
-        max_concurrent=args.concurrent,
-        workers=args.workers,
-        categories=[c for c in args.categories.split(",") if c] or None,
-    )
+    replay_kw = {
+        "num_trials": args.trials,
+        "max_concurrent": args.concurrent,
+        "workers": args.workers,
+        "categories": [c for c in args.categories.split(",") if c] or None,
+    }
+    doc = run_replay(table, [STRATEGIES[n] for n in names], seeds=args.seeds, **replay_kw)
     oracle_seeds = args.seeds if args.oracle_seeds is None else args.oracle_seeds
     if oracle_seeds:
-        ideal = run_replay(
-            table.oracle(),
-            [STRATEGIES[n] for n in ORACLE_STRATEGIES],
-            seeds=oracle_seeds,
-            num_trials=args.trials,
-            max_concurrent=args.concurrent,
-            workers=args.workers,
-            categories=[c for c in args.categories.split(",") if c] or None,
-        )
+        oracle = [STRATEGIES[n] for n in ORACLE_STRATEGIES]
+        ideal = run_replay(table.oracle(), oracle, seeds=oracle_seeds, **replay_kw)
         doc["oracle"] = {n: ideal[n] for n in ORACLE_STRATEGIES}
     warm_seeds = args.seeds if args.warm_seeds is None else args.warm_seeds
     if warm_seeds:

@@ -113,12 +113,15 @@ class CurveTable:
         """Configurations with at least one seed recorded on every one of ``categories``."""
         return sorted(c for c in self.params if self.seeds(c, categories))
 
+    def _seed_mean(self, config: int, categories: Sequence[str], value: Any) -> float:
+        """Mean over ``categories`` of the mean over recorded seeds of ``value(run key)``."""
+        seeds = self.seeds(config, categories)
+        per_category = [np.mean([value((config, k, s)) for s in seeds]) for k in categories]
+        return float(np.mean(per_category))
+
     def final_test(self, config: int, categories: Sequence[str]) -> float:
         """Mean over ``categories`` of the seed-mean test value (nan if any run diverged)."""
-        seeds = self.seeds(config, categories)
-        return float(
-            np.mean([np.mean([self.test[(config, k, s)] for s in seeds]) for k in categories])
-        )
+        return self._seed_mean(config, categories, self.test.__getitem__)
 
     def oracle(self) -> CurveTable:
         """The same runs, every validation value replaced by the run's final one.
@@ -131,10 +134,7 @@ class CurveTable:
 
     def final_val(self, config: int, categories: Sequence[str]) -> float:
         """Mean over ``categories`` of the seed-mean final validation value."""
-        seeds = self.seeds(config, categories)
-        return float(
-            np.mean([np.mean([self.val[(config, k, s)][-1] for s in seeds]) for k in categories])
-        )
+        return self._seed_mean(config, categories, lambda key: self.val[key][-1])
 
     def best_by_validation(self, categories: Sequence[str]) -> tuple[int, float]:
         """The configuration with the best final validation value, and its test value: what a
