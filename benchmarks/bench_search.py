@@ -1,7 +1,8 @@
 """Search efficiency (ASHA+TPE against FIFO+random) and the sweep's overhead, on a local Ray.
 
-Efficiency: the demo sweep (``configs/demo_sweep.yaml``: the tiny config, TPE + ASHA with
-grace period 1 and reduction factor 3, 2 trials at a time) against the same sweep with a random
+Efficiency: the demo sweep (``configs/demo_sweep.yaml``: the tiny config, 2 trials at a time)
+with TPE + ASHA (grace period 1, reduction factor 3: the demo's default until the replay,
+``benchmarks/replay.py``, chose CMA-ES + median stopping) against the same sweep with a random
 sampler and no early stopping, same number of trials, same seeds (``search.seed`` = repeat
 index; training seed fixed), on the synthetic set of the tiny config's category. Counted per
 sweep: epochs trained over all trials (``search.results.load_trials``, column ``epochs``) and

@@ -2,9 +2,9 @@
 
 Only the execution back-end is replaced (as in Syne Tune's simulator back-end): the Optuna
 samplers (``search.searcher.make_sampler``), ``StudySearch`` / ``PerCategorySearch`` with their
-PRUNED bookkeeping (``search.searcher.make_searcher``), ``ResumableASHA`` and
-``PerCategoryScheduler`` (``search.sweep``'s own factory) and Ray Tune's other schedulers
-(async Hyperband with several brackets, median stopping) make every decision; ``simulate``
+PRUNED bookkeeping (``search.searcher.make_searcher``), ``ResumableASHA``, ``ResumableMedian``
+and ``PerCategoryScheduler`` (``search.sweep``'s own factory) and Ray Tune's async Hyperband
+(several brackets) make every decision; ``simulate``
 plays Ray Tune's controller: it asks the searcher for trials, "trains" each from the table of
 recorded curves (``benchmarks/curves.py``), and passes each validation round to the scheduler
 and the searcher in the order and with the arguments Tune's ``TuneController`` uses (a result
@@ -48,6 +48,7 @@ from search.searcher import OBJECTIVE, ROUNDS_KEY
 __all__ = [
     "CurveTable",
     "Nearest",
+    "SHIPPED",
     "SearchTrace",
     "Strategy",
     "TrialRecord",
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 SWEEP = ROOT / "configs" / "demo_sweep.yaml"
+SHIPPED = ("fifo", "asha", "median")  # the schedulers a sweep config runs (scheduler.type)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -213,6 +215,7 @@ class Strategy:
     scheduler: str = "fifo"  # fifo | asha | hyperband | median
     grace_period: int = 1  # in evaluation rounds
     reduction_factor: float = 3.0
+    min_samples: int = 3  # median only: other trials at a round before it stops one
     brackets: int = 1  # hyperband only
     rung_metric: str = "last"  # last | best (best so far) | smoothed (EMA, weight 0.5)
     eval_every: int = 6  # epochs per evaluation round (the tiny config's value)
@@ -222,9 +225,10 @@ class Strategy:
         """Sweep overrides of the project's own sampler/scheduler settings."""
         return [
             f"search.sampler={self.sampler}",
-            f"scheduler.type={'asha' if self.scheduler == 'asha' else 'fifo'}",
+            f"scheduler.type={self.scheduler if self.scheduler in SHIPPED else 'fifo'}",
             f"scheduler.grace_period={self.grace_period}",
             f"scheduler.reduction_factor={self.reduction_factor}",
+            f"scheduler.min_samples={self.min_samples}",
             f"objective.per_category={str(self.per_category).lower()}",
             f"train.eval_every={self.eval_every}",
         ]
@@ -327,32 +331,24 @@ def sweep_spec(
 
 
 def _scheduler(strategy: Strategy, spec: Any, location: str) -> Any:
-    """The project's scheduler for fifo/asha; Ray Tune's own for hyperband/median."""
-    from ray.tune.schedulers import AsyncHyperBandScheduler, MedianStoppingRule
+    """The project's scheduler for fifo/asha/median; Ray Tune's own for hyperband."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler
 
     from search.scheduler import PerCategoryScheduler
     from search.sweep import _scheduler as project_scheduler
 
-    if strategy.scheduler in ("fifo", "asha"):
+    if strategy.scheduler in SHIPPED:
         return project_scheduler(spec, location)
 
     def make(_category: str | None) -> Any:
-        if strategy.scheduler == "hyperband":
-            return AsyncHyperBandScheduler(
-                time_attr="training_iteration",
-                metric=OBJECTIVE,
-                mode="max",
-                max_t=spec.base.num_rounds,
-                grace_period=strategy.grace_period,
-                reduction_factor=strategy.reduction_factor,
-                brackets=strategy.brackets,
-            )
-        return MedianStoppingRule(
+        return AsyncHyperBandScheduler(
             time_attr="training_iteration",
             metric=OBJECTIVE,
             mode="max",
+            max_t=spec.base.num_rounds,
             grace_period=strategy.grace_period,
-            min_samples_required=3,
+            reduction_factor=strategy.reduction_factor,
+            brackets=strategy.brackets,
         )
 
     if strategy.per_category:

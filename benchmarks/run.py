@@ -72,7 +72,8 @@ SECTIONS = {
     ),
     "search": (
         "4. Search efficiency",
-        "Project: the demo sweep (TPE + ASHA, grace 1, reduction 3) on the tiny config. "
+        "Project: the demo sweep with TPE + ASHA (grace 1, reduction 3; its default until the "
+        "replay of section 7 chose CMA-ES + median stopping) on the tiny config. "
         "Reference: the same sweep with a random sampler and FIFO (no early stopping); same "
         "trial count and seeds, 2 trials at a time on a local Ray with 2 CPUs. Target: >= 3x "
         "fewer epochs with a best validation AUROC within 0.01. (`benchmarks/bench_search.py`)",

@@ -542,13 +542,30 @@ def _restore(
     for name, model in models.items():
         model.student.load_state_dict(state["students"][name])
         if "optimizers" in state:
-            optimizers[name].load_state_dict(state["optimizers"][name])
+            optimizers[name].load_state_dict(_owned(state["optimizers"][name]))
         generators[name].set_state(state["generators"][name])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate((3, tuple(state["python_rng"]), None))
     return epoch
+
+
+def _owned(optimizer_state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimiser state dict whose tensors own their memory.
+
+    ``load_checkpoint`` maps the file, and ``Optimizer.load_state_dict`` keeps a tensor that
+    needs no move to another device or dtype: the moments and step counts of a CPU trial would
+    stay views of the file, and a checkpoint file written over in place while the trial trains
+    would change them under the optimiser.
+    """
+    return {
+        **optimizer_state,
+        "state": {
+            key: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in entry.items()}
+            for key, entry in optimizer_state["state"].items()
+        },
+    }
 
 
 def model_file(state: Mapping[str, Any]) -> dict[str, Any]:

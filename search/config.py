@@ -46,7 +46,7 @@ DEMO_SWEEP = ROOT / "configs" / "demo_sweep.yaml"
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid", "nsga2")
 ROUND_METRICS = METRICS  # reported after every validation round
 OBJECTIVE_METRICS = (*METRICS, *SPEED_METRICS)  # anything a trial reports may be an objective
-SCHEDULERS = ("asha", "fifo")
+SCHEDULERS = ("asha", "median", "fifo")
 SWEEP_SECTIONS = (
     "name",
     "base",
@@ -103,9 +103,10 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    type: str = "asha"  # asha | fifo
+    type: str = "asha"  # asha | median (median stopping rule) | fifo (no early stopping)
     grace_period: int = 2  # evaluation rounds a trial runs before it can be stopped
     reduction_factor: float = 3.0  # ASHA keeps the top 1/reduction_factor at each rung
+    min_samples: int = 3  # median: other trials at a round before it stops one there
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class SweepConfig:
         _check(sc.type in SCHEDULERS, "scheduler.type", f"must be one of {SCHEDULERS}")
         _check(sc.grace_period >= 1, "scheduler.grace_period", "must be >= 1 round")
         _check(sc.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1")
+        _check(sc.min_samples >= 1, "scheduler.min_samples", "must be >= 1 trial")
         _check(r.cpu >= 0 and r.gpu >= 0, "resources", "cpu and gpu must be >= 0")
         _check(
             r.gpu <= 1 or float(r.gpu).is_integer(),
@@ -411,15 +413,17 @@ def _check_warm_start(spec: SweepSpec) -> SweepSpec:
 
 
 def _check_rungs(scheduler: SchedulerConfig, base: Config) -> None:
-    """ASHA needs a rung below the last round, or it can never stop a trial early."""
+    """ASHA and median stopping need a round below the last one to stop at, or they can never
+    stop a trial early."""
     rounds = base.num_rounds
-    if scheduler.type != "asha" or scheduler.grace_period < rounds:
+    if scheduler.type == "fifo" or scheduler.grace_period < rounds:
         return
     t = base.train
+    who = "ASHA" if scheduler.type == "asha" else "median stopping"
     raise ConfigError(
         f"scheduler.grace_period={scheduler.grace_period} is not below the {rounds} "
         f"evaluation round(s) of a trial (train.epochs={t.epochs} / train.eval_every="
-        f"{t.eval_every}), so ASHA could never stop a trial early: set "
+        f"{t.eval_every}), so {who} could never stop a trial early: set "
         f"scheduler.grace_period below {rounds}, raise train.epochs or lower "
         "train.eval_every, or use scheduler.type=fifo"
     )

@@ -1,9 +1,11 @@
-"""Trial schedulers: ASHA that survives a resume and never stops the baseline, per-category.
+"""Trial schedulers: ASHA and median stopping that survive a resume and never stop the
+baseline, per-category.
 
-``Tuner.restore`` brings trials and the searcher back but not ASHA's rungs, so a resumed sweep
-would stop nothing until the rungs refill. ``ResumableASHA`` rebuilds them from the results on
-disk the first time it sees a trial. ``PerCategoryScheduler`` keeps one scheduler per category,
-so that rungs compare trials of the same category only.
+``Tuner.restore`` brings trials and the searcher back but not a scheduler's state, so a resumed
+sweep would stop nothing until it refills. ``ResumableASHA`` rebuilds its rungs and
+``ResumableMedian`` its per-trial histories from the results on disk the first time it sees a
+trial. ``PerCategoryScheduler`` keeps one scheduler per category, so that trials are compared
+with trials of the same category only.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import (
+    AsyncHyperBandScheduler,
+    FIFOScheduler,
+    MedianStoppingRule,
+    TrialScheduler,
+)
 
 from search.storage import read_histories, resumed_experiment
 
-__all__ = ["ResumableASHA", "PerCategoryScheduler"]
+__all__ = ["ResumableASHA", "ResumableMedian", "PerCategoryScheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +106,110 @@ class ResumableASHA(AsyncHyperBandScheduler):
     def rungs(self) -> list[tuple[float, dict[str, float]]]:
         """``[(milestone, {trial_id: value}), ...]`` (values sign-adjusted for max)."""
         return self._brackets[0]._rungs
+
+
+class ResumableMedian(MedianStoppingRule):
+    """Ray's median stopping rule (Vizier) on evaluation rounds, rebuilt from disk after
+    ``Tuner.restore``.
+
+    From round ``grace_period`` on, a trial stops when its best value so far is below the median
+    of the other trials' mean values over rounds ``grace_period`` to the current one (trials
+    that reached it; at least ``min_samples`` of them). Unlike Ray's rule it never pauses a trial
+    for want of samples (a paused trial would train its rounds again when it comes back), keeps
+    a round a restarted trial reports again once (the retry's value), does not count a trial's
+    last round twice when it completes, and never stops the baseline, whose values still count
+    in the medians.
+    """
+
+    def __init__(
+        self,
+        *,
+        experiment: str,
+        metric: str,
+        grace_period: int,
+        min_samples: int,
+        category: str | None = None,
+    ) -> None:
+        super().__init__(
+            time_attr="training_iteration",
+            metric=metric,
+            mode="max",
+            grace_period=grace_period,
+            min_samples_required=min_samples,
+            hard_stop=True,
+        )
+        self._experiment = str(experiment)  # a directory or a storage URI
+        self._category = category
+        self._rebuilt = False
+        self._keys: dict[str, Any] = {}  # trial id -> its key in ``self._results``
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if not self._rebuilt:
+            self._rebuilt = True
+            self.rebuild_histories()
+        super().on_trial_add(tune_controller, trial)
+        old = self._keys.get(trial.trial_id)
+        if old is not None and old is not trial and old in self._results:
+            self._results[trial] = self._results.pop(old)  # a restored trial keeps its history
+        self._keys[trial.trial_id] = trial
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        t = result.get(self._time_attr)
+        if t is not None and self._metric in result and self._results.get(trial):
+            kept = [r for r in self._results[trial] if r[self._time_attr] < t]
+            self._results[trial] = kept  # a repeated round replaces the earlier attempt's
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and trial.config.get("baseline"):
+            self._stopped_trials.discard(trial)
+            return TrialScheduler.CONTINUE
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        # Ray appends the final result again: it is the last round, already recorded.
+        history = self._results.get(trial)
+        if not result or self._metric not in result or self._time_attr not in result:
+            return
+        if history and history[-1][self._time_attr] >= result[self._time_attr]:
+            return
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def _on_insufficient_samples(self, tune_controller: Any, trial: Any, time: float) -> str:
+        return TrialScheduler.CONTINUE
+
+    def rebuild_histories(self) -> int:
+        """Records every trial's reported rounds from disk; returns the number of trials."""
+        current = resumed_experiment()
+        if current is not None:  # restored from a pickle: the experiment may have moved
+            self._experiment = current[0]
+        count = 0
+        for trial_id, config, results in read_histories(self._experiment):
+            if self._category is not None and config.get("category") != self._category:
+                continue
+            rounds = [
+                {self._time_attr: r[self._time_attr], self._metric: r[self._metric]}
+                for r in results
+                if self._time_attr in r and self._metric in r
+            ]
+            if rounds and trial_id not in self._keys:
+                self._results[trial_id] = rounds
+                self._keys[trial_id] = trial_id
+                count += 1
+        if count:
+            where = f" [{self._category}]" if self._category is not None else ""
+            log.info(
+                "median stopping%s: rebuilt %d trial histories from %s",
+                where,
+                count,
+                self._experiment,
+            )
+        return count
+
+    def histories(self) -> dict[str, list[float]]:
+        """``{trial_id: [value per recorded round]}``."""
+        return {
+            getattr(key, "trial_id", key): [r[self._metric] for r in results]
+            for key, results in self._results.items()
+        }
 
 
 class PerCategoryScheduler(FIFOScheduler):

@@ -31,6 +31,8 @@ __all__ = [
     "PerCategorySearch",
     "RetryingLimiter",
     "make_sampler",
+    "cma_source_trials",
+    "warm_trials",
     "make_searcher",
     "study_storage",
 ]
@@ -65,9 +67,16 @@ class BaselineFirstGridSampler(optuna.samplers.GridSampler):
 
 
 def make_sampler(
-    spec: SweepSpec, space: Space, seed_offset: int = 0
+    spec: SweepSpec,
+    space: Space,
+    seed_offset: int = 0,
+    warm: Sequence[optuna.trial.FrozenTrial] = (),
 ) -> optuna.samplers.BaseSampler:
-    """The configured Optuna sampler, its options set explicitly (Optuna 5 changed defaults)."""
+    """The configured Optuna sampler, its options set explicitly (Optuna 5 changed defaults).
+
+    ``warm``: the warm-start trials the study will hold (``warm_trials``); CMA-ES starts its
+    search distribution from them (``cma_source_trials``), the other samplers read them from
+    the study."""
     s = spec.sweep.search
     seed = s.seed + seed_offset
     startup = s.n_startup_trials
@@ -85,10 +94,26 @@ def make_sampler(
     if s.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if s.sampler == "cmaes":
+        # CMA-ES models the numeric parameters; categorical ones (patch size, stages) are
+        # sampled at random by design, which Optuna would otherwise warn about every trial.
+        # The guards' constraints decide feasibility and the export; CMA-ES does not steer
+        # by them (as the README says), which Optuna would otherwise warn about every trial.
+        warnings.filterwarnings(
+            "ignore", message="Constraints have been set, but CmaEsSampler", category=UserWarning
+        )
+        source = cma_source_trials(space, warm)
+        if source is not None:
+            warnings.filterwarnings(
+                "ignore",
+                message=".*``source_trials`` is an experimental",
+                category=optuna.exceptions.ExperimentalWarning,
+            )
         return optuna.samplers.CmaEsSampler(
             seed=seed,
             n_startup_trials=startup,
             independent_sampler=optuna.samplers.RandomSampler(seed=seed),
+            warn_independent_sampling=False,
+            source_trials=source,
         )
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -488,26 +513,30 @@ def make_searcher(
         "objectives": o.objectives,
         "guards": spec.guard_violations if o.guard else None,
     }
+    n_objectives = len(o.objectives)
     if not o.per_category:
+        trials = warm_trials(space, [t for source in warm for t in _all(source)], n_objectives)
         searcher = StudySearch(
-            space, study_name=spec.sweep.name, sampler=make_sampler(spec, space), **common
+            space,
+            study_name=spec.sweep.name,
+            sampler=make_sampler(spec, space, warm=trials),
+            **common,
         )
-        add_warm_trials(searcher.study, space, [t for source in warm for t in _all(source)])
+        searcher.study.add_trials(trials)
         return searcher
-    searchers = {
-        cat: StudySearch(
+    searchers = {}
+    for i, cat in enumerate(spec.categories):
+        # A per-category source gives each category its own study's trials; otherwise all.
+        old = [t for source in warm for t in source.get(cat, _all(source))]
+        trials = warm_trials(space, old, n_objectives)
+        searchers[cat] = StudySearch(
             space,
             study_name=f"{spec.sweep.name}/{cat}",
-            sampler=make_sampler(spec, space, seed_offset=i),
+            sampler=make_sampler(spec, space, seed_offset=i, warm=trials),
             category=cat,
             **common,
         )
-        for i, cat in enumerate(spec.categories)
-    }
-    for cat, searcher in searchers.items():
-        # A per-category source gives each category its own study's trials; otherwise all.
-        trials = [t for source in warm for t in source.get(cat, _all(source))]
-        add_warm_trials(searcher.study, space, trials)
+        searchers[cat].study.add_trials(trials)
     return PerCategorySearch(
         searchers, spec.sweep.search.num_trials, share=spec.sweep.search.share_across_categories
     )
@@ -546,7 +575,16 @@ def load_warm_trials(experiment: str) -> dict[str | None, list[optuna.trial.Froz
 def add_warm_trials(
     study: optuna.Study, space: Space, trials: list[optuna.trial.FrozenTrial]
 ) -> int:
-    """Adds earlier trials to ``study`` with this space's distributions; returns the count.
+    """Adds earlier trials to ``study`` with this space's distributions; returns the count."""
+    added = warm_trials(space, trials, len(study.directions))
+    study.add_trials(added)
+    return len(added)
+
+
+def warm_trials(
+    space: Space, trials: Sequence[optuna.trial.FrozenTrial], n_objectives: int
+) -> list[optuna.trial.FrozenTrial]:
+    """Earlier trials as new trials of a study of ``space`` with ``n_objectives`` objectives.
 
     COMPLETE trials keep their value, PRUNED ones their intermediate values (TPE ranks them by
     those, as it ranks its own pruned trials). A trial with a value outside this space (a
@@ -564,7 +602,7 @@ def add_warm_trials(
         if set(fixed.params) != set(old.params):
             continue  # a parameter the new space no longer has (a condition changed)
         done = old.state == TrialState.COMPLETE
-        if done and len(old.values) != len(study.directions):
+        if done and len(old.values) != n_objectives:
             continue  # another number of objectives: its values mean something else here
         added.append(
             optuna.trial.create_trial(
@@ -576,7 +614,40 @@ def add_warm_trials(
                 user_attrs={**old.user_attrs, "warm_start": True},
             )
         )
-    study.add_trials(added)
     if len(added) < len(trials):
         log.info("warm start: skipped %d trial(s) outside the space", len(trials) - len(added))
-    return len(added)
+    return added
+
+
+CMA_SOURCE_MIN = 10  # WS-CMA-ES estimates its start from the best tenth of the source trials
+
+
+def cma_source_trials(
+    space: Space, trials: Sequence[optuna.trial.FrozenTrial]
+) -> list[optuna.trial.FrozenTrial] | None:
+    """Warm-start trials as Warm Starting CMA-ES (Optuna's ``source_trials``) takes them.
+
+    CMA-ES then starts from a distribution estimated from the best tenth of them instead of
+    the centre of the space. It models the numeric parameters only (categorical ones are
+    sampled independently), so the trials keep those. None (a cold CMA-ES start) with fewer
+    than ``CMA_SOURCE_MIN`` COMPLETE trials, or in a space with conditional parameters:
+    CMA-ES models the parameters that all finished trials share, which a conditional one may
+    or may not be, and a source that differs from them fails the sampler.
+    """
+    done = [t for t in trials if t.state == TrialState.COMPLETE and len(t.values) == 1]
+    if len(done) < CMA_SOURCE_MIN or any(p.when for p in space.params):
+        return None
+    numbers = (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)
+    numeric = {
+        name: d
+        for name, d in done[0].distributions.items()
+        if isinstance(d, numbers) and not d.single()
+    }
+    if not numeric:
+        return None
+    return [
+        optuna.trial.create_trial(
+            params={k: t.params[k] for k in numeric}, distributions=numeric, value=t.value
+        )
+        for t in done
+    ]

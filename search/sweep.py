@@ -20,7 +20,7 @@ from search.config import SPEC_FILE, SweepSpec, is_experiment, load_spec
 from search.progress import ProgressTable
 from search.resources import check_resources
 from search.rounds import RoundCSVLogger, RoundJsonLogger
-from search.scheduler import PerCategoryScheduler, ResumableASHA
+from search.scheduler import PerCategoryScheduler, ResumableASHA, ResumableMedian
 from search.searcher import OBJECTIVE, RetryingLimiter, make_searcher
 from search.storage import is_empty, is_uri, probe_writable, push, remove_from_trials, resuming
 from search.tbx import TrialTensorBoard
@@ -154,7 +154,15 @@ def _scheduler(spec: SweepSpec, location: str) -> Any:
     if sc.type == "fifo":
         return tune.schedulers.FIFOScheduler()
 
-    def make(category: str | None) -> ResumableASHA:
+    def make(category: str | None) -> ResumableASHA | ResumableMedian:
+        if sc.type == "median":
+            return ResumableMedian(
+                experiment=location,
+                metric=OBJECTIVE,
+                grace_period=sc.grace_period,
+                min_samples=sc.min_samples,
+                category=category,
+            )
         return ResumableASHA(
             experiment=location,
             metric=OBJECTIVE,

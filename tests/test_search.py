@@ -122,8 +122,16 @@ def test_sweep_end_to_end_with_export_that_reproduces_the_best_trial(
     assert summary["baseline_val_objective"] == pytest.approx(base["objective"])
 
 
-def test_asha_stops_trials_and_the_study_records_them_pruned(
-    ray_session, synthetic_root, tmp_path
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        ["scheduler.type=asha", "scheduler.reduction_factor=2"],
+        ["scheduler.type=median", "scheduler.min_samples=1"],
+    ],
+    ids=["asha", "median"],
+)
+def test_the_scheduler_stops_trials_and_the_study_records_them_pruned(
+    ray_session, synthetic_root, tmp_path, scheduler
 ):
     from search.results import load_trials
     from search.sweep import run_sweep
@@ -134,7 +142,7 @@ def test_asha_stops_trials_and_the_study_records_them_pruned(
         "search.num_trials=6",
         "search.max_concurrent=1",
         "scheduler.grace_period=1",
-        "scheduler.reduction_factor=2",
+        *scheduler,
         name="asha",
     )
     run = run_sweep(spec, write=lambda _: None, dashboard=False, export=False)
@@ -744,6 +752,115 @@ def test_asha_decides_a_rung_once_when_a_retried_trial_reports_it_again(tmp_path
     resumed = asha()
     resumed.on_trial_add(None, SimpleNamespace(trial_id="new", config={}))
     assert {m: dict(r) for m, r in resumed.rungs} == {3: {"a": 0.8}, 1: {"a": 0.9}}
+
+
+class _Trial:
+    """What the schedulers use of a Tune trial (hashed by identity, as Tune's)."""
+
+    def __init__(self, trial_id: str, **config) -> None:
+        self.trial_id, self.config = trial_id, config
+
+
+def _write_results(root: Path, histories: dict[str, list[float]]) -> None:
+    """``result.json`` per trial as Tune writes it (one line per round)."""
+    for trial_id, values in histories.items():
+        (root / f"trial_{trial_id}").mkdir()
+        (root / f"trial_{trial_id}" / "result.json").write_text(
+            "".join(
+                json.dumps({"trial_id": trial_id, "training_iteration": r + 1, "objective": v})
+                + "\n"
+                for r, v in enumerate(values)
+            )
+        )
+
+
+def test_median_stopping_stops_below_the_median_never_the_baseline_and_never_pauses(tmp_path):
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from search.scheduler import ResumableMedian
+
+    rule = ResumableMedian(
+        experiment=str(tmp_path), metric="objective", grace_period=2, min_samples=2
+    )
+    # Trials are waiting: Ray's rule would pause a trial that lacks samples, this one goes on.
+    waiting = SimpleNamespace(get_live_trials=lambda: [SimpleNamespace(status="PENDING")])
+
+    def report(trial, round_, value):
+        result = {"training_iteration": round_, "objective": value}
+        return rule.on_trial_result(waiting, trial, result)
+
+    a, b, c, base = (_Trial(i, baseline=i == "base") for i in ("a", "b", "c", "base"))
+    for trial in (a, b, c, base):
+        rule.on_trial_add(waiting, trial)
+    for r, value in ((1, 0.7), (2, 0.8), (3, 0.9)):
+        assert report(a, r, value) == TrialScheduler.CONTINUE  # no other trial yet
+    for r, value in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        assert report(b, r, value) == TrialScheduler.CONTINUE  # one other: below min_samples
+    rule.on_trial_complete(waiting, b, {"training_iteration": 3, "objective": 0.8})
+    assert rule.histories()["b"] == [0.6, 0.7, 0.8]  # the final result is not counted twice
+    # Round 1 is inside the grace period; at round 2 the median of a's and b's means over
+    # rounds 2..2 is 0.75: c's best so far (0.74) is below it.
+    assert report(c, 1, 0.74) == TrialScheduler.CONTINUE
+    assert report(c, 2, 0.5) == TrialScheduler.STOP
+    # At round 3 the median of a's mean (0.85) and b's (0.75) is 0.8: 0.8 is not below it.
+    d = _Trial("d")
+    rule.on_trial_add(waiting, d)
+    assert report(d, 3, 0.8) == TrialScheduler.CONTINUE
+    # The baseline, weaker than c, is never stopped, and its values count.
+    assert report(base, 1, 0.45) == TrialScheduler.CONTINUE
+    assert report(base, 2, 0.5) == TrialScheduler.CONTINUE
+    assert rule.histories()["base"] == [0.45, 0.5]
+
+
+def test_resumed_median_stopping_rebuilds_histories_and_keeps_a_round_once(tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    from search.scheduler import PerCategoryScheduler, ResumableMedian
+
+    # An interrupted sweep: three finished trials and "run", killed after its round 2.
+    _write_results(tmp_path, {"o0": [0.9, 0.92, 0.95], "o1": [0.6, 0.7], "o2": [0.8, 0.85, 0.9],
+                              "run": [0.4, 0.42]})  # fmt: skip
+
+    def rule(category=None) -> ResumableMedian:
+        return ResumableMedian(
+            experiment=str(tmp_path), metric="objective", grace_period=1, min_samples=2,
+            category=category,
+        )  # fmt: skip
+
+    resumed = rule()
+    # Tune restores "run" as a new Trial object: it takes over its own history (it is not
+    # another trial beside itself).
+    run = _Trial("run")
+    resumed.on_trial_add(None, run)
+    assert resumed.histories() == {
+        "o0": [0.9, 0.92, 0.95], "o1": [0.6, 0.7], "o2": [0.8, 0.85, 0.9], "run": [0.4, 0.42]
+    }  # fmt: skip
+    # Restored from its round-1 checkpoint, "run" trains round 2 again: the retry's value
+    # replaces the lost attempt's, and against the rebuilt medians 0.5 at round 2 stops it.
+    assert resumed.on_trial_result(
+        None, run, {"training_iteration": 2, "objective": 0.5}
+    ) == TrialScheduler.STOP  # fmt: skip
+    assert resumed.histories()["run"] == [0.4, 0.5]
+    # A new trial is judged against the rebuilt histories at once: early stopping survives.
+    new = _Trial("new")
+    resumed.on_trial_add(None, new)
+    assert resumed.on_trial_result(
+        None, new, {"training_iteration": 1, "objective": 0.55}
+    ) == TrialScheduler.STOP  # fmt: skip
+    # Per category: each rule rebuilds the trials of its own category only.
+    for i, category in enumerate(("nut", "nut", "fabric")):
+        path = tmp_path / f"trial_o{i}" / "result.json"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text(
+            "".join(json.dumps({**r, "config": {"category": category}}) + "\n" for r in rows)
+        )
+    split = PerCategoryScheduler(rule, ["nut", "fabric"])
+    split.on_trial_add(None, _Trial("n", category="nut"))
+    split.on_trial_add(None, _Trial("f", category="fabric"))
+    assert set(split._subs["nut"].histories()) == {"o0", "o1"}
+    assert set(split._subs["fabric"].histories()) == {"o2"}
 
 
 def test_file_loggers_keep_each_round_once_and_record_the_repeated_rows(tmp_path):

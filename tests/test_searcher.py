@@ -206,12 +206,16 @@ def test_each_category_gets_its_own_best_trial():
 # ----------------------------------------------------------------------------- scheduler
 
 
-@pytest.mark.parametrize("grace, epochs, every", [(4, 4, 1), (3, 12, 6), (5, 4, 1)])
-def test_a_grace_period_asha_can_never_use_is_refused_naming_the_keys(
-    synthetic_root, tmp_path, grace, epochs, every
+@pytest.mark.parametrize(
+    "scheduler, grace, epochs, every",
+    [("asha", 4, 4, 1), ("asha", 3, 12, 6), ("asha", 5, 4, 1), ("median", 2, 12, 6)],
+)
+def test_a_grace_period_the_scheduler_can_never_use_is_refused_naming_the_keys(
+    synthetic_root, tmp_path, scheduler, grace, epochs, every
 ):
     overrides = [
         f"data.root={synthetic_root}",
+        f"scheduler.type={scheduler}",
         f"train.epochs={epochs}",
         f"train.eval_every={every}",
         "train.warmup_epochs=1",
@@ -228,6 +232,7 @@ def test_a_grace_period_asha_can_never_use_is_refused_naming_the_keys(
         f"train.eval_every={every}",
         f"below {rounds}",
         "scheduler.type=fifo",
+        "ASHA" if scheduler == "asha" else "median stopping",
     ):
         assert part in message, message
     assert not (tmp_path / "g").exists()

@@ -105,6 +105,35 @@ def test_restart_from_round_checkpoint_continues_exactly(synthetic_root: Path, t
     assert resumed["history"] == full["history"]
 
 
+def test_a_restored_trial_owns_its_optimiser_state_when_the_file_is_written_over(
+    synthetic_root: Path, tmp_path: Path, monkeypatch
+):
+    """The checkpoint is memory-mapped: once restored, training must not read the file."""
+    import mmr.train as train
+
+    cfg = tiny(synthetic_root, **{"train.epochs": 6})
+    full = fit(cfg, final_test=False)
+
+    def stop_after_first(round_: int, metrics: dict) -> None:
+        if round_ == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, report=stop_after_first, checkpoint_dir=tmp_path, final_test=False)
+    path = tmp_path / "checkpoint.pt"
+    restore = train._restore
+
+    def restore_then_write_over(*args, **kwargs):
+        epoch = restore(*args, **kwargs)
+        with path.open("r+b") as f:  # in place, as a copy onto an existing file writes
+            f.write(b"\xff" * path.stat().st_size)
+        return epoch
+
+    monkeypatch.setattr(train, "_restore", restore_then_write_over)
+    resumed = fit(cfg, resume_from=tmp_path, final_test=False)
+    assert resumed["history"] == full["history"]
+
+
 def test_checkpoints_every_k_rounds_and_the_last_without_optimiser_state(
     synthetic_root: Path, tmp_path: Path
 ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -87,7 +88,7 @@ def test_warm_start_adds_finished_trials_pruned_as_pruned(tmp_path):
 
 def test_warm_start_tpe_models_from_the_first_sampled_trial(tmp_path):
     src = source_experiment(tmp_path)
-    over = [f"storage={tmp_path}", "search.n_startup_trials=2"]
+    over = [f"storage={tmp_path}", "search.n_startup_trials=2", "search.sampler=tpe"]
     cold = make_searcher(resolve_sweep(DEMO, over, categories=["nut"]), tmp_path / "a")
     warm = make_searcher(
         resolve_sweep(DEMO, [*over, f"search.warm_start=[{src}]"], categories=["nut"]),
@@ -101,6 +102,62 @@ def test_warm_start_tpe_models_from_the_first_sampled_trial(tmp_path):
     finished = warm.study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) >= sampler._n_startup_trials
     assert not cold.study.get_trials(states=(TrialState.COMPLETE,))
+
+
+def test_warm_start_cmaes_starts_its_search_where_the_source_was_best(tmp_path):
+    """WS-CMA-ES: with enough finished source trials CMA-ES starts from the region of the
+    best of them; without them (or below ``CMA_SOURCE_MIN``) from the centre of the space."""
+    from search.searcher import CMA_SOURCE_MIN, cma_source_trials, make_sampler, warm_trials
+    from spaces import load_space
+
+    spec = resolve_sweep(DEMO, ["search.sampler=cmaes", "search.n_startup_trials=2"],
+                         categories=["nut"])  # fmt: skip
+    space = spec.space
+    dists = {p.name: p for p in space.params}
+    assert {"model.mask_ratio", "train.lr"} <= set(dists)
+    # A source sweep whose best trial had mask ratio 0.67 and lr 5e-3 (value 0.92).
+    old = []
+    for i, mask in enumerate(np.linspace(0.1, 0.8, 12)):
+        lr = float(np.geomspace(4e-4, 9e-3, 12)[(i * 5) % 12])
+        value = 1 - abs(mask - 0.75) - 0.1 * abs(np.log(lr / 5e-3))
+        params = {"model.mask_ratio": float(mask), "model.patch_size": 16,
+                  "model.teacher_layers": "[2,3]", "train.lr": lr}  # fmt: skip
+        trial = optuna.trial.FixedTrial(params)
+        space.define(trial)
+        old.append(optuna.trial.create_trial(
+            params=trial.params, distributions=trial.distributions, value=value
+        ))  # fmt: skip
+    old.append(optuna.trial.create_trial(
+        params=old[0].params, distributions=old[0].distributions, state=TrialState.PRUNED,
+        intermediate_values={1: 0.1},
+    ))  # fmt: skip
+    trials = warm_trials(space, old, 1)
+    source = cma_source_trials(space, trials)
+    assert len(source) == 12  # the COMPLETE ones, with the parameters CMA-ES models
+    assert all(set(t.params) == {"model.mask_ratio", "train.lr"} for t in source)
+    assert cma_source_trials(space, trials[: CMA_SOURCE_MIN - 1]) is None
+    conditional = load_space({
+        "patch_size": {"type": "categorical", "choices": [8, 16]},
+        "mask_ratio": [{"type": "float", "low": 0.1, "high": 0.5, "when": {"patch_size": 8}},
+                       {"type": "float", "low": 0.3, "high": 0.8, "when": {"patch_size": 16}}],
+    })  # fmt: skip
+    assert cma_source_trials(conditional, trials) is None
+
+    def first_masks(warm: bool) -> list[float]:
+        sampler = make_sampler(spec, space, warm=trials if warm else ())
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        study.add_trials(trials)  # both studies hold the warm trials; only one starts from them
+        masks = []
+        for _ in range(4):
+            trial = study.ask()
+            masks.append(space.define(trial)["model.mask_ratio"])
+            study.tell(trial, 0.5)
+        return masks
+
+    best = max(source, key=lambda t: t.value).params["model.mask_ratio"]
+    warm, cold = first_masks(True), first_masks(False)
+    assert np.median([abs(m - best) for m in warm]) < 0.1, (best, warm)
+    assert np.median([abs(m - best) for m in cold]) > 0.15, (best, cold)  # around the centre
 
 
 def test_warm_start_skips_values_outside_the_new_space(tmp_path):
@@ -183,6 +240,7 @@ def test_warm_start_from_an_empty_sweep_or_other_objectives_adds_nothing(tmp_pat
         f"search.warm_start=[{src}]",
         "objective.metrics=[image_auroc, aupro]",
         "objective.guard={}",
+        "search.sampler=tpe",  # CMA-ES optimises one objective
     ]
     searcher = make_searcher(resolve_sweep(DEMO, over, categories=["nut"]), tmp_path / "b")
     states = [t.state for t in searcher.study.get_trials() if t.state != TrialState.WAITING]
