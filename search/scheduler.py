@@ -11,7 +11,7 @@ with trials of the same category only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ray.tune.schedulers import (
@@ -28,7 +28,40 @@ __all__ = ["ResumableASHA", "ResumableMedian", "PerCategoryScheduler"]
 log = logging.getLogger(__name__)
 
 
-class ResumableASHA(AsyncHyperBandScheduler):
+class _FromDisk:
+    """What both schedulers share: on the first trial they see (after a start or a resume)
+    they rebuild their state (``rebuild``) from the trials' results on disk, their category's
+    only."""
+
+    _rebuilt = False
+
+    def _from_disk(self, experiment: str, category: str | None) -> None:
+        self._experiment = str(experiment)  # a directory or a storage URI
+        self._category = category
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if not self._rebuilt:
+            self._rebuilt = True
+            self.rebuild()
+        super().on_trial_add(tune_controller, trial)  # type: ignore[misc]
+
+    def rebuild(self) -> int:
+        raise NotImplementedError
+
+    def _recorded(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+        """``(trial_id, results)`` of this scheduler's category's trials on disk."""
+        current = resumed_experiment()
+        if current is not None:  # restored from a pickle: the experiment may have moved
+            self._experiment = current[0]
+        for trial_id, config, results in read_histories(self._experiment):
+            if self._category is None or config.get("category") == self._category:
+                yield trial_id, results
+
+    def _where(self) -> str:
+        return f" [{self._category}]" if self._category is not None else ""
+
+
+class ResumableASHA(_FromDisk, AsyncHyperBandScheduler):
     """ASHA (one bracket) whose rungs are rebuilt from disk after ``Tuner.restore``.
 
     The baseline trial is recorded in the rungs like any other but never stopped: every
@@ -54,15 +87,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
             reduction_factor=reduction_factor,
             brackets=1,
         )
-        self._experiment = str(experiment)  # a directory or a storage URI
-        self._category = category
-        self._rebuilt = False
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        if not self._rebuilt:
-            self._rebuilt = True
-            self.rebuild_rungs()
-        super().on_trial_add(tune_controller, trial)
+        self._from_disk(experiment, category)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
@@ -71,16 +96,11 @@ class ResumableASHA(AsyncHyperBandScheduler):
             return TrialScheduler.CONTINUE
         return action
 
-    def rebuild_rungs(self) -> int:
+    def rebuild(self) -> int:
         """Records every trial's value at each rung it reached; returns the number recorded."""
-        current = resumed_experiment()
-        if current is not None:  # restored from a pickle: the experiment may have moved
-            self._experiment = current[0]
         bracket = self._brackets[0]
         count = 0
-        for trial_id, config, results in read_histories(self._experiment):
-            if self._category is not None and config.get("category") != self._category:
-                continue
+        for trial_id, results in self._recorded():
             for milestone, recorded in bracket._rungs:
                 hit = next(
                     (
@@ -93,7 +113,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
                 if hit is not None and trial_id not in recorded:
                     recorded[trial_id] = self._metric_op * hit[self._metric]
                     count += 1
-        where = f" [{self._category}]" if self._category is not None else ""
+        where = self._where()
         if count:
             log.info("ASHA%s: rebuilt %d rung record(s) from %s", where, count, self._experiment)
         for milestone, recorded in bracket._rungs:
@@ -108,7 +128,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
         return self._brackets[0]._rungs
 
 
-class ResumableMedian(MedianStoppingRule):
+class ResumableMedian(_FromDisk, MedianStoppingRule):
     """Ray's median stopping rule (Vizier) on evaluation rounds, rebuilt from disk after
     ``Tuner.restore``.
 
@@ -138,15 +158,10 @@ class ResumableMedian(MedianStoppingRule):
             min_samples_required=min_samples,
             hard_stop=True,
         )
-        self._experiment = str(experiment)  # a directory or a storage URI
-        self._category = category
-        self._rebuilt = False
+        self._from_disk(experiment, category)
         self._keys: dict[str, Any] = {}  # trial id -> its key in ``self._results``
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        if not self._rebuilt:
-            self._rebuilt = True
-            self.rebuild_histories()
         super().on_trial_add(tune_controller, trial)
         old = self._keys.get(trial.trial_id)
         if old is not None and old is not trial and old in self._results:
@@ -176,15 +191,10 @@ class ResumableMedian(MedianStoppingRule):
     def _on_insufficient_samples(self, tune_controller: Any, trial: Any, time: float) -> str:
         return TrialScheduler.CONTINUE
 
-    def rebuild_histories(self) -> int:
+    def rebuild(self) -> int:
         """Records every trial's reported rounds from disk; returns the number of trials."""
-        current = resumed_experiment()
-        if current is not None:  # restored from a pickle: the experiment may have moved
-            self._experiment = current[0]
         count = 0
-        for trial_id, config, results in read_histories(self._experiment):
-            if self._category is not None and config.get("category") != self._category:
-                continue
+        for trial_id, results in self._recorded():
             rounds = [
                 {self._time_attr: r[self._time_attr], self._metric: r[self._metric]}
                 for r in results
@@ -195,10 +205,9 @@ class ResumableMedian(MedianStoppingRule):
                 self._keys[trial_id] = trial_id
                 count += 1
         if count:
-            where = f" [{self._category}]" if self._category is not None else ""
             log.info(
                 "median stopping%s: rebuilt %d trial histories from %s",
-                where,
+                self._where(),
                 count,
                 self._experiment,
             )
