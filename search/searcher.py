@@ -38,6 +38,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# The guards' constraints decide feasibility and the export; CMA-ES does not steer by them (as
+# the README says), which Optuna would otherwise warn about after every trial, also in a
+# resumed driver whose sampler comes back from the searcher's saved state.
+warnings.filterwarnings(
+    "ignore", message="Constraints have been set, but CmaEsSampler", category=UserWarning
+)
 
 OBJECTIVE = "objective"  # the reported key the searcher and scheduler optimise
 ROUNDS_KEY = "rounds_total"  # reported with every result: rounds of a full run
@@ -96,11 +102,6 @@ def make_sampler(
     if s.sampler == "cmaes":
         # CMA-ES models the numeric parameters; categorical ones (patch size, stages) are
         # sampled at random by design, which Optuna would otherwise warn about every trial.
-        # The guards' constraints decide feasibility and the export; CMA-ES does not steer
-        # by them (as the README says), which Optuna would otherwise warn about every trial.
-        warnings.filterwarnings(
-            "ignore", message="Constraints have been set, but CmaEsSampler", category=UserWarning
-        )
         source = cma_source_trials(space, warm)
         if source is not None:
             warnings.filterwarnings(

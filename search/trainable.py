@@ -224,14 +224,21 @@ def surviving_checkpoint(result: Any) -> Any:
 
     Tune deletes a trial's older round checkpoints (``num_to_keep``) as soon as it registers a
     newer one, but writes the experiment state that names the newest one later. A driver
-    killed in between leaves a state naming a deleted checkpoint, and Tune's restore then
-    fails the trial. The trial continues instead from the newest checkpoint still in its
+    killed in between leaves a state naming a deleted checkpoint (or, killed during the
+    deletion, a directory without its ``checkpoint.pt``), and Tune's restore then fails the
+    trial. The trial continues instead from the newest whole checkpoint still in its
     directory, with Tune's round count set to that checkpoint's round.
     """
+    from mmr.train import CHECKPOINT_NAME
+
     if not isinstance(result, _TrainingResult):
         return result
     ckpt = result.checkpoint
-    if _exists_at_fs_path(ckpt.filesystem, ckpt.path):
+
+    def whole(path: str) -> bool:
+        return _exists_at_fs_path(ckpt.filesystem, join(path, CHECKPOINT_NAME))
+
+    if whole(ckpt.path):
         return result
     fs, trial_dir = ckpt.filesystem, os.path.dirname(ckpt.path.rstrip("/"))
     found = fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
@@ -242,7 +249,7 @@ def surviving_checkpoint(result: Any) -> Any:
     )
     for name in reversed(names):
         newer = tune.Checkpoint(join(trial_dir, name), filesystem=fs)
-        round_ = newer.get_metadata().get(ROUND_METADATA)
+        round_ = newer.get_metadata().get(ROUND_METADATA) if whole(newer.path) else None
         if round_ is not None:
             logger.warning(
                 "checkpoint %s is gone (the driver died before saving the experiment state); "

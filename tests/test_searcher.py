@@ -281,8 +281,50 @@ def test_restore_falls_back_to_the_newest_surviving_round_checkpoint(tmp_path: P
         metrics={"training_iteration": 3},
     )
     assert surviving_checkpoint(kept) is kept  # an existing checkpoint is used as it is
+    # Killed while Tune deleted checkpoint_000003: its directory and metadata survive, not its
+    # checkpoint.pt. The fallback is the newest whole one, with its own round.
+    (trial_dir / "checkpoint_000003" / "checkpoint.pt").unlink()
+    half = _TrainingResult(
+        checkpoint=tune.Checkpoint(str(trial_dir / "checkpoint_000003"), filesystem=fs),
+        metrics={"training_iteration": 4},
+    )
+    restored = surviving_checkpoint(half)
+    assert restored.checkpoint.path == str(trial_dir / "checkpoint_000002")
+    assert restored.metrics == {"training_iteration": 3}
     empty = _TrainingResult(
         checkpoint=tune.Checkpoint(str(tmp_path / "other" / "checkpoint_000001"), filesystem=fs),
         metrics={},
     )
     assert surviving_checkpoint(empty) is empty  # nothing to fall back to: Tune's own error
+
+
+def test_the_demo_cmaes_with_guards_prints_no_warning_per_trial(tmp_path):
+    """CMA-ES draws the categorical parameters at random and ignores the guards' constraints
+    by design; Optuna warns about both after every trial unless told otherwise. Run in a fresh
+    interpreter: the filter must hold outside pytest's warning capture."""
+    import subprocess
+    import sys
+
+    script = """
+import warnings, optuna
+from search.config import resolve_sweep
+from search.searcher import make_sampler
+spec = resolve_sweep(None, categories=["nut"])
+assert spec.sweep.search.sampler == "cmaes" and spec.sweep.objective.guard
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # as make_searcher sets it
+with warnings.catch_warnings(record=True) as caught:
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(spec, spec.space))
+    for i in range(8):
+        trial = study.ask()
+        spec.space.define(trial)
+        trial.set_constraint("guard_aupro", 0.1 * (i % 2))
+        study.tell(trial, 0.5 + 0.01 * i)
+print(sorted({str(w.message)[:60] for w in caught if issubclass(w.category, UserWarning)}))
+"""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout  # no warning
+    assert "sampled independently" not in out.stderr, out.stderr[-2000:]  # nor a log line
