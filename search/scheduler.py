@@ -204,13 +204,15 @@ class ResumableMedian(_FromDisk, MedianStoppingRule):
                 self._results[trial_id] = rounds
                 self._keys[trial_id] = trial_id
                 count += 1
+        where = self._where()
         if count:
             log.info(
                 "median stopping%s: rebuilt %d trial histories from %s",
-                self._where(),
+                where,
                 count,
                 self._experiment,
             )
+        log.debug("median stopping%s: holds trials %s", where, sorted(self._keys))
         return count
 
     def histories(self) -> dict[str, list[float]]:

@@ -382,15 +382,19 @@ def _embedded_env(marker: str) -> dict:
     return env
 
 
-@pytest.mark.parametrize("per_category", [False, True], ids=["one-study", "per-category"])
-def test_asha_sweep_resumes_after_its_embedded_rays_driver_is_killed(
-    synthetic_root, tmp_path, per_category
+@pytest.mark.parametrize(
+    "scheduler, per_category",
+    [("asha", False), ("asha", True), ("median", False)],
+    ids=["asha-one-study", "asha-per-category", "median-one-study"],
+)
+def test_sweep_resumes_after_its_embedded_rays_driver_is_killed(
+    synthetic_root, tmp_path, scheduler, per_category
 ):
     """The laptop default (no --address): kill the driver mid-trial, then resume.
 
-    Each study runs its baseline only; the killed trial is a baseline (ASHA never stops it),
-    so it is surely still running: in the per-category sweep the second study's (grid),
-    after disk's has finished.
+    Each study runs its baseline only; the killed trial is a baseline (the scheduler never
+    stops it), so it is surely still running: in the per-category sweep the second study's
+    (grid), after disk's has finished.
     """
     import re
     import secrets
@@ -408,13 +412,14 @@ def test_asha_sweep_resumes_after_its_embedded_rays_driver_is_killed(
         "search.max_concurrent=1",
         "train.epochs=8",  # 8 rounds: rungs at 1, 2, 4
         "train.lr_milestones=[6]",
-        "scheduler.type=asha",
+        f"scheduler.type={scheduler}",
         "scheduler.grace_period=1",
         "scheduler.reduction_factor=2",
+        "scheduler.min_samples=1",
         f"data.categories=[{','.join(categories)}]",
         f"objective.per_category={str(per_category).lower()}",
     ]
-    marker = f"asha-resume-{secrets.token_hex(6)}"
+    marker = f"{scheduler}-resume-{secrets.token_hex(6)}"
     env = _embedded_env(marker)
     # Kill once the killed trial has recorded 2 of its 8 rounds (after disk's 8, per category).
     kill_at = 8 * (len(categories) - 1) + 2
@@ -437,10 +442,16 @@ def test_asha_sweep_resumes_after_its_embedded_rays_driver_is_killed(
     end_marked(marker, timeout=60)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
-    # ASHA's rungs, rebuilt from the results on disk, hold each study's own trials only.
+    # The scheduler's state (ASHA's rungs, median stopping's histories), rebuilt from the
+    # results on disk, holds each study's own trials only.
+    label, holds = (
+        ("ASHA", r"rung at round \d+ holds")
+        if scheduler == "asha"
+        else ("median stopping", "holds")
+    )
     rungs: dict[str | None, set[str]] = {}
     for where, ids in re.findall(
-        r"ASHA(?: \[(\w+)\])?: rung at round \d+ holds trials \[(.*)\]", proc.stderr
+        label + r"(?: \[(\w+)\])?: " + holds + r" trials \[(.*)\]", proc.stderr
     ):
         rungs.setdefault(where or None, set()).update(re.findall(r"'(\w+)'", ids))
     for category in categories:
