@@ -1,15 +1,17 @@
 """Training configuration: frozen dataclasses loaded from YAML plus ``--set`` overrides.
 
 Every key has a default. ``Config.from_dict`` accepts nested mappings, dotted keys
-(``{"model.mask_ratio": 0.5}``) or both, and rejects unknown keys and wrong types with the
-key's full dotted name in the message. ``Config.to_dict`` dumps back losslessly.
+(``{"model.mask_ratio": 0.5}``), short names (``lr``) or all of them, rejects unknown keys
+and wrong types with the key's full dotted name in the message, and checks the training
+rules (``Config.validated``). ``Config.to_dict`` dumps back losslessly. Loading, overrides
+and type coercion are the shared mechanism of ``mmr.configkit``; this module holds only the
+training schema and its rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from mmr import configkit
+from mmr.configkit import Schema, check, load_yaml, merge, nest
 from mmr.errors import ConfigError
 
 __all__ = [
@@ -30,10 +34,8 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "dump_config",
-    "build_dataclass",
-    "coerce",
     "resolve_key",
-    "to_plain",
+    "PATH_KEYS",
     "SHORT_KEYS",
 ]
 
@@ -124,25 +126,20 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+class Config(Schema):
+    data: DataConfig = field(default_factory=DataConfig)  # dataset, split and preprocessing
+    model: ModelConfig = field(default_factory=ModelConfig)  # teacher, student, masking
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimiser, schedule, device
+    eval: EvalConfig = field(default_factory=EvalConfig)  # anomaly maps and metrics
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None = None) -> Config:
-        """Builds a validated config from nested and/or dotted keys over the defaults."""
-        return _build(cls, _nest(raw or {}, ""), "")._validated()
-
-    def to_dict(self) -> dict[str, Any]:
-        """Nested plain-Python dict (lists, not tuples) that ``from_dict`` reads back equal."""
-        return to_plain(dataclasses.asdict(self))
+        """Builds a validated config from nested, dotted and/or short keys over the defaults."""
+        return super().from_dict(nest(raw or {}, aliases=SHORT_KEYS))
 
     def override(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with dotted/nested ``overrides`` applied on top of this config."""
-        merged = _deep_merge(self.to_dict(), _nest(overrides, ""))
-        return Config.from_dict(merged)
+        return Config.from_dict(merge(self.to_dict(), nest(overrides, aliases=SHORT_KEYS)))
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view, e.g. ``{"model.mask_ratio": 0.4, ...}``."""
@@ -152,92 +149,91 @@ class Config:
                 out[f"{section}.{key}"] = value
         return out
 
-    def _validated(self) -> Config:
+    def validated(self) -> Config:
+        """The training rules, each error naming its key."""
         d, m, t, e = self.data, self.model, self.train, self.eval
-        _check(
+        check(
             d.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}, got {d.dataset!r}"
         )
-        _check(d.val_split in VAL_SPLITS, "data.val_split", f"must be one of {VAL_SPLITS}")
-        _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
-        _check(
+        check(d.val_split in VAL_SPLITS, "data.val_split", f"must be one of {VAL_SPLITS}")
+        check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+        check(
             d.test_interpolation in INTERPOLATIONS,
             "data.test_interpolation",
             f"must be one of {INTERPOLATIONS}, got {d.test_interpolation!r}",
         )
-        _check(
+        check(
             d.mask_binarize in MASK_BINARIZE,
             "data.mask_binarize",
             f"must be one of {MASK_BINARIZE}, got {d.mask_binarize!r}",
         )
         if isinstance(d.categories, str):
-            _check(
+            check(
                 d.categories == "all",
                 "data.categories",
                 f'must be a list of names or "all": write [{d.categories}] for one category',
             )
         else:
-            _check(len(d.categories) > 0, "data.categories", 'must not be empty (or use "all")')
-        _check(
+            check(len(d.categories) > 0, "data.categories", 'must not be empty (or use "all")')
+        check(
             d.image_size > 0 and d.resize >= d.image_size,
             "data.resize",
             f"must be >= data.image_size ({d.image_size}) and positive",
         )
-        _check(
+        check(
             d.train_resize is None or d.train_resize >= d.image_size,
             "data.train_resize",
             f"must be >= data.image_size ({d.image_size}), or null for auto",
         )
-        _check(
+        check(
             0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1), got {m.mask_ratio}"
         )
-        _check(
+        check(
             m.patch_size > 0 and d.image_size % m.patch_size == 0,
             "model.patch_size",
             f"must divide data.image_size ({d.image_size}), got {m.patch_size}",
         )
-        _check(len(m.teacher_layers) > 0, "model.teacher_layers", "must name at least one stage")
-        _check(
+        check(len(m.teacher_layers) > 0, "model.teacher_layers", "must name at least one stage")
+        check(
             len(set(m.teacher_layers)) == len(m.teacher_layers)
             and list(m.teacher_layers) == sorted(m.teacher_layers),
             "model.teacher_layers",
             f"must be increasing without repeats, got {list(m.teacher_layers)}",
         )
-        _check(
+        check(
             all(1 <= i <= 4 for i in m.teacher_layers),
             "model.teacher_layers",
             f"stages are timm feature levels 1..4 (ResNet layer1..layer4), got "
             f"{list(m.teacher_layers)}",
         )
-        _check(
-            m.encoder_depth is None or m.encoder_depth > 0, "model.encoder_depth", "must be > 0"
-        )
-        _check(t.epochs > 0, "train.epochs", "must be > 0")
-        _check(t.batch_size > 0, "train.batch_size", "must be > 0")
-        _check(t.lr > 0, "train.lr", "must be > 0")
-        _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _check(
+        check(m.encoder_depth is None or m.encoder_depth > 0, "model.encoder_depth", "must be > 0")
+        check(t.epochs > 0, "train.epochs", "must be > 0")
+        check(t.batch_size > 0, "train.batch_size", "must be > 0")
+        check(t.lr > 0, "train.lr", "must be > 0")
+        check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        check(
             len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
             "train.betas",
             "must be two numbers in [0, 1)",
         )
-        _check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
-        _check(
+        check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+        check(
             list(t.lr_milestones) == sorted(t.lr_milestones),
             "train.lr_milestones",
             "must be increasing",
         )
-        _check(
+        check(
             1 <= t.eval_every <= t.epochs,
             "train.eval_every",
             f"must be in [1, train.epochs={t.epochs}]",
         )
-        _check(t.device in DEVICES, "train.device", f"must be one of {DEVICES}")
-        _check(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
-        _check(t.threads is None or t.threads > 0, "train.threads", "must be > 0")
-        _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1 round")
-        _check(e.blur_sigma >= 0, "eval.blur_sigma", "must be >= 0")
-        _check(e.batch_size > 0, "eval.batch_size", "must be > 0")
-        _check(0 < e.aupro_fpr_limit <= 1, "eval.aupro_fpr_limit", "must be in (0, 1]")
+        check(t.device in DEVICES, "train.device", f"must be one of {DEVICES}")
+        check(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
+        check(t.threads is None or t.threads > 0, "train.threads", "must be > 0")
+        check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1 round")
+        check(e.blur_sigma >= 0, "eval.blur_sigma", "must be >= 0")
+        check(e.batch_size > 0, "eval.batch_size", "must be > 0")
+        check(0 < e.aupro_fpr_limit <= 1, "eval.aupro_fpr_limit", "must be in (0, 1]")
         return self
 
     def resolve_paths(self, base: str | Path | None = None) -> Config:
@@ -281,75 +277,30 @@ def resolve_key(key: str) -> str:
     """Maps a short or dotted key to its full dotted name; raises for unknown keys."""
     full = SHORT_KEYS.get(key, key)
     section, _, name = full.partition(".")
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
-    if section not in sections or not name:
+    if section not in _SECTION_TYPES or not name:
         raise ConfigError(
-            f"unknown config key {key!r}: use a dotted key under one of {sorted(sections)} "
-            f"(e.g. model.mask_ratio) or a short name from {sorted(SHORT_KEYS)}"
+            f"unknown config key {key!r}: use a dotted key under one of "
+            f"{sorted(_SECTION_TYPES)} (e.g. model.mask_ratio) or a short name from "
+            f"{sorted(SHORT_KEYS)}"
         )
-    cls = _SECTION_TYPES[section]
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(_SECTION_TYPES[section])]
     if name not in names:
         raise ConfigError(f"unknown config key {full!r}: {section} has keys {names}")
     return full
 
 
-def field_type(key: str) -> Any:
-    """The declared type of a (short or dotted) config key."""
-    section, name = resolve_key(key).split(".")
-    hints = typing.get_type_hints(_SECTION_TYPES[section])
-    return hints[name]
-
-
-def coerce(key: str, value: Any) -> Any:
-    """Checks/converts ``value`` for config ``key``; raises ConfigError naming the key."""
-    section, name = resolve_key(key).split(".")
-    return _coerce(
-        typing.get_type_hints(_SECTION_TYPES[section])[name], value, f"{section}.{name}"
-    )
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Loads a YAML training config (or the defaults) and applies ``KEY=VALUE`` overrides."""
-    raw: dict[str, Any] = {}
+    raw = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {str(path)!r} does not exist: check the path "
-                "(see configs/ for examples)"
-            )
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, Mapping):
-            raise ConfigError(
-                f"config file {str(path)!r} must hold a mapping of sections, "
-                f"got {type(loaded).__name__}"
-            )
-        raw = dict(loaded or {})
-    merged = _deep_merge(_nest(raw, ""), _nest(parse_overrides(overrides), ""))
-    return Config.from_dict(merged)
+        raw = load_yaml(path, "config file", "check the path (see configs/ for examples)")
+    overridden = nest(parse_overrides(overrides))  # keys already full: no aliases
+    return Config.from_dict(merge(nest(raw, aliases=SHORT_KEYS), overridden))
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """Parses ``["model.mask_ratio=0.5", ...]``; values are YAML scalars or lists."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(
-                f"--set {item!r}: expected KEY=VALUE, e.g. --set model.mask_ratio=0.5"
-            )
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"--set {item!r}: value is not a YAML scalar or list: {exc}"
-            ) from exc
-        out[resolve_key(key.strip())] = value
-    return out
+    """Parses ``["model.mask_ratio=0.5", ...]`` into full dotted keys and YAML values."""
+    return configkit.parse_overrides(items, resolve=resolve_key)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
@@ -362,12 +313,8 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 
 # ----------------------------------------------------------------------------- internals
 
-_SECTION_TYPES: dict[str, type] = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "eval": EvalConfig,
-}
+# Section name -> its dataclass, from Config's own fields.
+_SECTION_TYPES: dict[str, type] = typing.get_type_hints(Config)
 
 
 def _absolute(value: str, base: Path) -> str:
@@ -375,171 +322,3 @@ def _absolute(value: str, base: Path) -> str:
         return value
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (base / path).resolve())
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} {message}")
-
-
-def _nest(raw: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """Turns dotted keys (and short names at top level) into nested dicts."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(raw).__name__}")
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if not isinstance(key, str):
-            raise ConfigError(f"config key {key!r} must be a string")
-        if not prefix and key in SHORT_KEYS:
-            key = SHORT_KEYS[key]
-        head, _, rest = key.partition(".")
-        if rest:
-            value = {rest: value}
-        if isinstance(value, Mapping) and (rest or not prefix):
-            value = _nest(value, f"{prefix}{head}.")
-            existing = out.get(head)
-            out[head] = _deep_merge(existing, value) if isinstance(existing, dict) else value
-        else:
-            out[head] = value
-    return out
-
-
-def _deep_merge(base: Any, top: Any) -> Any:
-    if isinstance(base, dict) and isinstance(top, dict):
-        out = dict(base)
-        for key, value in top.items():
-            out[key] = _deep_merge(base.get(key), value) if key in base else value
-        return out
-    return top
-
-
-def build_dataclass(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
-    """Builds (nested) frozen dataclass ``cls`` from a mapping with dotted keys allowed.
-
-    Unknown keys and wrong types raise ConfigError naming the full dotted key.
-    """
-    return _build(cls, _nest_plain(raw, prefix), prefix)
-
-
-def _nest_plain(raw: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(
-            f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}"
-        )
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        head, _, rest = str(key).partition(".")
-        if rest:
-            out[head] = _deep_merge(out.get(head, {}), _nest_plain({rest: value}, ""))
-        else:
-            out[head] = _deep_merge(out.get(head), value) if head in out else value
-    return out
-
-
-def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
-    raw = _nest_plain(raw, prefix)  # dotted keys at any depth (``--set a.b.c=1``)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        where = prefix.rstrip(".") or "config"
-        raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r}: {where} has keys {sorted(names)}"
-        )
-    kwargs = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, Mapping):
-                raise ConfigError(
-                    f"config key {prefix}{name!r} must be a mapping of "
-                    f"{hint.__name__} keys, got {value!r}"
-                )
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(hint, value, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    """Converts ``value`` to the annotated type or raises naming ``key``."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        section = [a for a in args if dataclasses.is_dataclass(a)]
-        if section and isinstance(value, Mapping):  # its own error names the bad key
-            return _coerce(section[0], value, key)
-        errors = []
-        # Try None first, then the exact-type matches, so "all" stays a str for tuple|str.
-        for option in sorted(args, key=lambda a: a is not type(None)):
-            try:
-                return _coerce(option, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"config key {key!r}: {value!r} does not fit {_type_name(hint)}")
-    if dataclasses.is_dataclass(hint):  # an optional section, e.g. ``X | None``
-        if not isinstance(value, Mapping):
-            raise ConfigError(
-                f"config key {key!r} must be a mapping of {hint.__name__} keys, got {value!r}"
-            )
-        return _build(hint, value, f"{key}.")
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
-        return {
-            _coerce(args[0], k, f"{key}.{k}"): _coerce(args[1], v, f"{key}.{k}")
-            for k, v in value.items()
-        }
-    if hint is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"config key {key!r} must be null")
-    if origin is tuple:
-        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-            raise ConfigError(
-                f"config key {key!r} must be a list ({_type_name(hint)}), got {value!r}"
-            )
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, key) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(
-                f"config key {key!r} must be a list of {len(args)} values, got {value!r}"
-            )
-        return tuple(_coerce(a, v, key) for a, v in zip(args, value, strict=True))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
-    raise TypeError(f"unsupported annotation {hint!r} for {key}")  # a bug here, not user input
-
-
-def _type_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "")
-
-
-def to_plain(value: Any) -> Any:
-    """Tuples -> lists, recursively: what YAML/JSON dumps and ``from_dict`` reads back."""
-    if isinstance(value, dict):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_plain(v) for v in value]
-    return value
