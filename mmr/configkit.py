@@ -5,7 +5,8 @@ Training configs (``mmr.config``), sweep configs (``search.config``) and search 
 ``parse_overrides``; the two config stacks build their dataclasses with ``build_dataclass``
 (nested or dotted keys, unknown keys and wrong types named by their full dotted key) and
 dump them with ``to_dict``. A root config subclasses ``Schema``, whose ``from_dict`` builds
-and runs the class's ``validated`` check hook, so no caller has to remember to validate.
+and checks it, so no caller has to remember to validate: ``build_dataclass`` runs the
+``validated`` check hook of every dataclass it builds that defines one (sections first).
 
 Every error is one line naming the file or key and how to fix it. No Ray or Optuna here.
 """
@@ -46,7 +47,7 @@ class Schema:
     @classmethod
     def from_dict(cls: type[S], raw: Mapping[str, Any] | None = None) -> S:
         """Builds a validated instance from nested and/or dotted keys over the defaults."""
-        return build_dataclass(cls, raw or {}).validated()
+        return build_dataclass(cls, raw or {})
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain-Python dict (lists, not tuples) that ``from_dict`` reads back equal."""
@@ -165,6 +166,7 @@ def build_dataclass(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
 
     Unknown keys and wrong types raise ConfigError naming the full dotted key; values are
     coerced to the annotations (lists to tuples, whole floats to int, "1e-3" to float).
+    The result's ``validated()`` check hook runs when its class has one.
     """
     raw = nest(raw, prefix.rstrip(".") or "config")
     hints = typing.get_type_hints(cls)
@@ -175,7 +177,10 @@ def build_dataclass(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
         raise ConfigError(
             f"unknown config key {prefix + unknown[0]!r}: {where} has keys {sorted(names)}"
         )
-    return cls(**{name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()})
+    built = cls(
+        **{name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
+    )
+    return built.validated() if hasattr(built, "validated") else built
 
 
 def to_plain(value: Any) -> Any:

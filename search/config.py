@@ -16,19 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mmr.config import (
-    Config,
-    ConfigError,
-    build_dataclass,
-    load_config,
-    to_plain,
-)
+from mmr.config import Config, ConfigError, load_config
+from mmr.configkit import Schema, check, load_yaml, nest, parse_override, set_path
 from mmr.errors import UserInputError
 from mmr.report import LOWER_IS_BETTER, METRICS, SPEED_METRICS
 from search.storage import SPEC_FILE, exists, is_uri, join, mirror_dir, pull
-from spaces import Space, load_space
+from spaces import SPACES_DIR, Space, load_space, read_space
 
 __all__ = [
     "DEMO_SWEEP",
@@ -41,24 +34,18 @@ __all__ = [
     "resolve_sweep",
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO_SWEEP = ROOT / "configs" / "demo_sweep.yaml"
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (site-packages when installed)
+try:  # the shipped configs are the package data of ``configs``, installed or editable
+    import configs
+
+    CONFIGS_DIR = Path(configs.__file__).resolve().parent
+except ImportError:  # an editable install made before configs was a package
+    CONFIGS_DIR = ROOT / "configs"
+DEMO_SWEEP = CONFIGS_DIR / "demo_sweep.yaml"
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid", "nsga2")
 ROUND_METRICS = METRICS  # reported after every validation round
 OBJECTIVE_METRICS = (*METRICS, *SPEED_METRICS)  # anything a trial reports may be an objective
 SCHEDULERS = ("asha", "median", "fifo")
-SWEEP_SECTIONS = (
-    "name",
-    "base",
-    "space",
-    "objective",
-    "search",
-    "scheduler",
-    "resources",
-    "storage",
-    "max_failures",
-    "tracking",
-)
 WANDB_MODES = ("online", "offline")
 
 
@@ -88,6 +75,60 @@ class ObjectiveConfig:
     def multi(self) -> bool:
         """Several objectives: a Pareto front instead of one best trial."""
         return bool(self.metrics) and len(self.metrics) > 1
+
+    def validated(self) -> ObjectiveConfig:
+        """Metric names, modes and guards, each error naming its key."""
+        o = self
+        weights = o.metric if isinstance(o.metric, dict) else {o.metric: 1.0}
+        bad = sorted(set(weights) - set(OBJECTIVE_METRICS))
+        check(
+            not bad and bool(weights),
+            "objective.metric",
+            f"must be one of {OBJECTIVE_METRICS} or a mapping of them to weights, "
+            f"got {o.metric!r}",
+        )
+        if o.metrics is not None:
+            bad = sorted(set(o.metrics) - set(OBJECTIVE_METRICS))
+            check(
+                bool(o.metrics) and not bad,
+                "objective.metrics",
+                f"must be a non-empty list of {OBJECTIVE_METRICS}, got {list(o.metrics)!r}"
+                + (f" (unknown: {bad})" if bad else ""),
+            )
+            check(
+                len(set(o.metrics)) == len(o.metrics),
+                "objective.metrics",
+                f"lists a metric twice: {list(o.metrics)!r}",
+            )
+        modes = (o.mode,) if isinstance(o.mode, str) else o.mode
+        check(
+            bool(modes) and all(m in ("max", "min") for m in modes),
+            "objective.mode",
+            f"must be max or min (or a list of them), got {o.mode!r}",
+        )
+        if not isinstance(o.mode, str):
+            count = len(o.metrics) if o.metrics else 1
+            check(
+                len(o.mode) == count,
+                "objective.mode",
+                f"lists {len(o.mode)} modes for {count} objective(s) "
+                f"{list(o.metrics or [o.metric])!r}: give one mode, or one per metric",
+            )
+        names = [name for name, _ in o.objectives]
+        check(
+            any(n in ROUND_METRICS or n == "objective" for n in names),
+            "objective.metrics" if o.metrics else "objective.metric",
+            f"needs a validation metric ({', '.join(ROUND_METRICS)}): {', '.join(SPEED_METRICS)} "
+            "are measured once, at the end of a trial, so early stopping could not compare trials",
+        )
+        for metric, drop in o.guard.items():
+            check(
+                metric in OBJECTIVE_METRICS,
+                f"objective.guard.{metric}",
+                f"is not a reported metric: guards take {OBJECTIVE_METRICS}",
+            )
+            check(drop >= 0, f"objective.guard.{metric}", f"must be >= 0, got {drop}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -143,7 +184,7 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(Schema):
     name: str = "mmr-sweep"  # experiment name (directory under storage)
     base: str = "configs/tiny.yaml"  # training config every trial starts from
     space: str = "spaces/demo.yaml"  # search space
@@ -156,43 +197,44 @@ class SweepConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow / W&B
 
     def validated(self) -> SweepConfig:
+        """The sweep rules, each error naming its key (run by ``from_dict``)."""
         o, s, sc, r = self.objective, self.search, self.scheduler, self.resources
-        _check_objective(o)
-        _check(s.sampler in SAMPLERS, "search.sampler", f"must be one of {SAMPLERS}")
-        _check(
+        check(s.sampler in SAMPLERS, "search.sampler", f"must be one of {SAMPLERS}")
+        check(
             not (o.multi and s.sampler == "cmaes"),
             "search.sampler",
             "cmaes optimises one objective: with several objective.metrics use tpe, nsga2, "
             "gp, random or grid",
         )
-        _check(s.num_trials >= 1, "search.num_trials", f"must be >= 1, got {s.num_trials}")
-        _check(s.max_concurrent >= 1, "search.max_concurrent", "must be >= 1")
-        _check(s.n_startup_trials >= 0, "search.n_startup_trials", "must be >= 0")
-        _check(
+        check(s.num_trials >= 1, "search.num_trials", f"must be >= 1, got {s.num_trials}")
+        check(s.max_concurrent >= 1, "search.max_concurrent", "must be >= 1")
+        check(s.n_startup_trials >= 0, "search.n_startup_trials", "must be >= 0")
+        check(
             o.per_category or not s.share_across_categories,
             "search.share_across_categories",
             "needs objective.per_category: true (a single study has no other category to share "
             "with)",
         )
-        _check(sc.type in SCHEDULERS, "scheduler.type", f"must be one of {SCHEDULERS}")
-        _check(sc.grace_period >= 1, "scheduler.grace_period", "must be >= 1 round")
-        _check(sc.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1")
-        _check(sc.min_samples >= 1, "scheduler.min_samples", "must be >= 1 trial")
-        _check(r.cpu >= 0 and r.gpu >= 0, "resources", "cpu and gpu must be >= 0")
-        _check(
+        check(sc.type in SCHEDULERS, "scheduler.type", f"must be one of {SCHEDULERS}")
+        check(sc.grace_period >= 1, "scheduler.grace_period", "must be >= 1 round")
+        check(sc.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1")
+        check(sc.min_samples >= 1, "scheduler.min_samples", "must be >= 1 trial")
+        check(r.cpu >= 0 and r.gpu >= 0, "resources", "cpu and gpu must be >= 0")
+        check(
             r.gpu <= 1 or float(r.gpu).is_integer(),
             "resources.gpu",
             "must be a fraction <= 1 or a whole number of GPUs",
         )
-        _check(self.max_failures >= 0, "max_failures", "must be >= 0")
-        _check(bool(self.name) and "/" not in self.name, "name", "must be a plain directory name")
+        check(self.max_failures >= 0, "max_failures", "must be >= 0")
+        check(bool(self.name) and "/" not in self.name, "name", "must be a plain directory name")
         w = self.tracking.wandb
         if w is not None:
-            _check(w.mode in WANDB_MODES, "tracking.wandb.mode", f"must be one of {WANDB_MODES}")
+            check(w.mode in WANDB_MODES, "tracking.wandb.mode", f"must be one of {WANDB_MODES}")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(dataclasses.asdict(self))
+
+# The top-level keys of a sweep config (``launch.py`` tells sweep from training configs by them).
+SWEEP_SECTIONS = tuple(f.name for f in dataclasses.fields(SweepConfig))
 
 
 @dataclass(frozen=True)
@@ -237,7 +279,7 @@ class SweepSpec:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SweepSpec:
-        sweep = build_dataclass(SweepConfig, raw["sweep"]).validated()
+        sweep = SweepConfig.from_dict(raw["sweep"])
         return cls(
             sweep, Config.from_dict(raw["base"]), dict(raw["space"]), tuple(raw["categories"])
         )
@@ -315,18 +357,8 @@ def load_spec(experiment: str | Path) -> SweepSpec:
 def load_sweep_config(path: str | Path | None) -> tuple[dict[str, Any], Path]:
     """Reads a sweep YAML (default: the demo); returns the raw mapping and its directory."""
     path = Path(path) if path is not None else DEMO_SWEEP
-    if not path.is_file():
-        raise ConfigError(
-            f"sweep config {str(path)!r} does not exist: check the path (see "
-            f"{DEMO_SWEEP} for an example)"
-        )
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep config {str(path)!r} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"sweep config {str(path)!r} must be a mapping")
-    return dict(raw), path.resolve().parent
+    hint = f"check the path (see {DEMO_SWEEP} for an example)"
+    return load_yaml(path, "sweep config", hint), path.resolve().parent
 
 
 def resolve_sweep(
@@ -337,30 +369,25 @@ def resolve_sweep(
     storage: str | None = None,
     categories: Sequence[str] | None = None,
 ) -> SweepSpec:
-    """Loads, overrides and validates a sweep; the base config and space are read now."""
+    """Loads, overrides and validates a sweep; the base config and space are read now.
+
+    An override whose first key part is a sweep section (``search.num_trials=8``) replaces
+    that value of the sweep config; any other (``train.epochs=4``) goes to the base config.
+    """
     raw, config_dir = load_sweep_config(config)
-    sweep_over: dict[str, Any] = {}
+    merged = nest(raw)
     train_over: list[str] = []
     for item in overrides:
-        key = item.partition("=")[0].strip()
-        if key.split(".")[0] in SWEEP_SECTIONS:
-            sweep_over.update({key: yaml.safe_load(item.partition("=")[2])})
+        key, value = parse_override(item)
+        if key.partition(".")[0] in SWEEP_SECTIONS:
+            merged = set_path(merged, key, value)
         else:
             train_over.append(item)
-    merged = dict(raw)
-    for key, value in sweep_over.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            section = dict(merged.get(head) or {})
-            section[rest] = value
-            merged[head] = section
-        else:
-            merged[head] = value
     if name:
         merged["name"] = name
     if storage:
         merged["storage"] = storage
-    sweep = build_dataclass(SweepConfig, merged).validated()
+    sweep = SweepConfig.from_dict(merged)
     base_path = _find(sweep.base, config_dir, "base")
     space_path = _find(sweep.space, config_dir, "space")
     base = load_config(base_path, train_over).resolve_paths()
@@ -376,14 +403,14 @@ def resolve_sweep(
     )
     _check_rungs(sweep.scheduler, base)
     _check_official_pro(sweep.objective, base)
-    space_spec = yaml.safe_load(space_path.read_text())
-    space = load_space(space_path)
+    space_spec = read_space(space_path)
+    space = load_space(space_spec, source=str(space_path))
     space.validate(base)
     space.baseline(base)
     if sweep.search.sampler == "grid":
         space.grid()
     cats = tuple(categories) if categories else _categories(base)
-    spec = SweepSpec(sweep, base, dict(space_spec), cats)
+    spec = SweepSpec(sweep, base, space_spec, cats)
     return _check_warm_start(spec)
 
 
@@ -415,17 +442,15 @@ def _check_warm_start(spec: SweepSpec) -> SweepSpec:
 def _check_rungs(scheduler: SchedulerConfig, base: Config) -> None:
     """ASHA and median stopping need a round below the last one to stop at, or they can never
     stop a trial early."""
-    rounds = base.num_rounds
-    if scheduler.type == "fifo" or scheduler.grace_period < rounds:
-        return
-    t = base.train
-    who = "ASHA" if scheduler.type == "asha" else "median stopping"
-    raise ConfigError(
-        f"scheduler.grace_period={scheduler.grace_period} is not below the {rounds} "
-        f"evaluation round(s) of a trial (train.epochs={t.epochs} / train.eval_every="
-        f"{t.eval_every}), so {who} could never stop a trial early: set "
-        f"scheduler.grace_period below {rounds}, raise train.epochs or lower "
-        "train.eval_every, or use scheduler.type=fifo"
+    rounds, t = base.num_rounds, base.train
+    check(
+        scheduler.type == "fifo" or scheduler.grace_period < rounds,
+        f"scheduler.grace_period={scheduler.grace_period}",
+        f"is not below the {rounds} evaluation round(s) of a trial (train.epochs={t.epochs} / "
+        f"train.eval_every={t.eval_every}), so "
+        f"{'ASHA' if scheduler.type == 'asha' else 'median stopping'} could never stop a trial "
+        f"early: set scheduler.grace_period below {rounds}, raise train.epochs or lower "
+        "train.eval_every, or use scheduler.type=fifo",
     )
 
 
@@ -435,12 +460,12 @@ def _check_official_pro(objective: ObjectiveConfig, base: Config) -> None:
     names = {name for name, _ in objective.objectives} | set(objective.guard)
     if isinstance(objective.metric, Mapping):
         names |= set(objective.metric)
-    if "pro_official" in names and not base.eval.official_pro:
-        raise ConfigError(
-            "the objective uses pro_official, which trials report only with "
-            "eval.official_pro: true: set it in the base config or add "
-            "--set eval.official_pro=true"
-        )
+    check(
+        "pro_official" not in names or base.eval.official_pro,
+        "the objective",
+        "uses pro_official, which trials report only with eval.official_pro: true: set it in "
+        "the base config or add --set eval.official_pro=true",
+    )
 
 
 def _categories(base: Config) -> tuple[str, ...]:
@@ -469,10 +494,14 @@ def _resolve_tracking(tracking: TrackingConfig) -> TrackingConfig:
 
 
 def _find(value: str, config_dir: Path, key: str) -> Path:
-    """Resolves a path from the working directory, the sweep file's folder or the project."""
+    """Resolves a path from the working directory, the sweep file's folder or the project.
+
+    The project's own files (``configs/tiny.yaml``, ``spaces/demo.yaml``) are looked up
+    where the packages are installed, so the shipped sweeps run without a checkout too.
+    """
     path = Path(value).expanduser()
     candidates = (
-        [path] if path.is_absolute() else [Path.cwd() / path, config_dir / path, ROOT / path]
+        [path] if path.is_absolute() else [Path.cwd() / path, config_dir / path, _shipped(path)]
     )
     for candidate in candidates:
         if candidate.is_file():
@@ -483,62 +512,13 @@ def _find(value: str, config_dir: Path, key: str) -> Path:
     )
 
 
+def _shipped(path: Path) -> Path:
+    """A project-relative path in the installed ``configs`` or ``spaces`` package, if it
+    names one (the checkout's own copy in an editable install), else under ``ROOT``."""
+    packages = {"configs": CONFIGS_DIR, "spaces": SPACES_DIR}
+    top, *rest = path.parts or ("",)
+    return packages[top].joinpath(*rest) if top in packages and rest else ROOT / path
+
+
 def _nan(value: Any) -> bool:
     return isinstance(value, float) and value != value
-
-
-def _check_objective(o: ObjectiveConfig) -> None:
-    """Metric names, modes and guards, each error naming its key."""
-    weights = o.metric if isinstance(o.metric, dict) else {o.metric: 1.0}
-    bad = sorted(set(weights) - set(OBJECTIVE_METRICS))
-    _check(
-        not bad and bool(weights),
-        "objective.metric",
-        f"must be one of {OBJECTIVE_METRICS} or a mapping of them to weights, got {o.metric!r}",
-    )
-    if o.metrics is not None:
-        bad = sorted(set(o.metrics) - set(OBJECTIVE_METRICS))
-        _check(
-            bool(o.metrics) and not bad,
-            "objective.metrics",
-            f"must be a non-empty list of {OBJECTIVE_METRICS}, got {list(o.metrics)!r}"
-            + (f" (unknown: {bad})" if bad else ""),
-        )
-        _check(
-            len(set(o.metrics)) == len(o.metrics),
-            "objective.metrics",
-            f"lists a metric twice: {list(o.metrics)!r}",
-        )
-    modes = (o.mode,) if isinstance(o.mode, str) else o.mode
-    _check(
-        bool(modes) and all(m in ("max", "min") for m in modes),
-        "objective.mode",
-        f"must be max or min (or a list of them), got {o.mode!r}",
-    )
-    if not isinstance(o.mode, str):
-        count = len(o.metrics) if o.metrics else 1
-        _check(
-            len(o.mode) == count,
-            "objective.mode",
-            f"lists {len(o.mode)} modes for {count} objective(s) "
-            f"{list(o.metrics or [o.metric])!r}: give one mode, or one per metric",
-        )
-    names = [name for name, _ in o.objectives]
-    _check(
-        any(n in ROUND_METRICS or n == "objective" for n in names),
-        "objective.metrics" if o.metrics else "objective.metric",
-        f"needs a validation metric ({', '.join(ROUND_METRICS)}): {', '.join(SPEED_METRICS)} "
-        "are measured once, at the end of a trial, so early stopping could not compare trials",
-    )
-    for metric, drop in o.guard.items():
-        _check(
-            metric in OBJECTIVE_METRICS,
-            f"objective.guard.{metric}",
-            f"is not a reported metric: guards take {OBJECTIVE_METRICS}",
-        )
-        _check(drop >= 0, f"objective.guard.{metric}", f"must be >= 0, got {drop}")
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} {message}")
