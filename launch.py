@@ -430,10 +430,6 @@ def _dashboard_wanted() -> bool:
     return os.environ.get("MMR_DASHBOARD", "1") != "0"
 
 
-def _not_built(args: argparse.Namespace) -> int:
-    raise UserError(f"`{args.command}` is not built yet in this version of mmr-sweep")
-
-
 COMMANDS = {
     "synth": cmd_synth,
     "train": cmd_train,
@@ -454,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return COMMANDS.get(args.command, _not_built)(args)
+        return COMMANDS[args.command](args)  # argparse admits only these commands
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,8 +11,8 @@ Each row is a dict with
   ``project / reference`` for scores; both sides are always measured in the same run;
 - ``target`` (optional): the issue's target in words; ``met``: True/False, None without target.
 
-This module imports only the standard library, torch-free, so that every benchmark (and the
-GPU script, which has no Ray or Optuna) can use it.
+This module imports only the standard library (and ``mmr.fileio``, which does too), torch-free,
+so that every benchmark (and the GPU script, which has no Ray or Optuna) can use it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from mmr.fileio import atomic_write
 
 __all__ = [
     "ROOT",
@@ -135,10 +137,7 @@ def jsonable(value: Any) -> Any:
 
 def write_child_result(path: str | Path, result: Mapping[str, Any]) -> None:
     """Writes a child's JSON result atomically (the parent reads it after the exit)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=jsonable))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(result, indent=1, default=jsonable))
 
 
 def run_child(

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from PIL import Image
 
 from mmr.config import INTERPOLATIONS, MASK_BINARIZE
 from mmr.errors import DataError
+from mmr.fileio import atomic_path
 
 try:  # POSIX only; without it concurrent builders may both decode (still correct, just slower)
     import fcntl
@@ -276,26 +276,23 @@ def _build(
     what: str,
 ) -> None:
     start = time.perf_counter()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     step, close = _progress[-1](f"decode {what}", len(jobs)) if _progress else (None, None)
     try:
-        shape = (len(jobs), *item_shape)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        # atomic: readers see the old state or the whole file
+        with atomic_path(path) as tmp:
+            shape = (len(jobs), *item_shape)
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
 
-        def fill(i: int, out: np.ndarray = out) -> None:
-            out[i] = jobs[i]()
-            if step is not None:
-                step()
+            def fill(i: int, out: np.ndarray = out) -> None:
+                out[i] = jobs[i]()
+                if step is not None:
+                    step()
 
-        with ThreadPoolExecutor(_workers()) as pool:
-            list(pool.map(fill, range(len(jobs))))
-        out.flush()
-        del out, fill  # close the memory map before the rename
-        os.replace(tmp, path)  # atomic: readers see the old state or the whole file
+            with ThreadPoolExecutor(_workers()) as pool:
+                list(pool.map(fill, range(len(jobs))))
+            out.flush()
+            del out, fill  # close the memory map before the rename
     finally:
-        tmp.unlink(missing_ok=True)
         if close is not None:
             close()
     logger.info(

@@ -13,10 +13,11 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mmr.errors import UserInputError
+from mmr.fileio import atomic_write, is_own_tmp
 
 __all__ = [
     "MARKER",
@@ -39,6 +40,9 @@ TRAIN_FILES = (
     "model.pt",
     "checkpoints/checkpoint.pt",
 )
+# The temporaries of atomic writes into --out named the pre-mmr.fileio way (``<file>.tmp``): a
+# run of an earlier version cut short may have left them. Exactly these, never any *.tmp.
+_OLD_TMP_FILES = frozenset(f + ".tmp" for f in (MARKER, *TRAIN_FILES))
 
 
 def list_files(folder: Path) -> list[str]:
@@ -64,9 +68,7 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
 def write_marker(folder: Path, *, kind: str, owner: str, files: Iterable[str]) -> None:
     """Records ``folder`` as written by ``kind`` for ``owner``, listing the files it wrote."""
     record = {"kind": kind, "owner": owner, "files": sorted(set(files) - {MARKER})}
-    tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(folder / MARKER)
+    atomic_write(folder / MARKER, json.dumps(record, indent=1))
 
 
 def check_replaceable(
@@ -202,7 +204,8 @@ def train_output(
 
 
 def _is_tmp(name: str) -> bool:
-    return name.endswith(".tmp")  # an atomic write cut short
+    """Whether the relative path ``name`` is a temporary of an atomic write cut short."""
+    return is_own_tmp(PurePosixPath(name).name) or name in _OLD_TMP_FILES
 
 
 def _remove_files(folder: Path, names: Iterable[str]) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 
 import pandas as pd
 
+from mmr.fileio import atomic_write
+
 __all__ = [
     "METRICS",
     "SPEED_METRICS",
@@ -103,10 +105,7 @@ def results_tables(rows: Mapping[str, Mapping[str, Mapping[str, float]]]) -> lis
 
 def write_json(data: Any, path: str | Path) -> None:
     """Writes JSON atomically (temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=True))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=True))
 
 
 def _markdown(df: pd.DataFrame) -> str:

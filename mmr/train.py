@@ -32,6 +32,7 @@ from mmr.data import (
     train_batches,
 )
 from mmr.device import cudnn_benchmark, fp32_math
+from mmr.fileio import atomic_path, atomic_write
 from mmr.metrics import evaluate
 from mmr.model import MMR, build_teacher, param_groups
 from mmr.report import flatten_metrics
@@ -481,9 +482,8 @@ def save_checkpoint(
     if optimizers is not None:
         state["optimizers"] = {name: o.state_dict() for name, o in optimizers.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -630,13 +630,10 @@ def run_training(
         {f"{label} (test)": result["test"], f"{label} (val)": result["val"]},
         title="MMR results (test = held-out half, val = search split)",
     )
-    tmp = out / "results.md.tmp"
-    tmp.write_text(tables)
-    tmp.replace(out / "results.md")
+    atomic_write(out / "results.md", tables)
     state = load_checkpoint(ckpt_dir)
-    tmp = out / "model.pt.tmp"
-    torch.save(model_file(state), tmp)
-    tmp.replace(out / "model.pt")
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save(model_file(state), tmp)
     return {"test_mean": _means(test), "val_mean": _means(val), "summary": summary}
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from mmr.config import ModelConfig
 from mmr.errors import ConfigError, UserInputError
+from mmr.fileio import atomic_path
 
 __all__ = [
     "checkpoint_filename",
@@ -265,9 +266,8 @@ def fetch_weights(cfg: ModelConfig, to: str | Path) -> dict[str, Path]:
         # Full networks at their native geometry (no head): usable for any stages/patch size.
         model = create_hub_model(name, role=role, key=f"model.{role}", num_classes=0)
         path = folder / checkpoint_filename(name, role=role)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
         logger.info("wrote %s weights to %s", role, path)
         paths[role] = path
     return paths

@@ -30,6 +30,7 @@ import torch
 
 from mmr.config import Config, dump_config
 from mmr.errors import UserInputError
+from mmr.fileio import atomic_path
 from mmr.outdir import check_replaceable, list_files, read_marker, write_marker
 from mmr.report import flatten_metrics, results_markdown, write_json
 from search.config import SweepSpec, load_spec
@@ -135,9 +136,8 @@ def _export(
             state = load_checkpoint(ckpt)
             cfg = Config.from_dict(state["config"])  # exactly the trial's training config
             dump_config(cfg, target / "best.yaml")
-            tmp = target / "model.pt.tmp"
-            torch.save(model_file(state), tmp)
-            tmp.replace(target / "model.pt")
+            with atomic_path(target / "model.pt") as tmp:
+                torch.save(model_file(state), tmp)
             _, test_best, outputs = evaluate_checkpoint(state, device=device)  # loaded once
         rows["best (test)"].update(test_best)
         base = _baseline_row(df, category)

@@ -45,7 +45,11 @@ from mmr.errors import UserInputError
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 RAY_UP_FILES = ["aws.yaml", "gcp.yaml", "onprem.yaml"]
-RAY_VERSION = "2.60.0"  # the Ray the configs and images pin; must match the installed one
+# The Ray release the cluster images pin (cluster/Dockerfile): every config must pin the same
+# and the installed one must be it; test_packaging checks it against pyproject.toml's bound.
+RAY_VERSION = re.search(
+    r"^FROM rayproject/ray:([\w.]+)-py", (CLUSTER / "Dockerfile").read_text(), re.M
+)[1]
 # Trials of a second or two, as in tests/test_search.py: 32 px, a 2-block ViT, 4 rounds.
 FAST = [
     "data.resize=40",
