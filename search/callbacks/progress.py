@@ -1,4 +1,4 @@
-"""Live terminal table of a running sweep (a Tune callback)."""
+"""The sweep's progress callback: a live terminal table of the running trials."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 from ray.tune import Callback
 
 from search.config import SweepSpec
-from search.searcher import OBJECTIVE, ROUNDS_KEY
-from search.trainable import failure_reason
+from search.contract import OBJECTIVE, ROUNDS_KEY
+from search.storage import failure_reason
 
 __all__ = ["ProgressTable"]
 

@@ -1,4 +1,5 @@
-"""Experiment tracking: MLflow and Weights & Biases through Ray Tune's logger callbacks.
+"""The experiment-tracking callbacks: MLflow and Weights & Biases through Ray Tune's logger
+callbacks. Imported only for sweeps with ``tracking:`` set (MLflow takes seconds to import).
 
 ``tracking.mlflow`` and ``tracking.wandb`` in the sweep config add Tune's
 ``MLflowLoggerCallback`` / ``WandbLoggerCallback`` (one run per trial: params, every round's

@@ -1,4 +1,5 @@
-"""Each round once in a trial's result files, when a restarted trial trains rounds again.
+"""Tune's JSON and CSV result-file logger callbacks, keeping each round once in a trial's
+``result.json`` and ``progress.csv`` when a restarted trial trains rounds again.
 
 A trial reports a checkpoint every ``train.checkpoint_every`` rounds. After a lost worker
 (Ray's ``max_failures`` retry) or a resumed driver it continues from its last checkpoint and
@@ -8,7 +9,8 @@ would hold those rounds twice, the stale values first. These loggers (Tune adds 
 when a sweep passes none of their kind) drop a trial's rows from the repeated round on before
 they append it: each round appears once, with the latest attempt's values. The dropped
 ``result.json`` rows go to ``REPEATED_FILE`` in the trial's directory, so the compute they
-cost stays on record (``rounds_repeated`` in the trials table).
+cost stays on record (``rounds_repeated`` in the trials table, counted by
+``search.storage.count_repeated``).
 """
 
 from __future__ import annotations
@@ -25,13 +27,12 @@ from ray.air.constants import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 
+from search.contract import REPEATED_FILE
 from search.storage import join, read_file, write_file
 
-__all__ = ["REPEATED_FILE", "RoundCSVLogger", "RoundJsonLogger", "count_repeated"]
+__all__ = ["RoundCSVLogger", "RoundJsonLogger"]
 
 logger = logging.getLogger(__name__)
-
-REPEATED_FILE = "result_repeated.json"  # result.json rows of rounds trained again, superseded
 
 
 def _json_round(line: str) -> int | None:
@@ -201,9 +202,3 @@ def _record_repeated(trial: Any, rows: list[str]) -> None:
     earlier = read_file(fs, path) or ""
     write_file(fs, path, earlier + "".join(r if r.endswith("\n") else r + "\n" for r in rows))
 
-
-def count_repeated(trial: Any) -> int:
-    """Rounds of a Tune trial that a restart trained again (recorded by ``RoundJsonLogger``)."""
-    storage = trial.storage
-    text = read_file(storage.storage_filesystem, join(storage.trial_fs_path, REPEATED_FILE))
-    return sum(1 for line in (text or "").splitlines() if line.strip())

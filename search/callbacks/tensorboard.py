@@ -1,4 +1,5 @@
-"""TensorBoard logging of trials: Tune's TBX callback, with every param in the hparams view."""
+"""The TensorBoard callback: Tune's TBX logger of trials, with every param in the hparams
+view."""
 
 from __future__ import annotations
 
