@@ -201,4 +201,3 @@ def _record_repeated(trial: Any, rows: list[str]) -> None:
     fs.create_dir(trial.storage.trial_fs_path, recursive=True)
     earlier = read_file(fs, path) or ""
     write_file(fs, path, earlier + "".join(r if r.endswith("\n") else r + "\n" for r in rows))
-
