@@ -33,6 +33,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# The guards' constraints decide feasibility and the export; CMA-ES does not steer by them (as
+# the README says), which Optuna would otherwise warn about after every trial, also in a
+# resumed driver whose sampler comes back from the searcher's saved state
+# (search.searcher imports this module).
+warnings.filterwarnings(
+    "ignore", message="Constraints have been set, but CmaEsSampler", category=UserWarning
+)
 
 
 class BaselineFirstGridSampler(optuna.samplers.GridSampler):

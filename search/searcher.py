@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-# The guards' constraints decide feasibility and the export; CMA-ES does not steer by them (as
-# the README says), which Optuna would otherwise warn about after every trial, also in a
-# resumed driver whose sampler comes back from the searcher's saved state.
-warnings.filterwarnings(
-    "ignore", message="Constraints have been set, but CmaEsSampler", category=UserWarning
-)
 
 SHARE_TOP_K = 3  # share_across_categories: a study's top-k trials are tried by the others
 
