@@ -23,7 +23,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.config import OBJECTIVE_METRICS, SweepSpec
 from search.contract import OBJECTIVE, ROUNDS_KEY
-from search.samplers import load_warm_trials, make_sampler, study_storage, warm_trials
+from search.samplers import (  # BaselineFirstGridSampler: older pickles' path
+    BaselineFirstGridSampler,  # noqa: F401
+    load_warm_trials,
+    make_sampler,
+    study_storage,
+    warm_trials,
+)
 from search.storage import resumed_experiment
 from spaces import Space
 

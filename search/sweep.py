@@ -16,6 +16,9 @@ from ray import tune
 from cluster.driver import leave_job_working_dir
 from cluster.ray_start import init_ray
 from mmr.errors import UserInputError
+
+# MirrorSync lived here before issue 23: Tune unpickles an older experiment's callbacks
+# (tuner.pkl) by that path on resume.
 from search.callbacks.lifecycle import EndDeterministicFailures, MirrorSync
 from search.callbacks.progress import ProgressTable
 from search.callbacks.result_files import RoundCSVLogger, RoundJsonLogger

@@ -19,6 +19,7 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.trainable import wrap_function
 
 from mmr.config import Config
+from search.callbacks.lifecycle import EndDeterministicFailures  # noqa: F401  (see below)
 from search.config import SweepSpec
 from search.contract import (
     FAILED_MARKER,
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+# EndDeterministicFailures lived here before issue 23: Tune unpickles an older experiment's
+# callbacks (tuner.pkl) by that path on resume.
 
 # When set, Ray leaves CUDA_VISIBLE_DEVICES alone: every trial sees every GPU of its node.
 NOSET_CUDA_VAR = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
