@@ -394,7 +394,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     exp = Path(args.experiment).resolve()
     from optuna_dashboard import run_server
 
-    from search.searcher import study_storage
+    from search.samplers import study_storage
 
     storage = study_storage(exp)
     if args.host not in ("127.0.0.1", "localhost", "::1"):

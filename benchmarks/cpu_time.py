@@ -6,7 +6,7 @@ comparisons on a busy machine.
 ``time.process_time()`` (the process's CPU seconds, one torch thread) is far less sensitive to
 other processes than wall time. Medians of 5 after a warm-up: one augmented epoch
 (``train_batches``, 100 random images 256 -> 224 px, batch 16) and one training epoch of the
-tiny config (``mmr.train._train_epoch``, 96 images, batch 16). ``CODE_ROOT``: a checkout to
+tiny config (``mmr.train.train_epoch``, 96 images, batch 16). ``CODE_ROOT``: a checkout to
 measure (e.g. a ``git worktree`` of an older commit); default this one. Run the two roots
 alternately in fresh processes.
 
@@ -52,7 +52,7 @@ def main() -> None:
     u8 = torch.randint(0, 256, (100, 3, 256, 256), dtype=torch.uint8, generator=gen)
 
     def training_epoch(config: str, overrides: dict, shape: tuple[int, ...]) -> Callable[[], None]:
-        """One ``_train_epoch`` of ``configs/<config>`` (random init, CPU) on random images."""
+        """One ``train_epoch`` of ``configs/<config>`` (random init, CPU) on random images."""
         cfg = load_config(root / "configs" / config).override(
             {"model.pretrained": False, "train.device": "cpu", **overrides}
         )
@@ -61,9 +61,13 @@ def main() -> None:
             param_groups(model, weight_decay=0.05), lr=1e-4, betas=cfg.train.betas
         )
         images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-        # Older checkouts' epoch function also took the task name and epoch.
-        extra = ("m", 1) if "name" in inspect.signature(train._train_epoch).parameters else ()
-        return lambda: train._train_epoch(model, opt, images, gen, cfg, *extra)
+        # Older checkouts name the epoch function _train_epoch, and older still also pass it
+        # the task name and epoch.
+        epoch_fn = next(
+            getattr(train, n) for n in ("train_epoch", "_train_epoch") if hasattr(train, n)
+        )
+        extra = ("m", 1) if "name" in inspect.signature(epoch_fn).parameters else ()
+        return lambda: epoch_fn(model, opt, images, gen, cfg, *extra)
 
     if paper:
         epoch = training_epoch("mvtec.yaml", {"train.batch_size": 4}, (8, 3, 256, 256))

@@ -163,7 +163,7 @@ def count_flops_per_image(cfg: Any) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmr.data import augment_batch
-    from mmr.train import _autocast, build_models, resolve_device
+    from mmr.train import build_models, precision_autocast, resolve_device
 
     device = resolve_device(cfg.train.device)
     model = build_models(cfg, ["m"], device)["m"]
@@ -174,7 +174,7 @@ def count_flops_per_image(cfg: Any) -> float:
         u8.to(device), image_size=cfg.data.image_size, generator=torch.Generator().manual_seed(0)
     )
     with FlopCounterMode(display=False) as counter:
-        with _autocast(cfg, device):
+        with precision_autocast(cfg, device):
             loss = model(x)
         loss.backward()
     del model
@@ -186,14 +186,14 @@ def custom_steps(
 ) -> float:
     """Images/s of fit's step with a what-if change (``channels_last``, ``torch.compile``).
 
-    Mirrors ``mmr.train._train_epoch`` (same batches, augmentation, autocast, AdamW); the first
+    Mirrors ``mmr.train.train_epoch`` (same batches, augmentation, autocast, AdamW); the first
     ``steps`` steps (compilation included) are the warm-up, the next ``steps`` are timed.
     """
     import torch
 
     from mmr.data import augment_batch, batch_indices, list_tasks, load_images
     from mmr.device import fp32_math
-    from mmr.train import _autocast, build_models, make_optimizer, resolve_device
+    from mmr.train import build_models, make_optimizer, precision_autocast, resolve_device
 
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
@@ -228,7 +228,7 @@ def custom_steps(
                 images[idx.to(device)], image_size=cfg.data.image_size, generator=gen
             ).contiguous(memory_format=fmt)
             with fp32_math("tf32"):
-                with _autocast(cfg, device):
+                with precision_autocast(cfg, device):
                     loss = forward(x)
                 loss.backward()
             opt.step()

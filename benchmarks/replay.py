@@ -342,7 +342,7 @@ def warm_start_replay(
     its study journal) written by a replayed search; its cost is not counted.
     """
     from search.config import SPEC_FILE
-    from search.searcher import study_storage
+    from search.samplers import study_storage
 
     base = STRATEGIES[strategy]
     cats = table.categories

@@ -1,9 +1,9 @@
 """The replay's simulated execution back-end: curve table, nearest-config mapping, event loop.
 
 Only the execution back-end is replaced (as in Syne Tune's simulator back-end): the Optuna
-samplers (``search.searcher.make_sampler``), ``StudySearch`` / ``PerCategorySearch`` with their
+samplers (``search.samplers.make_sampler``), ``StudySearch`` / ``PerCategorySearch`` with their
 PRUNED bookkeeping (``search.searcher.make_searcher``), ``ResumableASHA``, ``ResumableMedian``
-and ``PerCategoryScheduler`` (``search.sweep``'s own factory) and Ray Tune's async Hyperband
+and ``PerCategoryScheduler`` (``search.scheduler.make_scheduler``) and Ray Tune's async Hyperband
 (several brackets) make every decision; ``simulate``
 plays Ray Tune's controller: it asks the searcher for trials, "trains" each from the table of
 recorded curves (``benchmarks/curves.py``), and passes each validation round to the scheduler
@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import ROOT
-from search.searcher import OBJECTIVE, ROUNDS_KEY
+from search.contract import OBJECTIVE, ROUNDS_KEY, planned_trials
 
 __all__ = [
     "CurveTable",
@@ -334,11 +334,10 @@ def _scheduler(strategy: Strategy, spec: Any, location: str) -> Any:
     """The project's scheduler for fifo/asha/median; Ray Tune's own for hyperband."""
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
-    from search.scheduler import PerCategoryScheduler
-    from search.sweep import _scheduler as project_scheduler
+    from search.scheduler import PerCategoryScheduler, make_scheduler
 
     if strategy.scheduler in SHIPPED:
-        return project_scheduler(spec, location)
+        return make_scheduler(spec, location)
 
     def make(_category: str | None) -> Any:
         return AsyncHyperBandScheduler(
@@ -428,7 +427,7 @@ def _loop(
         else {None: Nearest(table, spec.space, categories)}
     )
     every, rounds_total = spec.base.train.eval_every, spec.base.num_rounds
-    num_samples = spec.sweep.search.num_trials * (len(categories) if per_cat else 1)
+    num_samples = planned_trials(spec)
     best_done: dict[str | None, tuple[float, float]] = {}  # study -> (objective, test)
     target_cats = {None: categories} if not per_cat else {k: [k] for k in categories}
     ctrl = SimController()
@@ -638,7 +637,7 @@ def tuner_decisions(
         space_spec=spec.space_spec,
         eval_every=spec.base.train.eval_every,
     )
-    num_samples = num_trials * (len(categories) if strategy.per_category else 1)
+    num_samples = planned_trials(spec)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

@@ -35,7 +35,7 @@ gradient would only cross devices for an input that was copied across with grad,
 step has none of: the images are copied without grad). Syncing reads (``item``, ``nonzero``,
 ...) in backward functions do count. Not visible on a CPU at all: ``.cpu()``, ``.tolist()`` and
 ``.numpy()`` of a tensor that is already on the CPU do not reach the dispatcher; the loop
-reads its loss once per round, outside the step (``mmr.train._check_losses``).
+reads its loss once per round, outside the step (``mmr.train's loss check``).
 
 ``ops_per_step``: the outermost ``aten::`` calls per step (each is at least one kernel launch
 on CUDA), a measure of the step's launch overhead.
@@ -129,7 +129,7 @@ def profile_steps(cfg: Any, *, steps: int = 4, warmup_epochs: int = 2) -> dict[s
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from mmr.train import _train_epoch, build_models, make_optimizer
+    from mmr.train import build_models, make_optimizer, train_epoch
     from mmr.transforms import HOST_DRAW
 
     over: dict[str, Any] = {"train.device": "cpu", "model.pretrained": False}
@@ -147,9 +147,9 @@ def profile_steps(cfg: Any, *, steps: int = 4, warmup_epochs: int = 2) -> dict[s
         0, 256, (batch * steps, 3, size, size), dtype=torch.uint8, generator=gen
     )
     for _ in range(warmup_epochs):
-        _train_epoch(model, opt, images, gen, cfg)
+        train_epoch(model, opt, images, gen, cfg)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        _train_epoch(model, opt, images, gen, cfg)
+        train_epoch(model, opt, images, gen, cfg)
     counts = count_syncs(prof.events(), host_scopes=(HOST_DRAW,))
     return {
         "syncs_per_step": counts["syncs"] / steps,

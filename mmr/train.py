@@ -51,11 +51,13 @@ __all__ = [
     "load_models",
     "make_optimizer",
     "model_file",
+    "precision_autocast",
     "save_checkpoint",
     "prepare_eval",
     "predict_maps",
     "score_maps",
     "resolve_device",
+    "train_epoch",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,7 +166,7 @@ def predict_maps(model: MMR, data: EvalSet, cfg: Config) -> torch.Tensor:
     """Anomaly maps (N x H x W float32) of the center-cropped evaluation images."""
     model.eval()
     maps = []
-    with _autocast(cfg, data.images.device):
+    with precision_autocast(cfg, data.images.device):
         for start in range(0, len(data.images), cfg.eval.batch_size):
             batch = center_crop(
                 data.images[start : start + cfg.eval.batch_size], image_size=cfg.data.image_size
@@ -269,7 +271,7 @@ def fit(
                     group["lr"] = lr
                 try:
                     losses.append(
-                        _train_epoch(
+                        train_epoch(
                             model, optimizers[name], train_images[name], generators[name], cfg
                         )
                     )
@@ -349,7 +351,7 @@ def make_optimizer(
     )
 
 
-def _train_epoch(
+def train_epoch(
     model: MMR,
     opt: torch.optim.Optimizer,
     images: torch.Tensor,
@@ -371,7 +373,7 @@ def _train_epoch(
     for idx, x in batches:
         # TF32 for the model's float32 math only; the augmentation above runs exact.
         with fp32_math("tf32"):
-            with _autocast(cfg, images.device):
+            with precision_autocast(cfg, images.device):
                 loss = model(x)
             # Dropped here rather than right after the step: the backward then reuses the
             # blocks just freed (the forward's activations would take them otherwise), 3.5%
@@ -394,7 +396,7 @@ def _speed(model: MMR, cfg: Config) -> dict[str, float]:
         model,
         eval_batch_size=cfg.eval.batch_size,
         blur_sigma=cfg.eval.blur_sigma,
-        autocast=lambda: _autocast(cfg, device),
+        autocast=lambda: precision_autocast(cfg, device),
     )
 
 
@@ -431,7 +433,8 @@ def _check_losses(
     return [sum(v) / len(v) for v in values]
 
 
-def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+def precision_autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context ``train.precision`` asks for on ``device`` (bf16, or none)."""
     p = cfg.train.precision
     if p == "bf16" or (p == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -34,10 +34,10 @@ from mmr.fileio import atomic_path
 from mmr.outdir import check_replaceable, list_files, read_marker, write_marker
 from mmr.report import flatten_metrics, results_markdown, write_json
 from search.config import SweepSpec, load_spec
+from search.contract import OBJECTIVE
 from search.pareto import write_pareto
 from search.report_page import write_report
 from search.results import best_trials, load_trials, short_name
-from search.searcher import OBJECTIVE
 from search.storage import is_uri, local_checkpoint
 
 __all__ = ["export_experiment"]
@@ -276,7 +276,7 @@ def _study_plots(spec: SweepSpec, plots: Path) -> None:
     import optuna
     from optuna.visualization import matplotlib as ovm
 
-    from search.searcher import study_storage
+    from search.samplers import study_storage
 
     # Optuna marks its matplotlib backend experimental; the plots are what we want.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

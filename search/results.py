@@ -12,9 +12,8 @@ import pandas as pd
 
 from mmr.report import METRICS, SPEED_METRICS
 from search.config import SweepSpec, load_spec
-from search.rounds import count_repeated
-from search.searcher import OBJECTIVE, ROUNDS_KEY
-from search.trainable import META_KEYS
+from search.contract import META_KEYS, OBJECTIVE, ROUNDS_KEY, planned_trials
+from search.storage import count_repeated
 
 __all__ = [
     "load_trials",
@@ -284,7 +283,7 @@ def status_table(experiment: str | Path) -> str:
         f"experiment {spec.sweep.name} ({exp})",
         "trials: "
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATE_ORDER)
-        + f" of {_planned(spec)}",
+        + f" of {planned_trials(spec)}",
         _format(shown[cols]),
     ]
     for _, row in df[df["state"] == "failed"].iterrows():
@@ -357,11 +356,6 @@ def summary_table(experiment: str | Path) -> str:
                 f"({vals['best'] - vals['baseline']:+.4f} validation {OBJECTIVE})"
             )
     return "\n".join([head, _format(table), *(notes if multi else gains)])
-
-
-def _planned(spec: SweepSpec) -> int:
-    n = spec.sweep.search.num_trials
-    return n * len(spec.categories) if spec.sweep.objective.per_category else n
 
 
 def _fmt(value: Any) -> str:

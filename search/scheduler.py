@@ -1,5 +1,5 @@
 """Trial schedulers: ASHA and median stopping that survive a resume and never stop the
-baseline, per-category.
+baseline, per-category; ``make_scheduler`` builds a sweep's.
 
 ``Tuner.restore`` brings trials and the searcher back but not a scheduler's state, so a resumed
 sweep would stop nothing until it refills. ``ResumableASHA`` rebuilds its rungs and
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.schedulers import (
     AsyncHyperBandScheduler,
@@ -21,9 +21,13 @@ from ray.tune.schedulers import (
     TrialScheduler,
 )
 
+from search.contract import OBJECTIVE
 from search.storage import read_histories, resumed_experiment
 
-__all__ = ["ResumableASHA", "ResumableMedian", "PerCategoryScheduler"]
+if TYPE_CHECKING:
+    from search.config import SweepSpec
+
+__all__ = ["ResumableASHA", "ResumableMedian", "PerCategoryScheduler", "make_scheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -253,3 +257,38 @@ class PerCategoryScheduler(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "\n".join(f"{c}: {s.debug_string()}" for c, s in self._subs.items())
+
+
+def make_scheduler(spec: SweepSpec, location: str) -> TrialScheduler:
+    """The scheduler of a sweep (``scheduler.type``), one per category when per-category.
+
+    Args:
+        spec: the resolved sweep.
+        location: where Tune keeps the trials (the experiment dir or its storage URI); the
+            resumable schedulers rebuild their state from the results there.
+    """
+    sc = spec.sweep.scheduler
+    if sc.type == "fifo":
+        return FIFOScheduler()
+
+    def make(category: str | None) -> ResumableASHA | ResumableMedian:
+        if sc.type == "median":
+            return ResumableMedian(
+                experiment=location,
+                metric=OBJECTIVE,
+                grace_period=sc.grace_period,
+                min_samples=sc.min_samples,
+                category=category,
+            )
+        return ResumableASHA(
+            experiment=location,
+            metric=OBJECTIVE,
+            max_t=spec.base.num_rounds,
+            grace_period=sc.grace_period,
+            reduction_factor=sc.reduction_factor,
+            category=category,
+        )
+
+    if spec.sweep.objective.per_category:
+        return PerCategoryScheduler(make, list(spec.categories))
+    return make(None)

@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from mmr.errors import UserInputError
+from search.contract import FAILED_MARKER, JOURNAL_FILE, REPEATED_FILE, SPEC_FILE
 
 __all__ = [
     "MIRRORED",
@@ -35,6 +36,8 @@ __all__ = [
     "is_empty",
     "probe_writable",
     "read_histories",
+    "count_repeated",
+    "failure_reason",
     "remove_from_trials",
     "read_file",
     "write_file",
@@ -45,8 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SPEC_FILE = "sweep.json"
-JOURNAL_FILE = "study.journal"
 MIRRORED = (SPEC_FILE, JOURNAL_FILE)
 
 
@@ -190,7 +191,8 @@ def read_histories(location: str) -> Iterator[tuple[str, dict[str, Any], list[di
             except json.JSONDecodeError:
                 continue  # a line cut short by a killed driver
             # A round trained again after a restart keeps its place and its latest values
-            # (search.rounds keeps each round once; older experiments may repeat rounds).
+            # (search.callbacks.result_files keeps each round once; older experiments may
+            # repeat rounds).
             latest[result.get("training_iteration")] = result
         results = list(latest.values())
         if results:
@@ -209,6 +211,20 @@ def remove_from_trials(location: str, name: str) -> int:
             fs.delete_file(target)
             removed += 1
     return removed
+
+
+def failure_reason(trial: Any) -> str | None:
+    """The recorded deterministic failure of a Tune trial (driver side), or None."""
+    storage = trial.storage
+    text = read_file(storage.storage_filesystem, join(storage.trial_fs_path, FAILED_MARKER))
+    return None if text is None else json.loads(text)["error"]
+
+
+def count_repeated(trial: Any) -> int:
+    """Rounds of a Tune trial that a restart trained again (recorded by ``RoundJsonLogger``)."""
+    storage = trial.storage
+    text = read_file(storage.storage_filesystem, join(storage.trial_fs_path, REPEATED_FILE))
+    return sum(1 for line in (text or "").splitlines() if line.strip())
 
 
 @contextlib.contextmanager

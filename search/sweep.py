@@ -11,26 +11,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
 
 from cluster.driver import leave_job_working_dir
+from cluster.ray_start import init_ray
 from mmr.errors import UserInputError
-from search.config import SPEC_FILE, SweepSpec, is_experiment, load_spec
-from search.progress import ProgressTable
+
+# MirrorSync lived here before issue 23: Tune unpickles an older experiment's callbacks
+# (tuner.pkl) by that path on resume.
+from search.callbacks.lifecycle import EndDeterministicFailures, MirrorSync
+from search.callbacks.progress import ProgressTable
+from search.callbacks.result_files import RoundCSVLogger, RoundJsonLogger
+from search.callbacks.tensorboard import TrialTensorBoard
+from search.config import SweepSpec, is_experiment, load_spec
+from search.contract import FAILED_MARKER, SPEC_FILE, planned_trials
 from search.resources import check_resources
-from search.rounds import RoundCSVLogger, RoundJsonLogger
-from search.scheduler import PerCategoryScheduler, ResumableASHA, ResumableMedian
-from search.searcher import OBJECTIVE, RetryingLimiter, make_searcher
+from search.scheduler import make_scheduler
+from search.searcher import RetryingLimiter, make_searcher
 from search.storage import is_empty, is_uri, probe_writable, push, remove_from_trials, resuming
-from search.tbx import TrialTensorBoard
-from search.trainable import FAILED_MARKER, EndDeterministicFailures, trial_trainable
+from search.trainable import trial_trainable
 
 __all__ = [
     "SweepRun",
     "check_resources",
     "check_sweep_data",
-    "init_ray",
     "resume_sweep",
     "run_sweep",
 ]
@@ -61,77 +65,6 @@ class SweepRun:
     interrupted: bool = False  # stopped by Ctrl-C with trials unfinished (resume continues)
 
 
-def init_ray(
-    address: str | None = None,
-    *,
-    dashboard: bool = True,
-    write: Write = echo,
-    job_metadata: dict[str, str] | None = None,
-) -> None:
-    """Connects to a cluster, or starts an embedded local Ray (dashboard on 127.0.0.1).
-
-    ``job_metadata`` labels this driver's job in the dashboard (Jobs page, ``/api/jobs/``).
-    """
-    if ray.is_initialized():
-        return
-    job_config = ray.job_config.JobConfig(metadata=dict(job_metadata or {}))
-    if address:
-        from cluster.auth import enable_client_token_auth
-        from cluster.driver import check_gcs_address
-
-        # ray.init on an address where nothing answers retries for many minutes.
-        check_gcs_address(address)
-        # A driver joins a token-auth cluster only with RAY_AUTH_MODE=token set.
-        enable_client_token_auth()
-        try:
-            ray.init(address=address, logging_level=logging.WARNING, job_config=job_config)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserInputError(
-                f"cannot connect to the Ray cluster at {address!r}: {exc}. Check the address "
-                "(HOST:6379 or ray://HOST:10001) and that the cluster is up; for a cluster with "
-                "token authentication export RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) and "
-                "RAY_AUTH_MODE=token"
-            ) from exc
-        return
-    try:
-        context = ray.init(
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            logging_level=logging.WARNING,
-            job_config=job_config,
-        )
-    except ray.exceptions.AuthenticationError as exc:
-        raise UserInputError(
-            f"the embedded Ray cannot set up token authentication: {exc}. Point "
-            "RAY_AUTH_TOKEN_PATH at an existing token file (or unset it: Ray then creates "
-            "~/.ray/auth_token), or export RAY_AUTH_TOKEN"
-        ) from exc
-    url = getattr(context, "dashboard_url", None)
-    if dashboard and url:
-        write(f"Ray dashboard: http://{url} (local only; {_dashboard_login()})")
-
-
-def _dashboard_login() -> str:
-    """How to log in to the embedded dashboard: where its token is (never the token itself).
-
-    ``ray.init`` sets RAY_AUTH_MODE=token when it turns token auth on by default, and reads
-    the token in this order: RAY_AUTH_TOKEN, the RAY_AUTH_TOKEN_PATH file, ~/.ray/auth_token.
-    """
-    from cluster.auth import TokenError, find_token
-
-    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
-    if mode != "token":
-        return f"token auth off: RAY_AUTH_MODE={mode}" if mode else "token auth off"
-    try:
-        secret, source = find_token()
-    except TokenError:
-        secret, source = None, ""
-    if secret is None:
-        return "token auth on"
-    where = "$RAY_AUTH_TOKEN" if source == "RAY_AUTH_TOKEN" else source.split("=", 1)[-1]
-    return f"token auth on: log in with the token in {where}"
-
-
 def check_sweep_data(spec: SweepSpec, *, address: str | None, write: Write) -> None:
     """Checks the base config's data on the driver, before any trial starts.
 
@@ -147,34 +80,6 @@ def check_sweep_data(spec: SweepSpec, *, address: str | None, write: Write) -> N
         write(f"data.root {root} is not visible on this machine: the trials check the data")
         return
     check_data(data)
-
-
-def _scheduler(spec: SweepSpec, location: str) -> Any:
-    sc = spec.sweep.scheduler
-    if sc.type == "fifo":
-        return tune.schedulers.FIFOScheduler()
-
-    def make(category: str | None) -> ResumableASHA | ResumableMedian:
-        if sc.type == "median":
-            return ResumableMedian(
-                experiment=location,
-                metric=OBJECTIVE,
-                grace_period=sc.grace_period,
-                min_samples=sc.min_samples,
-                category=category,
-            )
-        return ResumableASHA(
-            experiment=location,
-            metric=OBJECTIVE,
-            max_t=spec.base.num_rounds,
-            grace_period=sc.grace_period,
-            reduction_factor=sc.reduction_factor,
-            category=category,
-        )
-
-    if spec.sweep.objective.per_category:
-        return PerCategoryScheduler(make, list(spec.categories))
-    return make(None)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -201,7 +106,7 @@ def _announce(spec: SweepSpec, write: Write) -> None:
     """Where to follow the sweep: TensorBoard on the experiment, and the trackers."""
     write(f"TensorBoard: tensorboard --logdir {spec.experiment_location}")
     if spec.sweep.tracking.enabled:
-        from search.tracking import describe_tracking
+        from search.callbacks.tracking import describe_tracking
 
         for line in describe_tracking(spec):
             write(line)
@@ -229,9 +134,9 @@ def _run_config(spec: SweepSpec, write: Write, started: float) -> tune.RunConfig
 
 
 def _check_tracking(spec: SweepSpec) -> None:
-    # search.tracking imports MLflow/W&B (seconds): only for sweeps that track.
+    # search.callbacks.tracking imports MLflow/W&B (seconds): only for sweeps that track.
     if spec.sweep.tracking.enabled:
-        from search.tracking import check_tracking
+        from search.callbacks.tracking import check_tracking
 
         check_tracking(spec.sweep.tracking)
 
@@ -239,7 +144,7 @@ def _check_tracking(spec: SweepSpec) -> None:
 def _tracking_callbacks(spec: SweepSpec) -> list[tune.Callback]:
     if not spec.sweep.tracking.enabled:
         return []
-    from search.tracking import tracking_callbacks
+    from search.callbacks.tracking import tracking_callbacks
 
     return tracking_callbacks(spec)
 
@@ -260,23 +165,6 @@ def _prepare_storage(spec: SweepSpec) -> None:
     # Probe the storage root: the experiment itself is created only once Ray is up and the
     # resources fit, so a failed start leaves no half-made experiment behind.
     probe_writable(spec.sweep.storage)
-
-
-class MirrorSync(tune.Callback):
-    """Uploads sweep.json and the study journal to URI storage as trials finish."""
-
-    def __init__(self, spec: SweepSpec) -> None:
-        self._local = spec.experiment_dir
-        self._uri = spec.experiment_location
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        push(self._local, self._uri)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        push(self._local, self._uri)
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        push(self._local, self._uri)
 
 
 def run_sweep(
@@ -309,14 +197,14 @@ def run_sweep(
     if is_uri(location):
         push(exp, location)
     s = spec.sweep.search
-    num_samples = s.num_trials * (len(spec.categories) if spec.sweep.objective.per_category else 1)
+    num_samples = planned_trials(spec)
     tuner = tune.Tuner(
         trial_trainable(spec),
         tune_config=tune.TuneConfig(
             # Ray's limiter, as max_concurrent_trials would add it, that also follows the
             # failed trials `resume --retry-failed` runs again.
             search_alg=RetryingLimiter(make_searcher(spec, exp), max_concurrent=s.max_concurrent),
-            scheduler=_scheduler(spec, location),
+            scheduler=make_scheduler(spec, location),
             num_samples=num_samples,
             trial_dirname_creator=_trial_dirname,
             # An actor per trial: the dashboard names each actor after its trial (its
@@ -411,7 +299,7 @@ def _finish(spec: SweepSpec, started: float, write: Write, export: bool) -> Swee
         export_dir = export_experiment(exp, spec.experiment_dir / "export")
         write(f"exported the best configuration to {export_dir}")
         if spec.sweep.tracking.enabled:
-            from search.tracking import log_export
+            from search.callbacks.tracking import log_export
 
             for where in log_export(spec, export_dir):
                 write(f"logged the export to {where}")

@@ -19,16 +19,20 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.trainable import wrap_function
 
 from mmr.config import Config
+from search.callbacks.lifecycle import EndDeterministicFailures  # noqa: F401  (see below)
 from search.config import SweepSpec
-from search.searcher import OBJECTIVE, ROUNDS_KEY
+from search.contract import (
+    FAILED_MARKER,
+    META_KEYS,
+    OBJECTIVE,
+    ROUND_METADATA,
+    ROUNDS_KEY,
+    WORKER_FILE,
+)
 from search.storage import join, read_file, write_file
 
 __all__ = [
-    "EndDeterministicFailures",
-    "FAILED_MARKER",
-    "META_KEYS",
     "describe_trial",
-    "failure_reason",
     "select_trial_gpu",
     "train_trial",
     "trial_config",
@@ -37,11 +41,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+# EndDeterministicFailures lived here before issue 23: Tune unpickles an older experiment's
+# callbacks (tuner.pkl) by that path on resume.
 
-META_KEYS = ("baseline", "category", "study_trial")  # trial-config keys that are not params
-FAILED_MARKER = "trial_failed.json"  # a deterministic failure: retries end at once
-WORKER_FILE = "worker.json"  # pid, host and Ray node of the process running the trial
-ROUND_METADATA = "mmr_round"  # a round checkpoint's metadata key: the round it was saved at
 # When set, Ray leaves CUDA_VISIBLE_DEVICES alone: every trial sees every GPU of its node.
 NOSET_CUDA_VAR = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
@@ -259,33 +261,6 @@ def surviving_checkpoint(result: Any) -> Any:
                 checkpoint=newer, metrics={**result.metrics, TRAINING_ITERATION: round_}
             )
     return result  # nothing to fall back to: Tune's own error says which checkpoint is gone
-
-
-def failure_reason(trial: Any) -> str | None:
-    """The recorded deterministic failure of a Tune trial (driver side), or None."""
-    storage = trial.storage
-    text = read_file(storage.storage_filesystem, join(storage.trial_fs_path, FAILED_MARKER))
-    return None if text is None else json.loads(text)["error"]
-
-
-class EndDeterministicFailures(tune.Callback):
-    """Keeps Ray from retrying a deterministic failure more than once.
-
-    Ray Tune retries every failed trial up to ``max_failures`` times (meant for lost workers)
-    and offers no per-error choice. Once a trial recorded a deterministic failure, its retry
-    ends at once (see ``train_trial``) and this callback makes that retry the last.
-    """
-
-    def __init__(self, max_failures: int) -> None:
-        self._max_failures = max_failures  # the sweep's, restored once a trial runs again
-
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if failure_reason(trial) is not None:
-            trial.max_failures = trial.run_metadata.num_failures
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if failure_reason(trial) is None:  # e.g. `resume --retry-failed` cleared the marker
-            trial.max_failures = self._max_failures
 
 
 def _deterministic(exc: BaseException) -> bool:

@@ -372,7 +372,7 @@ def test_client_token_mode_is_switched_on_only_with_a_token(
 def test_embedded_dashboard_message_says_where_the_token_is_never_what(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from search.sweep import _dashboard_login
+    from cluster.ray_start import _dashboard_login
 
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
@@ -895,7 +895,7 @@ def test_a_missing_checkpoint_file_fails_at_once_with_the_path_and_the_fix(
         argv += ["--set", item]
     # At once = before any epoch is trained.
     epochs: list[object] = []
-    monkeypatch.setattr(train_module, "_train_epoch", lambda *a, **k: epochs.append(a))
+    monkeypatch.setattr(train_module, "train_epoch", lambda *a, **k: epochs.append(a))
     assert launch.main(argv) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "launch.py weights fetch --to DIR" in err
@@ -926,7 +926,7 @@ def test_dashboard_command_serves_the_study_journal_on_loopback(tmp_path: Path) 
     import optuna
 
     from search.config import SPEC_FILE, resolve_sweep
-    from search.searcher import study_storage
+    from search.samplers import study_storage
 
     # An experiment dir as a sweep leaves it: sweep.json + the study journal.
     spec = resolve_sweep(None, [f"data.root={tmp_path}"], name="dash", storage=str(tmp_path))

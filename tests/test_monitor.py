@@ -62,8 +62,8 @@ def test_tracking_config_resolves_local_stores_to_absolute_paths(tmp_path, monke
 def test_missing_tracking_package_fails_before_ray_starts(
     synthetic_root, tmp_path, monkeypatch
 ) -> None:
+    import search.callbacks.tracking  # noqa: F401  (Ray's W&B module, imported before wandb is hidden)
     import search.sweep
-    import search.tracking  # noqa: F401  (Ray's W&B module, imported before wandb is hidden)
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")
@@ -77,7 +77,7 @@ def test_missing_tracking_package_fails_before_ray_starts(
 
 
 def test_an_mlflow_store_mlflow_refuses_fails_before_ray_starts(tmp_path, monkeypatch) -> None:
-    from search.tracking import check_tracking
+    from search.callbacks.tracking import check_tracking
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     # An unknown scheme, and a plain directory (MLflow 3's file store, refused by default).
@@ -135,7 +135,7 @@ def test_wandb_run_gets_the_final_state_before_it_ends(failed, result, state, tm
     """
     from ray.air.integrations.wandb import _QueueItem
 
-    from search.tracking import tracking_callbacks
+    from search.callbacks.tracking import tracking_callbacks
 
     spec = resolve_sweep(None, ["tracking.wandb.mode=offline"], storage=str(tmp_path))
     (logger,) = tracking_callbacks(spec)

@@ -50,7 +50,7 @@ def spec_for(tmp: Path, root: Path, *extra: str, name: str = "t", space: dict | 
 
 
 def study(exp: Path, name: str) -> optuna.Study:
-    from search.searcher import study_storage
+    from search.samplers import study_storage
 
     return optuna.load_study(study_name=name, storage=study_storage(exp))
 
@@ -883,7 +883,8 @@ def test_file_loggers_keep_each_round_once_and_record_the_repeated_rows(tmp_path
 
     import pyarrow.fs as pafs
 
-    from search.rounds import RoundCSVLogger, RoundJsonLogger, count_repeated
+    from search.callbacks.result_files import RoundCSVLogger, RoundJsonLogger
+    from search.storage import count_repeated
 
     remote = tmp_path / "storage" / "trial"
     remote.mkdir(parents=True)

@@ -17,8 +17,10 @@ from optuna.trial import TrialState
 
 from mmr.config import Config, ConfigError
 from search.config import resolve_sweep
+from search.contract import OBJECTIVE, ROUNDS_KEY
 from search.results import best_trials
-from search.searcher import OBJECTIVE, ROUNDS_KEY, RetryingLimiter, StudySearch, study_storage
+from search.samplers import study_storage
+from search.searcher import RetryingLimiter, StudySearch
 from spaces import load_space
 
 SPACE = {
@@ -259,7 +261,8 @@ def test_restore_falls_back_to_the_newest_surviving_round_checkpoint(tmp_path: P
     from ray import tune
     from ray.train._internal.checkpoint_manager import _TrainingResult
 
-    from search.trainable import ROUND_METADATA, surviving_checkpoint
+    from search.contract import ROUND_METADATA
+    from search.trainable import surviving_checkpoint
 
     fs = pafs.LocalFileSystem()
     trial_dir = tmp_path / "trial_x"
@@ -308,7 +311,7 @@ def test_the_demo_cmaes_with_guards_prints_no_warning_per_trial(tmp_path):
     script = """
 import warnings, optuna
 from search.config import resolve_sweep
-from search.searcher import make_sampler
+from search.samplers import make_sampler
 spec = resolve_sweep(None, categories=["nut"])
 assert spec.sweep.search.sampler == "cmaes" and spec.sweep.objective.guard
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # as make_searcher sets it

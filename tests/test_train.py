@@ -518,14 +518,14 @@ def test_latency_is_the_median_per_image_of_timed_calls(monkeypatch):
 
 def test_an_epoch_leaves_no_gradients_held():
     """A lockstep trial trains its categories one after another: none may keep gradients."""
-    from mmr.train import _train_epoch, build_models, make_optimizer
+    from mmr.train import build_models, make_optimizer, train_epoch
 
     cfg = tiny(ROOT).override({"train.device": "cpu", "model.pretrained": False})
     model = build_models(cfg, ["disk"], torch.device("cpu"))["disk"]
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     before = [p.detach().clone() for p in model.student.parameters()]
     images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
-    loss = _train_epoch(model, opt, images, torch.Generator().manual_seed(0), cfg)
+    loss = train_epoch(model, opt, images, torch.Generator().manual_seed(0), cfg)
     assert torch.isfinite(loss)
     after = list(model.student.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, after, strict=True))

@@ -12,14 +12,9 @@ from optuna.trial import TrialState
 
 from mmr.errors import UserInputError
 from search.config import SPEC_FILE, resolve_sweep
-from search.searcher import (
-    OBJECTIVE,
-    ROUNDS_KEY,
-    PerCategorySearch,
-    add_warm_trials,
-    make_searcher,
-    study_storage,
-)
+from search.contract import OBJECTIVE, ROUNDS_KEY
+from search.samplers import add_warm_trials, study_storage
+from search.searcher import PerCategorySearch, make_searcher
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo_sweep.yaml"
 CATS = ["nut", "fabric"]
@@ -107,7 +102,7 @@ def test_warm_start_tpe_models_from_the_first_sampled_trial(tmp_path):
 def test_warm_start_cmaes_starts_its_search_where_the_source_was_best(tmp_path):
     """WS-CMA-ES: with enough finished source trials CMA-ES starts from the region of the
     best of them; without them (or below ``CMA_SOURCE_MIN``) from the centre of the space."""
-    from search.searcher import CMA_SOURCE_MIN, cma_source_trials, make_sampler, warm_trials
+    from search.samplers import CMA_SOURCE_MIN, cma_source_trials, make_sampler, warm_trials
     from spaces import load_space
 
     spec = resolve_sweep(DEMO, ["search.sampler=cmaes", "search.n_startup_trials=2"],
