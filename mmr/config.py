@@ -23,6 +23,7 @@ import yaml
 from mmr import configkit
 from mmr.configkit import Schema, check, load_yaml, merge, nest
 from mmr.errors import ConfigError
+from mmr.fileio import atomic_write
 
 __all__ = [
     "Config",
@@ -305,10 +306,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Writes ``cfg`` as YAML (atomically: a temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- internals

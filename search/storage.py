@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from mmr.errors import UserInputError
+from mmr.fileio import atomic_write, tmp_name
 from search.contract import FAILED_MARKER, JOURNAL_FILE, REPEATED_FILE, SPEC_FILE
 
 __all__ = [
@@ -143,7 +144,7 @@ def push(local: Path, uri: str, names: tuple[str, ...] = MIRRORED) -> None:
     for name in names:
         source = local / name
         if source.is_file():
-            tmp = join(path, f".{name}.tmp")
+            tmp = join(path, tmp_name(name))
             with fs.open_output_stream(tmp) as f:
                 f.write(source.read_bytes())
             fs.move(tmp, join(path, name))
@@ -160,9 +161,7 @@ def pull(uri: str) -> Path:
             continue
         with fs.open_input_stream(remote) as f:
             data = f.read()
-        tmp = local / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(local / name)
+        atomic_write(local / name, data)
     return local
 
 

@@ -16,6 +16,7 @@ from ray import tune
 from cluster.driver import leave_job_working_dir
 from cluster.ray_start import init_ray
 from mmr.errors import UserInputError
+from mmr.fileio import atomic_write
 
 # MirrorSync lived here before issue 23: Tune unpickles an older experiment's callbacks
 # (tuner.pkl) by that path on resume.
@@ -191,9 +192,7 @@ def run_sweep(
     started = time.time()
     exp = spec.experiment_dir
     exp.mkdir(parents=True, exist_ok=True)
-    tmp = exp / (SPEC_FILE + ".tmp")
-    tmp.write_text(json.dumps(spec.to_dict(), indent=2))
-    tmp.replace(exp / SPEC_FILE)
+    atomic_write(exp / SPEC_FILE, json.dumps(spec.to_dict(), indent=2))
     if is_uri(location):
         push(exp, location)
     s = spec.sweep.search

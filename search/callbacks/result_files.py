@@ -27,6 +27,7 @@ from ray.air.constants import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 
+from mmr.fileio import atomic_write
 from search.contract import REPEATED_FILE
 from search.storage import join, read_file, write_file
 
@@ -63,10 +64,7 @@ def _drop_from(
     head, rows = _rows(path, skip)
     kept = [r for r in rows if (round_of(r) or 0) < round_]
     dropped = [r for r in rows if (round_of(r) or 0) >= round_]
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        f.write("".join(head + kept))
-    tmp.replace(path)
+    atomic_write(path, "".join(head + kept))
     return dropped
 
 
