@@ -5,7 +5,7 @@
 
 For each config and number of categories (one student + AdamW per category, one shared
 teacher, as ``mmr.train.fit`` holds them; ``pretrained=false``, one optimiser step so that
-AdamW has its state), times ``mmr.train.save_checkpoint`` into a temporary directory:
+AdamW has its state), times ``mmr.checkpoint.save_checkpoint`` into a temporary directory:
 
 - a resumable round (students + AdamW state + teacher + RNG states): what every round wrote
   before, the reference;
@@ -39,14 +39,9 @@ def measure(config: str, categories: int, *, rounds: int = 20, repeats: int = 3)
     """Sizes and median timings of one config with ``categories`` students."""
     import torch
 
+    from mmr.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
     from mmr.config import load_config
-    from mmr.train import (
-        build_models,
-        checkpoint_due,
-        load_checkpoint,
-        make_optimizer,
-        save_checkpoint,
-    )
+    from mmr.train import build_models, make_optimizer
 
     cfg = load_config(CONFIGS[config]).override(
         {

@@ -115,7 +115,8 @@ def _export(
     overlays: int,
     device: str,
 ) -> None:
-    from mmr.train import evaluate_checkpoint, load_checkpoint, model_file
+    from mmr.checkpoint import load_checkpoint, model_file
+    from mmr.train import evaluate_checkpoint
 
     (out / "plots").mkdir()
     trials_csv = df.drop(columns=["checkpoint"], errors="ignore")

@@ -105,8 +105,9 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
     A deterministic failure (NaN loss, bad data, CUDA OOM) is recorded in the trial dir so
     that Ray's retries, meant for lost workers, end at once with the same error.
     """
+    from mmr.checkpoint import checkpoint_due
     from mmr.device import allocator_env, limit_memory, release_memory
-    from mmr.train import checkpoint_due, fit
+    from mmr.train import fit
 
     # Before CUDA starts in this worker (a reused worker keeps its first trial's allocator).
     os.environ.update(allocator_env())
@@ -231,7 +232,7 @@ def surviving_checkpoint(result: Any) -> Any:
     trial. The trial continues instead from the newest whole checkpoint still in its
     directory, with Tune's round count set to that checkpoint's round.
     """
-    from mmr.train import CHECKPOINT_NAME
+    from mmr.checkpoint import CHECKPOINT_NAME
 
     if not isinstance(result, _TrainingResult):
         return result

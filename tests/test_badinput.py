@@ -15,11 +15,11 @@ from test_search import _driver_env
 from test_search import cli as search_cli
 
 from mmr import data
+from mmr.checkpoint import load_checkpoint
 from mmr.config import ConfigError, DataConfig, load_config
 from mmr.data import list_tasks
 from mmr.datacheck import check_data
 from mmr.errors import DataError, UserInputError
-from mmr.train import load_checkpoint
 from mmr.weights import read_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent

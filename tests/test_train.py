@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmr.checkpoint import load_checkpoint, model_file
 from mmr.config import Config, load_config
 from mmr.errors import ConfigError
 from mmr.train import (
     TrainingDiverged,
     fit,
-    load_checkpoint,
     load_models,
     lr_at,
     run_training,
@@ -121,7 +121,7 @@ def test_a_restored_trial_owns_its_optimiser_state_when_the_file_is_written_over
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, report=stop_after_first, checkpoint_dir=tmp_path, final_test=False)
     path = tmp_path / "checkpoint.pt"
-    restore = train._restore
+    restore = train.restore_training
 
     def restore_then_write_over(*args, **kwargs):
         epoch = restore(*args, **kwargs)
@@ -129,7 +129,7 @@ def test_a_restored_trial_owns_its_optimiser_state_when_the_file_is_written_over
             f.write(b"\xff" * path.stat().st_size)
         return epoch
 
-    monkeypatch.setattr(train, "_restore", restore_then_write_over)
+    monkeypatch.setattr(train, "restore_training", restore_then_write_over)
     resumed = fit(cfg, resume_from=tmp_path, final_test=False)
     assert resumed["history"] == full["history"]
 
@@ -156,7 +156,7 @@ def test_checkpoints_every_k_rounds_and_the_last_without_optimiser_state(
 def test_checkpoint_is_memory_mapped_and_evaluated_from_one_load(
     synthetic_root: Path, tmp_path: Path, monkeypatch
 ):
-    from mmr.train import evaluate_checkpoint, model_file
+    from mmr.train import evaluate_checkpoint
 
     cfg = tiny(synthetic_root, **{"train.epochs": 2})
     fit(cfg, checkpoint_dir=tmp_path, final_test=False)
