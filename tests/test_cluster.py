@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+from fast import FAST
 from raycluster import (
     MARKER_VAR,
     LocalCluster,
@@ -50,19 +51,6 @@ RAY_UP_FILES = ["aws.yaml", "gcp.yaml", "onprem.yaml"]
 RAY_VERSION = re.search(
     r"^FROM rayproject/ray:([\w.]+)-py", (CLUSTER / "Dockerfile").read_text(), re.M
 )[1]
-# Trials of a second or two, as in tests/test_search.py: 32 px, a 2-block ViT, 4 rounds.
-FAST = [
-    "data.resize=40",
-    "data.image_size=32",
-    "data.categories=[disk]",
-    "model.encoder_depth=2",
-    "train.epochs=4",
-    "train.eval_every=1",
-    "train.warmup_epochs=1",
-    "train.lr_milestones=[3]",
-    "train.batch_size=4",
-    "eval.blur_sigma=0.5",
-]
 T = TypeVar("T")
 
 

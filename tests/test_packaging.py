@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from fast import FAST
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -181,16 +182,9 @@ def test_non_editable_install_runs_the_cli_and_a_demo_sweep(
     # The demo sweep (default config), as small as it gets: one trial of a few seconds.
     fast = [
         f"data.root={synthetic_root}",
-        "data.resize=40",
-        "data.image_size=32",
-        "data.categories=[disk]",
-        "model.encoder_depth=2",
+        *FAST,
         "train.epochs=2",
-        "train.eval_every=1",
-        "train.warmup_epochs=1",
         "train.lr_milestones=[1]",
-        "train.batch_size=4",
-        "eval.blur_sigma=0.5",
         "search.num_trials=1",
         "search.max_concurrent=1",
     ]

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from fast import FAST as FAST_TRIAL
 
 from mmr.config import ConfigError, load_config
 from mmr.errors import UserInputError
@@ -24,20 +25,7 @@ from spaces import SpaceError
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-# A trial of a few seconds: 32 px images, a 2-block ViT, 4 rounds of one epoch.
-FAST = [
-    "data.resize=40",
-    "data.image_size=32",
-    "data.categories=[disk]",
-    "model.encoder_depth=2",
-    "train.epochs=4",
-    "train.eval_every=1",
-    "train.warmup_epochs=1",
-    "train.lr_milestones=[3]",
-    "train.batch_size=4",
-    "eval.blur_sigma=0.5",
-    "search.n_startup_trials=2",
-]
+FAST = [*FAST_TRIAL, "search.n_startup_trials=2"]  # tests/fast.py
 
 
 def spec_for(tmp: Path, root: Path, *extra: str, name: str = "t", space: dict | None = None):
