@@ -76,6 +76,9 @@ def _strategies() -> list[Strategy]:
         out.append(Strategy(f"asha_{sampler}", sampler, "asha"))
         out.append(Strategy(f"hyperband_{sampler}", sampler, "hyperband", brackets=3))
         out.append(Strategy(f"median_{sampler}", sampler, "median"))
+    # CMA-ES that learns from the trials early stopping ended (search.cmaes_consider_pruned).
+    for scheduler in ("asha", "median"):
+        out.append(Strategy(f"{scheduler}_cmaes_pruned", "cmaes", scheduler, cmaes_pruned=True))
     for sampler in ("random", "tpe"):
         for every, grace, rf in ((6, 1, 2), (6, 2, 3), (3, 1, 3), (3, 2, 3), (1, 1, 3), (1, 3, 3)):
             out.append(
@@ -197,6 +200,9 @@ def summarize(traces: Sequence[SearchTrace], best: float) -> dict[str, Any]:
         out[f"reached{suffix}"] = round(float(np.mean([not math.isinf(s) for s in spent])), 4)
     out["final_test_auroc"] = _quantiles([t.final_test for t in traces])
     out["epochs_total"] = _quantiles([t.epochs for t in traces])
+    gens = [t.cma_generations for t in traces if t.cma_generations is not None]
+    if gens:
+        out["cma_generations"] = _quantiles(gens)
     return out
 
 
@@ -234,11 +240,16 @@ def run_replay(
     categories: Sequence[str] | None = None,
     workers: int = 1,
     progress: Callable[[str], None] = log.info,
+    seed_offset: int = 0,
 ) -> dict[str, Any]:
     """Replays every strategy for ``seeds`` search seeds; returns the JSON document.
 
-    ``workers`` > 1 replays strategies in that many processes (each search is sequential).
+    The search seeds are ``seed_offset .. seed_offset + seeds - 1``, the same for every
+    strategy (and a trial's training seed is drawn from the search seed and its number, so
+    strategies that sample alike replay the same runs). ``workers`` > 1 replays strategies
+    in that many processes (each search is sequential).
     """
+    search_seeds = range(seed_offset, seed_offset + seeds)
     categories = list(categories or table.categories)
     out: dict[str, Any] = {}
     best = {
@@ -246,7 +257,7 @@ def run_replay(
         True: table.best_test(categories, per_category=True),
     }
     jobs = [
-        (strategy, table, range(seeds), num_trials, max_concurrent, n_startup_trials, categories)
+        (strategy, table, search_seeds, num_trials, max_concurrent, n_startup_trials, categories)
         for strategy in strategies
     ]
     if workers > 1:
@@ -283,6 +294,14 @@ def run_replay(
         "best_test": round(best[False], 4),
         "targets_per_category": {f"best-{g:g}": round(best[True] - g, 4) for g in TARGET_GAPS},
         "seeds": seeds,
+        "search_seeds": [search_seeds[0], search_seeds[-1]] if seeds else [],
+        # The table replayed (main adds its path): its categories and training seeds.
+        "curves": {
+            "categories": table.categories,
+            "seeds": sorted({s for _, _, s in table.val}),
+            "configs": len(table.params),
+            "runs": len(table.val),
+        },
         "num_trials": num_trials,
         "max_concurrent": max_concurrent,
         "cost_unit": "model-epochs",
@@ -291,6 +310,11 @@ def run_replay(
     epochs = sorted({1, 2, 3, 4, 6, 9, 12, 18, 24, 30, table.epochs})
     out["rank_correlation"] = rank_correlations(table, epochs)
     return out
+
+
+def _seed_range(meta: Mapping[str, Any]) -> str:
+    first, last = (meta.get("search_seeds") or [0, meta["seeds"] - 1])[:2]
+    return f"seeds {first}-{last}"
 
 
 def _rounded(pair: tuple[int, float]) -> tuple[int, float]:
@@ -333,6 +357,7 @@ def warm_start_replay(
     num_trials: int = 24,
     max_concurrent: int = 2,
     n_startup_trials: int = 4,
+    seed_offset: int = 0,
 ) -> dict[str, Any]:
     """Epochs to target with and without ``search.warm_start``, through ``make_searcher``.
 
@@ -360,7 +385,7 @@ def warm_start_replay(
     with tempfile.TemporaryDirectory(prefix="replay-warm-") as tmp:
         for case, (target, source_cats) in cases.items():
             cold, warm = [], []
-            for s in range(seeds):
+            for s in range(seed_offset, seed_offset + seeds):
                 src_seed = s + 1000
                 src = Path(tmp) / f"{case.replace('/', '-')}-{s}"
                 spec = sweep_spec(
@@ -436,7 +461,8 @@ def render_markdown(doc: Mapping[str, Any], command: str) -> str:
         "start).",
         f"Table: {t['runs']} recorded runs, {t['configs']} configurations with curves on "
         f"{', '.join(t['categories'])}, {t['epochs']} epochs ({meta.get('source', '')}). "
-        f"{meta['seeds']} search seeds, {meta['num_trials']} trials per study, "
+        f"{meta['seeds']} search seeds ({_seed_range(meta)}), {meta['num_trials']} trials per "
+        "study, "
         f"{meta['max_concurrent']} at a time. Targets: the best configuration's test image "
         f"AUROC {meta.get('best_test', '?')} minus 0.01 ({meta['targets']['best-0.01']}) and "
         f"minus 0.02 ({meta['targets']['best-0.02']}); per-category strategies "
@@ -483,6 +509,14 @@ def render_markdown(doc: Mapping[str, Any], command: str) -> str:
         lines.append(
             f"| `{name}`{mark} | {cells(e, ref)} | {total} | {e.get('cpu_seconds', '-')} |"
         )
+    gens = {n: doc[n]["cma_generations"] for n in names if doc[n].get("cma_generations")}
+    if gens:
+        lines += [
+            "",
+            "CMA-ES generations completed per search (median [q25, q75]): "
+            + "; ".join(f"`{n}` {fmt(q)}" for n, q in gens.items())
+            + ".",
+        ]
     if doc.get("best"):
         lines += [
             "",
@@ -551,7 +585,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--markdown", type=Path, default=None, help="write a summary here")
     parser.add_argument("--seeds", type=int, default=30)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--only", default="", help="comma-separated strategy names")
+    parser.add_argument(
+        "--strategies",
+        "--only",
+        dest="strategies",
+        default="",
+        help="comma-separated strategy names ('default': the shipped one; empty: all)",
+    )
+    parser.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        metavar="K",
+        help="search seeds K .. K + seeds - 1 (defaults are chosen on 0-29: report on others)",
+    )
     parser.add_argument("--trials", type=int, default=24, help="trials per search (per study)")
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--categories", default="", help="comma-separated (default: all)")
@@ -573,7 +620,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for noisy in ("ray", "optuna"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    names = [n for n in args.only.split(",") if n] or list(STRATEGIES)
+    names = [DEFAULT_STRATEGY if n == "default" else n for n in args.strategies.split(",") if n]
+    names = list(dict.fromkeys(names)) or list(STRATEGIES)
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
         parser.error(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
@@ -594,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "max_concurrent": args.concurrent,
         "workers": args.workers,
         "categories": [c for c in args.categories.split(",") if c] or None,
+        "seed_offset": args.seed_offset,
     }
     doc = run_replay(table, [STRATEGIES[n] for n in names], seeds=args.seeds, **replay_kw)
     oracle_seeds = args.seeds if args.oracle_seeds is None else args.oracle_seeds
@@ -612,11 +661,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     strategy=name,
                     num_trials=args.trials,
                     max_concurrent=args.concurrent,
+                    seed_offset=args.seed_offset,
                 )
             )
     doc["meta"].update(
         seconds=round(time.perf_counter() - started, 1),
         source=source,
+        curves={**doc["meta"]["curves"], "path": source},
         workers=args.workers,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         load=" / ".join(f"{x:.1f}" for x in load) if load else None,

@@ -47,6 +47,7 @@ from search.contract import OBJECTIVE, ROUNDS_KEY, planned_trials
 
 __all__ = [
     "CurveTable",
+    "Incumbent",
     "Nearest",
     "SHIPPED",
     "SearchTrace",
@@ -220,11 +221,13 @@ class Strategy:
     rung_metric: str = "last"  # last | best (best so far) | smoothed (EMA, weight 0.5)
     eval_every: int = 6  # epochs per evaluation round (the tiny config's value)
     per_category: bool = False
+    cmaes_pruned: bool = False  # CMA-ES learns from stopped trials (search.cmaes_consider_pruned)
 
     def overrides(self) -> list[str]:
         """Sweep overrides of the project's own sampler/scheduler settings."""
         return [
             f"search.sampler={self.sampler}",
+            f"search.cmaes_consider_pruned={str(self.cmaes_pruned).lower()}",
             f"scheduler.type={self.scheduler if self.scheduler in SHIPPED else 'fifo'}",
             f"scheduler.grace_period={self.grace_period}",
             f"scheduler.reduction_factor={self.reduction_factor}",
@@ -288,6 +291,7 @@ class SearchTrace:
     incumbents: list[tuple[float, float]] = field(default_factory=list)
     final_test: float = float("nan")
     study_states: dict[str, int] = field(default_factory=dict)  # Optuna trial states at the end
+    cma_generations: int | None = None  # CMA-ES generations its studies completed (max)
 
     def epochs_to(self, target: float) -> float:
         """Model-epochs spent when the incumbent's test value first reached ``target``."""
@@ -299,6 +303,38 @@ class SearchTrace:
     def decisions(self) -> list[tuple[int, int, str]]:
         """``(config, rounds, state)`` of each trial in start order (for cross-checks)."""
         return [(t.config, t.rounds, t.state) for t in self.trials]
+
+
+class Incumbent:
+    """The configuration a search would export at each moment, and its held-out test value.
+
+    As ``search.results.best_trials`` picks: per study, among trials that ran every round
+    (``done``; a stopped or failed trial never counts), the best reported validation
+    objective; a tie keeps the earlier trial. The test value only rides along: it is what the
+    replay scores, never what it picks by. With several studies (per-category) the value is
+    the mean over studies, defined once every study has an incumbent.
+    """
+
+    def __init__(self, studies: Sequence[str | None]) -> None:
+        self._studies = set(studies)
+        self._best: dict[str | None, tuple[float, float]] = {}
+
+    def offer(
+        self, study: str | None, *, state: str, objective: float | None, test: float
+    ) -> bool:
+        """Offers a finished trial; True when it became its study's incumbent."""
+        if state != "done" or objective is None:
+            return False
+        if study in self._best and objective <= self._best[study][0]:
+            return False
+        self._best[study] = (objective, test)
+        return True
+
+    @property
+    def test(self) -> float:
+        if set(self._best) != self._studies:
+            return float("nan")
+        return float(np.mean([test for _, test in self._best.values()]))
 
 
 def sweep_spec(
@@ -428,19 +464,13 @@ def _loop(
     )
     every, rounds_total = spec.base.train.eval_every, spec.base.num_rounds
     num_samples = planned_trials(spec)
-    best_done: dict[str | None, tuple[float, float]] = {}  # study -> (objective, test)
-    target_cats = {None: categories} if not per_cat else {k: [k] for k in categories}
+    incumbent = Incumbent(list(categories) if per_cat else [None])
     ctrl = SimController()
     trace = SearchTrace()
     heap: list[tuple[float, int, SimTrial]] = []
     state: dict[str, dict[str, Any]] = {}
     now, started, finished = 0.0, 0, False
     cost_per_epoch = 1 if per_cat else len(categories)
-
-    def incumbent_value() -> float:
-        if set(best_done) != set(target_cats):
-            return float("nan")
-        return float(np.mean([test for _, test in best_done.values()]))
 
     def complete(trial: SimTrial, result: dict[str, Any] | None, how: str) -> None:
         st = state[trial.trial_id]
@@ -454,13 +484,8 @@ def _loop(
             scheduler.on_trial_complete(ctrl, trial, result)
             searcher.on_trial_complete(trial.trial_id, result=result)
         rec.state = how
-        if how != "done":
-            return
-        study = rec.category
-        value = (rec.objective, st["test"])
-        if study not in best_done or value[0] > best_done[study][0]:
-            best_done[study] = value
-            current = incumbent_value()
+        if incumbent.offer(rec.category, state=how, objective=rec.objective, test=st["test"]):
+            current = incumbent.test
             if not math.isnan(current):
                 trace.incumbents.append((trace.epochs, current))
 
@@ -533,12 +558,20 @@ def _loop(
             continue
         next_epoch = min((rec.rounds + 1) * every, table.epochs)
         heapq.heappush(heap, (now + next_epoch - epoch, order, trial))
-    trace.final_test = incumbent_value()
+    trace.final_test = incumbent.test
     studies = searcher.studies.values() if hasattr(searcher, "studies") else [searcher.study]
-    trace.study_states = dict(
-        Counter(t.state.name for study in studies for t in study.get_trials(deepcopy=False))
-    )
+    trials = [t for study in studies for t in study.get_trials(deepcopy=False)]
+    trace.study_states = dict(Counter(t.state.name for t in trials))
+    if strategy.sampler == "cmaes":
+        trace.cma_generations = cma_generations(trials)
     return trace
+
+
+def cma_generations(trials: Sequence[Any]) -> int:
+    """How many generations Optuna's CMA-ES completed in a study: the highest generation it
+    sampled a trial from (generation g is sampled once g generations were told)."""
+    gens = [v for t in trials for k, v in t.system_attrs.items() if k.endswith("cma:generation")]
+    return int(max(gens, default=0))
 
 
 def draw_seed(

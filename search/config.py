@@ -140,6 +140,9 @@ class SearchConfig:
     n_startup_trials: int = 8  # random trials before TPE/GP/CMA-ES model the space
     warm_start: tuple[str, ...] = ()  # earlier experiments whose finished trials seed the study
     share_across_categories: bool = False  # per-category studies try each other's top configs
+    # CMA-ES: learn from trials the scheduler stopped (their last value), as TPE does; Optuna's
+    # default ignores them, and under early stopping most trials are stopped.
+    cmaes_consider_pruned: bool = False
 
 
 @dataclass(frozen=True)

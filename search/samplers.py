@@ -94,6 +94,12 @@ def make_sampler(
     if s.sampler == "cmaes":
         # CMA-ES models the numeric parameters; categorical ones (patch size, stages) are
         # sampled at random by design, which Optuna would otherwise warn about every trial.
+        if s.cmaes_consider_pruned:
+            warnings.filterwarnings(
+                "ignore",
+                message=".*``consider_pruned_trials`` is an experimental",
+                category=optuna.exceptions.ExperimentalWarning,
+            )
         source = cma_source_trials(space, warm)
         if source is not None:
             warnings.filterwarnings(
@@ -107,6 +113,7 @@ def make_sampler(
             independent_sampler=optuna.samplers.RandomSampler(seed=seed),
             warn_independent_sampling=False,
             source_trials=source,
+            consider_pruned_trials=s.cmaes_consider_pruned,
         )
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)

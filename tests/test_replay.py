@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -437,3 +438,127 @@ def test_committed_replay_evidence_is_from_the_full_recording_and_its_rule():
     assert R.evidence_best(doc) == doc["best"]  # the rule, rerun on the committed figures
     assert doc["best"] == doc["default"]  # and the shipped configs run what it picked
     assert set(doc["oracle"]) == set(R.ORACLE_STRATEGIES) and doc["warm_start"]
+
+
+# ----------------------------------------------------------------------------- fairness
+
+
+def test_incumbent_is_chosen_by_validation_never_by_test():
+    inc = S.Incumbent([None])
+    assert inc.offer(None, state="done", objective=0.90, test=0.60)
+    assert not inc.offer(None, state="done", objective=0.80, test=0.95)  # better test, worse val
+    assert inc.test == pytest.approx(0.60)
+    assert not inc.offer(None, state="done", objective=0.90, test=0.99)  # a tie keeps the first
+    assert inc.test == pytest.approx(0.60)
+
+
+def test_incumbent_is_never_a_stopped_or_failed_trial():
+    inc = S.Incumbent(["nut", "fabric"])
+    assert not inc.offer("nut", state="stopped", objective=0.99, test=0.99)
+    assert not inc.offer("nut", state="failed", objective=0.99, test=0.99)
+    assert inc.offer("nut", state="done", objective=0.70, test=0.70)
+    assert math.isnan(inc.test)  # fabric has no finished trial yet
+    assert inc.offer("fabric", state="done", objective=0.50, test=0.50)
+    assert not inc.offer("fabric", state="stopped", objective=0.95, test=0.95)
+    assert inc.test == pytest.approx(0.60)
+
+
+def test_replayed_search_ships_the_best_validation_run_not_the_best_test_one():
+    # Test values reversed against validation: the run a search should ship (best validation)
+    # has the worst test value. A replay that looked at test values would ship another.
+    frame = made_up(epochs=6, configs=[12, 13, 14, 15])
+    order = frame.groupby("config")["test_image_auroc"].max().sort_values()
+    flipped = dict(zip(order.index, order.values[::-1], strict=True))
+    last = frame["test_image_auroc"].notna()
+    frame.loc[last, "test_image_auroc"] = frame.loc[last, "config"].map(flipped)
+    t = S.CurveTable.from_frame(frame)
+    trace = S.simulate(R.STRATEGIES["fifo_random"], t, seed=0, num_trials=8, max_concurrent=1)
+    cats = t.categories
+    done = [x for x in trace.trials if x.state == "done"]
+    by_val = max(done, key=lambda x: np.mean([t.val[(x.config, k, x.seed)][-1] for k in cats]))
+    assert trace.final_test == pytest.approx(
+        np.mean([t.test[(by_val.config, k, by_val.seed)] for k in cats])
+    )
+    assert trace.final_test < max(
+        np.mean([t.test[(x.config, k, x.seed)] for k in cats]) for x in done
+    )
+
+
+def test_every_incumbent_of_a_search_that_stops_trials_is_a_finished_trial():
+    # Curves that fall towards their final value: a trial stopped early reported a value
+    # above what the finished trials end with, so only the "ran every round" rule keeps it out.
+    frame = made_up(epochs=12)
+    frame["val_image_auroc"] = (
+        frame.groupby(["config", "category", "seed"])["test_image_auroc"].transform("last")
+        + 0.3 * (12 - frame["epoch"]) / 12
+    )
+    t = S.CurveTable.from_frame(frame)
+    strategy = dataclasses.replace(R.STRATEGIES["median_random"], eval_every=2)
+    trace = S.simulate(strategy, t, seed=3, num_trials=12, max_concurrent=1)
+    cats = t.categories
+
+    def test_of(x):
+        return float(np.mean([t.test[(x.config, k, x.seed)] for k in cats]))
+
+    stopped = [x for x in trace.trials if x.state == "stopped"]
+    assert stopped and max(x.objective for x in stopped) > trace.final_test
+    finished = {round(test_of(x), 9) for x in trace.trials if x.state == "done"}
+    assert {round(v, 9) for _, v in trace.incumbents} <= finished
+
+
+def test_strategies_replay_the_same_training_seed_draws_for_a_search_seed():
+    # Random search samples the same points whatever the scheduler: trial k must then replay
+    # the same recorded run (configuration and training seed) under every strategy, and the
+    # draws must use every recorded seed (not the same one for every trial).
+    t = table(epochs=12)
+    runs = {}
+    for name in ("fifo_random", "median_random", "asha_random"):
+        trace = S.simulate(R.STRATEGIES[name], t, seed=5, num_trials=16, max_concurrent=1)
+        runs[name] = [(x.config, x.seed) for x in trace.trials]
+    assert runs["fifo_random"] == runs["median_random"] == runs["asha_random"]
+    assert {seed for _, seed in runs["fifo_random"]} == set(curves.SEEDS)
+    other = S.simulate(R.STRATEGIES["fifo_random"], t, seed=6, num_trials=16, max_concurrent=1)
+    assert [(x.config, x.seed) for x in other.trials] != runs["fifo_random"]
+
+
+def test_replay_cli_takes_seed_offset_and_strategy_names_and_records_the_table(tmp_path):
+    path = tmp_path / "curves.csv"
+    made_up(epochs=12, configs=list(range(0, 48, 6))).to_csv(path, index=False)
+    out = tmp_path / "out.json"
+    args = ["--table", str(path), "--seeds", "2", "--trials", "4", "--workers", "1"]
+    common = [*args, "--warm-seeds", "0", "--oracle-seeds", "0", "--json", str(out)]
+    R.main([*common, "--seed-offset", "40", "--strategies", "default,median_cmaes_pruned"])
+    doc = json.loads(out.read_text())
+    assert set(doc) >= {"fifo_random", R.DEFAULT_STRATEGY, "median_cmaes_pruned", "default"}
+    assert doc["meta"]["search_seeds"] == [40, 41]
+    assert doc["meta"]["curves"]["path"] == str(path)
+    assert doc["meta"]["curves"]["categories"] == ["fabric", "nut"]
+    assert doc["meta"]["curves"]["seeds"] == sorted(curves.SEEDS)
+    for name in (R.DEFAULT_STRATEGY, "median_cmaes_pruned"):
+        assert set(doc[name]) >= {"epochs_to_target", "final_test_auroc", "reached"}
+        assert doc[name]["cma_generations"]["median"] is not None
+    with pytest.raises(SystemExit):
+        R.main([*common, "--strategies", "no_such_strategy"])
+
+
+def test_seed_offset_replays_other_searches():
+    t = table(epochs=12, configs=list(range(0, 48, 6)))
+    strategy = R.STRATEGIES["fifo_random"]
+    a = R.run_replay(t, [strategy], seeds=2, num_trials=4, seed_offset=0)
+    b = R.run_replay(t, [strategy], seeds=2, num_trials=4, seed_offset=0)
+    c = R.run_replay(t, [strategy], seeds=2, num_trials=4, seed_offset=50)
+    assert a["meta"]["search_seeds"] == [0, 1] and c["meta"]["search_seeds"] == [50, 51]
+    assert a["fifo_random"]["epochs_total"] == b["fifo_random"]["epochs_total"]
+    traces0 = [S.simulate(strategy, t, seed=s, num_trials=4) for s in (0, 1)]
+    traces50 = [S.simulate(strategy, t, seed=s, num_trials=4) for s in (50, 51)]
+    assert [x.decisions() for x in traces0] != [x.decisions() for x in traces50]
+
+
+def test_cmaes_learns_from_stopped_trials_only_when_asked():
+    t = table(epochs=12)
+    plain = dataclasses.replace(R.STRATEGIES["median_cmaes"], eval_every=2)
+    pruned = dataclasses.replace(R.STRATEGIES["median_cmaes_pruned"], eval_every=2)
+    kw = {"seed": 2, "num_trials": 24, "max_concurrent": 1, "n_startup_trials": 2}
+    a, b = S.simulate(plain, t, **kw), S.simulate(pruned, t, **kw)
+    assert a.study_states.get("PRUNED") and b.study_states.get("PRUNED")
+    assert b.cma_generations > a.cma_generations
