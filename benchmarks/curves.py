@@ -65,6 +65,10 @@ from benchmarks.common import ROOT
 
 __all__ = [
     "CATEGORIES",
+    "FIXED",
+    "RANDOM",
+    "TESTBEDS",
+    "Testbed",
     "COLUMNS",
     "EPOCHS",
     "GRID",
@@ -113,6 +117,43 @@ _ORDER_SEED = 11  # fixed shuffle of the configurations: any prefix covers the s
 
 
 @dataclass(frozen=True)
+class Testbed:
+    """One curve table: which runs it holds, where, and what trains them.
+
+    ``RANDOM`` is the first table (``curves.csv``): the tiny config's teacher is random-init
+    from ``train.seed``, so every seed also has its own teacher. ``FIXED`` loads one chosen
+    teacher file for every run (``benchmarks.teacher``), as real MMR loads one pretrained
+    teacher; it has 3 training seeds and 4 categories (2 objects, 2 textures), recorded
+    configuration-major (all seeds and categories of a configuration before the next), so any
+    prefix of the plan holds whole configurations of a space-filling subset.
+    """
+
+    name: str
+    out: Path
+    seeds: tuple[int, ...]
+    categories: tuple[str, ...]
+    config_major: bool  # plan order: configuration-major (else seed-major)
+    fixed_teacher: bool  # every run loads benchmarks.teacher's chosen teacher file
+
+    @property
+    def meta_path(self) -> Path:
+        """Side file naming what recorded the table (the teacher's seed and SHA-256)."""
+        return self.out.with_suffix(".meta.json")
+
+
+RANDOM = Testbed("random", DEFAULT_OUT, SEEDS, CATEGORIES, False, False)
+FIXED = Testbed(
+    "fixed",
+    ROOT / "benchmarks" / "data" / "curves_fixed.csv",
+    (1, 2, 3),
+    ("nut", "pill", "grid", "fabric"),
+    True,
+    True,
+)
+TESTBEDS = {t.name: t for t in (RANDOM, FIXED)}
+
+
+@dataclass(frozen=True)
 class Run:
     """One training run of the table: a configuration, a category and a training seed."""
 
@@ -125,10 +166,15 @@ class Run:
     def key(self) -> tuple[int, str, int]:
         return (self.config, self.category, self.seed)
 
-    def overrides(self) -> list[str]:
-        """``--set`` style overrides of the tiny config that train this run."""
+    def overrides(self, teacher: Path | None = None) -> list[str]:
+        """``--set`` style overrides of the tiny config that train this run.
+
+        ``teacher``: a weights file every run loads (the fixed-teacher testbed).
+        """
         layers = ",".join(str(x) for x in self.params["teacher_layers"])
+        fixed = [f"model.teacher_checkpoint={teacher}"] if teacher is not None else []
         return [
+            *fixed,
             f"data.categories=[{self.category}]",
             f"model.mask_ratio={self.params['mask_ratio']}",
             f"model.patch_size={self.params['patch_size']}",
@@ -147,11 +193,18 @@ def configurations() -> list[dict[str, Any]]:
     return [dict(zip(PARAMS, values, strict=True)) for values in itertools.product(*GRID.values())]
 
 
-def planned_runs() -> list[Run]:
-    """Every run of the table in recording order: seed-major, configurations shuffled."""
+def planned_runs(testbed: Testbed = RANDOM) -> list[Run]:
+    """Every run of the table in recording order (see ``Testbed``), configurations shuffled."""
     configs = configurations()
     order = list(range(len(configs)))
     random.Random(_ORDER_SEED).shuffle(order)
+    if testbed.config_major:
+        return [
+            Run(i, configs[i], category, seed)
+            for i in order
+            for seed in testbed.seeds
+            for category in testbed.categories
+        ]
     return [
         Run(i, configs[i], category, seed)
         for seed in SEEDS
@@ -197,12 +250,12 @@ def _recorded(path: Path) -> set[tuple[int, str, int]]:
     }
 
 
-def train_run(run: Run) -> list[dict[str, Any]]:
+def train_run(run: Run, teacher: Path | None = None) -> list[dict[str, Any]]:
     """Trains one run with ``mmr.train.fit`` and returns its rows (see the module doc)."""
     from mmr.config import load_config
     from mmr.train import TrainingDiverged, fit
 
-    cfg = load_config(BASE_CONFIG, run.overrides())
+    cfg = load_config(BASE_CONFIG, run.overrides(teacher))
     rows: list[dict[str, Any]] = []
     clock = {"last": time.perf_counter()}
 
@@ -277,23 +330,58 @@ def pending(path: Path, runs: Sequence[Run]) -> Iterator[Run]:
     return (run for run in runs if run.key not in done)
 
 
+def _teacher_for(testbed: Testbed, path: Path) -> Path | None:
+    """The fixed teacher's file, checked against (or recorded in) the table's side file."""
+    if not testbed.fixed_teacher:
+        return None
+    import json
+
+    import torch
+
+    from benchmarks import teacher as tmod
+
+    file = tmod.teacher_file()
+    meta = {"teacher_seed": tmod.CHOSEN_SEED, "teacher_sha256": tmod.sha256(file),
+            "torch": torch.__version__, "arch": tmod.ARCH}  # fmt: skip
+    side = path.with_suffix(".meta.json")
+    if side.is_file():
+        old = json.loads(side.read_text())
+        if old["teacher_sha256"] != meta["teacher_sha256"]:
+            raise RuntimeError(
+                f"{path} was recorded with teacher {old['teacher_sha256'][:12]} (seed "
+                f"{old['teacher_seed']}, torch {old['torch']}); this machine builds "
+                f"{meta['teacher_sha256'][:12]}: record into another --out"
+            )
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        side.write_text(json.dumps(meta, indent=1) + "\n")
+    return file
+
+
 def record(
-    path: str | Path = DEFAULT_OUT, *, limit: int | None = None, shard: tuple[int, int] = (0, 1)
+    path: str | Path | None = None,
+    *,
+    limit: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    testbed: Testbed = RANDOM,
 ) -> int:
     """Trains and appends every pending run (at most ``limit``); returns how many it added.
 
-    ``shard=(k, n)`` keeps the runs at plan positions ``k, k + n, ...`` only.
+    ``shard=(k, n)`` keeps the runs at plan positions ``k, k + n, ...`` only; ``path``
+    defaults to the testbed's table.
     """
-    path = Path(path)
+    path = Path(path) if path is not None else testbed.out
     k, n = shard
     if not 0 <= k < n:
         raise ValueError(f"shard {k}/{n}: K must be in 0..N-1")
-    todo = list(pending(path, planned_runs()[k::n]))
-    log.info("%d of %d runs pending -> %s", len(todo), len(planned_runs()), path)
+    plan = planned_runs(testbed)
+    teacher = _teacher_for(testbed, path)
+    todo = list(pending(path, plan[k::n]))
+    log.info("%d of %d runs pending -> %s", len(todo), len(plan), path)
     added = 0
     for run in todo[:limit]:
         started = time.perf_counter()
-        rows = train_run(run)
+        rows = train_run(run, teacher)
         _append(path, rows)
         added += 1
         last = rows[-1]
@@ -372,7 +460,10 @@ def made_up_rows(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="curve table (CSV)")
+    parser.add_argument(
+        "--testbed", choices=sorted(TESTBEDS), default="random", help="which table to record"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="curve table (CSV)")
     parser.add_argument("--limit", type=int, default=None, help="stop after N new runs")
     parser.add_argument(
         "--shard", default="0/1", metavar="K/N", help="record plan positions K, K+N, ... only"
@@ -385,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    record(args.out, limit=args.limit, shard=(k, n))
+    record(args.out, limit=args.limit, shard=(k, n), testbed=TESTBEDS[args.testbed])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""benchmarks.testbed: how much of a curve table's spread is configuration, how much seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks import curves, testbed
+
+
+def test_icc_is_one_without_seed_noise_and_near_zero_for_pure_noise():
+    configs = np.linspace(0.6, 0.9, 12)[:, None]
+    assert testbed.icc1(np.repeat(configs, 3, axis=1)) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    assert abs(testbed.icc1(rng.normal(0.7, 0.05, size=(400, 3)))) < 0.1
+    # Hand-computed: two configs x two seeds, MSB = 2 * (0.0025 + 0.0025) / 1 = 0.01,
+    # MSW = 4 * 0.0001 / (2 * 1) = 0.0002.
+    m = np.array([[0.60, 0.62], [0.70, 0.72]])
+    assert testbed.icc1(m) == pytest.approx((0.01 - 0.0002) / (0.01 + 0.0002))
+
+
+def test_noise_stats_of_a_table_whose_configurations_dominate():
+    frame = curves.made_up_rows(epochs=6)  # sd 0.002 noise on the curves, test = quality
+    stats = testbed.noise_stats(frame)
+    assert set(stats) == {"nut", "fabric"}
+    for row in stats.values():
+        assert row["configs"] == 48 and row["seeds"] == 2
+        assert row["icc"] == pytest.approx(1.0) and row["seed_rank"] > 0.95
+        assert row["gap_seed"] == pytest.approx(0.0) and row["sd_config"] > 0.05
+        assert row["val_test_run"] > 0.9 and row["val_test_mean"] > 0.9
+
+
+def test_noise_stats_see_seed_noise_that_swamps_configurations():
+    frame = curves.made_up_rows(epochs=6)
+    last = frame["test_image_auroc"].notna()
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0, 0.5, size=int(last.sum()))
+    frame.loc[last, "test_image_auroc"] = frame.loc[last, "test_image_auroc"] + noise
+    row = testbed.noise_stats(frame)["nut"]
+    assert row["icc"] < 0.3 and row["seed_rank"] < 0.5 and row["val_test_run"] < 0.5
+    md = testbed.render({"made-up": testbed.noise_stats(frame)})
+    assert "| made-up | nut |" in md and "icc" in md.splitlines()[0]
