@@ -70,6 +70,8 @@ def teacher_file(seed: int | None = None) -> Path:
     """The weights file of the teacher of ``seed`` (default ``CHOSEN_SEED``), made once."""
     import torch
 
+    from mmr.fileio import atomic_path
+
     seed = CHOSEN_SEED if seed is None else seed
     if seed is None:
         raise RuntimeError("no teacher chosen yet: run `python -m benchmarks.teacher` first")
@@ -77,15 +79,25 @@ def teacher_file(seed: int | None = None) -> Path:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         state = build(seed).net.state_dict()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # concurrent recorders may both write it: same bytes
+        with atomic_path(path) as tmp:  # concurrent recorders may both write it: same bytes
+            torch.save(state, tmp)
         log.info("teacher %s written (sha256 %s)", path, sha256(path)[:12])
     return path
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """SHA-256 of the weights in a teacher file (names, shapes, dtypes and bytes, in name
+    order): the file's own bytes also hold the archive name ``torch.save`` derives from the
+    (temporary) file name."""
+    import torch
+
+    digest = hashlib.sha256()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for name in sorted(state):
+        t = state[name].contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def score_teacher(seed: int, categories: Sequence[str]) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -40,3 +42,30 @@ def test_noise_stats_see_seed_noise_that_swamps_configurations():
     assert row["icc"] < 0.3 and row["seed_rank"] < 0.5 and row["val_test_run"] < 0.5
     md = testbed.render({"made-up": testbed.noise_stats(frame)})
     assert "| made-up | nut |" in md and "icc" in md.splitlines()[0]
+
+
+def test_fixed_testbed_plan_is_configuration_major_with_every_seed_and_category():
+    runs = curves.planned_runs(curves.FIXED)
+    per_config = len(curves.FIXED.seeds) * len(curves.FIXED.categories)
+    assert len(curves.FIXED.seeds) >= 3 and len(curves.FIXED.categories) >= 4
+    assert len(runs) == 48 * per_config and len({r.key for r in runs}) == len(runs)
+    for start in range(0, len(runs), per_config):
+        block = runs[start : start + per_config]
+        assert len({r.config for r in block}) == 1  # a prefix holds whole configurations
+        assert {(r.seed, r.category) for r in block} == {
+            (s, c) for s in curves.FIXED.seeds for c in curves.FIXED.categories
+        }
+    assert runs[0].overrides()[0].startswith("data.categories=")
+    assert runs[0].overrides(Path("/t.pt"))[0] == "model.teacher_checkpoint=/t.pt"
+
+
+def test_fixed_teacher_file_is_the_same_weights_wherever_it_is_built(tmp_path, monkeypatch):
+    from benchmarks import teacher
+
+    monkeypatch.setenv("MMR_CACHE_DIR", str(tmp_path / "a"))
+    a = teacher.teacher_file(3)
+    monkeypatch.setenv("MMR_CACHE_DIR", str(tmp_path / "b"))
+    b = teacher.teacher_file(3)
+    assert a != b and teacher.sha256(a) == teacher.sha256(b)
+    monkeypatch.setenv("MMR_CACHE_DIR", str(tmp_path / "c"))
+    assert teacher.sha256(teacher.teacher_file(4)) != teacher.sha256(a)
