@@ -67,7 +67,8 @@ class SweepRun:
 
 
 def check_sweep_data(spec: SweepSpec, *, address: str | None, write: Write) -> None:
-    """Checks the base config's data on the driver, before any trial starts.
+    """Checks the base config's data on the driver, before any trial starts, and the data of
+    every choice of a categorical (or fixed) space dimension over a ``data.*`` key.
 
     A truncated image or a missing mask would otherwise fail every trial, each after Ray
     started it. On a cluster whose data is mounted on the workers only, the trials check it.
@@ -81,6 +82,49 @@ def check_sweep_data(spec: SweepSpec, *, address: str | None, write: Write) -> N
         write(f"data.root {root} is not visible on this machine: the trials check the data")
         return
     check_data(data)
+    for param, value in _data_choices(spec):
+        _check_data_choice(spec, param, value, address=address, write=write)
+
+
+def _data_choices(spec: SweepSpec) -> list[tuple[Any, Any]]:
+    """``(param, value)`` for each choice of the space's categorical/fixed ``data.*`` keys."""
+    return [
+        (p, value)
+        for p in spec.space.params
+        if p.key.startswith("data.") and p.type in ("categorical", "fixed")
+        for value in p.candidate_values()
+    ]
+
+
+def _check_data_choice(
+    spec: SweepSpec, param: Any, value: Any, *, address: str | None, write: Write
+) -> None:
+    """Checks the data a trial sampling ``param = value`` would train on (as check_sweep_data)."""
+    from mmr.config import PATH_KEYS
+    from mmr.data import resolve_root
+    from mmr.datacheck import check_data
+
+    where = f"space dimension {param.name}, choice {value!r}"
+    if (
+        param.key in PATH_KEYS
+        and value is not None
+        and not Path(str(value)).expanduser().is_absolute()
+    ):
+        raise UserInputError(
+            f"{where}: a relative path would be read from each trial's own directory: give "
+            "the absolute path in the space"
+        )
+    data = spec.base.override({param.key: value}).data
+    if data == spec.base.data:
+        return
+    root = resolve_root(data.root)
+    if address and data.dataset != "synthetic" and not root.exists():
+        write(f"{where}: data.root {root} is not visible on this machine: the trials check it")
+        return
+    try:
+        check_data(data)
+    except UserInputError as exc:
+        raise type(exc)(f"{where}: {exc} (or remove the choice from the space)") from exc
 
 
 def _trial_dirname(trial: Any) -> str:
