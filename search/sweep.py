@@ -136,8 +136,21 @@ def _job_metadata(spec: SweepSpec) -> dict[str, str]:
     return {"mmr_sweep_name": spec.sweep.name, "mmr_experiment": spec.experiment_location}
 
 
+class _NoRayResumeHint(logging.Filter):
+    """Drops Tune's own lines after a Ctrl-C: its ``Tuner.restore(...)`` hint and the list of
+    trials that "did not complete"; the sweep prints ``launch.py resume EXP`` instead."""
+
+    DROPPED = ("Experiment has been interrupted", "Trials did not complete")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.DROPPED)
+
+
 def _quiet_tune_output() -> None:
     """Environment for Tune's driver output, set before the Tuner runs."""
+    tune_log = logging.getLogger("ray.tune.tune")  # ray/tune/tune.py: run()'s last lines
+    if not any(isinstance(f, _NoRayResumeHint) for f in tune_log.filters):
+        tune_log.addFilter(_NoRayResumeHint())
     # Round checkpoints force an experiment snapshot each (num_to_keep=1); with short rounds
     # Tune warns about it every few seconds, which drowns the progress table.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -287,6 +300,13 @@ def resume_sweep(
             f"{location!r} has no Tune state to resume yet (the sweep was "
             "stopped before its first trial started): run the sweep again"
         )
+    done = _complete(spec, retry_failed=retry_failed)
+    if done is not None:
+        write(f"{spec.sweep.name}: already complete ({done} trials); nothing to resume")
+        export_dir = spec.experiment_dir / "export"
+        return SweepRun(
+            spec.experiment_dir, 0.0, export_dir if export_dir.is_dir() else None, location
+        )
     _check_tracking(spec)
     check_sweep_data(spec, address=address, write=write)
     init_ray(address, dashboard=dashboard, write=write, job_metadata=_job_metadata(spec))
@@ -311,6 +331,19 @@ def resume_sweep(
     with resuming(location, spec.experiment_dir):
         tuner.fit()
     return _finish(spec, started, write, export)
+
+
+def _complete(spec: SweepSpec, *, retry_failed: bool) -> int | None:
+    """The number of trials when the sweep has run all its planned trials, none unfinished
+    (nor failed, with ``retry_failed``); None when resuming has something to run."""
+    from search.results import load_trials
+
+    states = load_trials(spec.experiment_location)["state"]
+    unfinished = states.isin(["running", "pending"]).sum()
+    failed = (states == "failed").sum() if retry_failed else 0
+    if len(states) < planned_trials(spec) or unfinished or failed:
+        return None
+    return len(states)
 
 
 def _finish(spec: SweepSpec, started: float, write: Write, export: bool) -> SweepRun:
