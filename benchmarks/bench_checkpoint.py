@@ -49,6 +49,7 @@ def measure(config: str, categories: int, *, rounds: int = 20, repeats: int = 3)
             "train.device": "cpu",
             "train.epochs": rounds,
             "train.eval_every": 1,
+            "train.warmup_epochs": 0,  # below train.epochs (the paper config warms up for 50)
         }  # fmt: skip
     )
     names = [f"c{i}" for i in range(categories)]

@@ -219,6 +219,14 @@ class Config(Schema):
         )
         check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
         check(
+            t.warmup_epochs < t.epochs,
+            f"train.warmup_epochs={t.warmup_epochs}",
+            f"is not below train.epochs={t.epochs}: the learning rate would still be warming "
+            f"up from 0 when training ends, and every run would score alike: set "
+            f"train.warmup_epochs below {t.epochs} (e.g. train.warmup_epochs=0 for a short "
+            "run) or raise train.epochs",
+        )
+        check(
             list(t.lr_milestones) == sorted(t.lr_milestones),
             "train.lr_milestones",
             "must be increasing",

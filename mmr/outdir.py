@@ -23,6 +23,7 @@ __all__ = [
     "MARKER",
     "claim_dir",
     "check_replaceable",
+    "creating",
     "fresh_dir",
     "list_files",
     "read_marker",
@@ -127,6 +128,21 @@ def check_replaceable(
     return True
 
 
+@contextlib.contextmanager
+def creating(folder: Path, what: str) -> Iterator[None]:
+    """Turns an OSError while creating the output ``folder`` (``what``: the option, e.g.
+    ``--out runs/x``) into a one-line UserInputError naming the path and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        where = Path(exc.filename if exc.filename is not None else folder)
+        cause = f"{where} is a file" if where.is_file() else f"{where}: {exc.strerror or exc}"
+        raise UserInputError(
+            f"{what}: cannot create {folder} ({cause}): pass a directory you can write to "
+            "(not inside a file, not on a read-only disk)"
+        ) from exc
+
+
 def claim_dir(folder: Path) -> bool:
     """Creates ``folder`` (and its parents); True when this call created it."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +197,8 @@ def train_output(
     A run that fails before writing anything leaves no folder behind.
     """
     if out is None:
-        folder, created = fresh_dir(Path(default))
+        with creating(Path(default), f"the default output directory {default} (--out)"):
+            folder, created = fresh_dir(Path(default))
     else:
         folder = Path(out)
         fix = "pass another --out"
@@ -194,8 +211,14 @@ def train_output(
                     f"replace it, or {fix} (or leave --out out: a fresh folder is picked)"
                 )
             _remove_files(folder, [*TRAIN_FILES, *filter(_is_tmp, list_files(folder))])
-        created = claim_dir(folder)
-    write_marker(folder, kind="train", owner="train", files=TRAIN_FILES)
+        with creating(folder, f"--out {folder}"):
+            created = claim_dir(folder)
+    try:
+        with creating(folder, f"--out {folder}"):
+            write_marker(folder, kind="train", owner="train", files=TRAIN_FILES)
+    except UserInputError:
+        release_if_unused(folder, created=created)
+        raise
     try:
         yield folder
     except BaseException:

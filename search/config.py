@@ -10,18 +10,20 @@ launched from.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmr.config import Config, ConfigError, load_config
+from mmr.config import SHORT_KEYS, Config, ConfigError, load_config
 from mmr.configkit import Schema, check, load_yaml, nest, parse_override, set_path
 from mmr.errors import UserInputError
 from mmr.report import LOWER_IS_BETTER, METRICS, SPEED_METRICS
 from search.storage import SPEC_FILE, exists, is_uri, join, mirror_dir, pull
-from spaces import SPACES_DIR, Space, load_space, read_space
+from spaces import SPACES_DIR, Space, SpaceError, load_space, read_space
 
 __all__ = [
     "DEMO_SWEEP",
@@ -42,6 +44,7 @@ try:  # the shipped configs are the package data of ``configs``, installed or ed
 except ImportError:  # an editable install made before configs was a package
     CONFIGS_DIR = ROOT / "configs"
 DEMO_SWEEP = CONFIGS_DIR / "demo_sweep.yaml"
+log = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid", "nsga2")
 ROUND_METRICS = METRICS  # reported after every validation round
 OBJECTIVE_METRICS = (*METRICS, *SPEED_METRICS)  # anything a trial reports may be an objective
@@ -133,7 +136,10 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    sampler: str = "tpe"  # tpe | gp | cmaes | random | grid | nsga2 (several objectives)
+    # tpe | gp | cmaes | random | grid | nsga2 (several objectives); None (not named): cmaes
+    # for one objective, tpe for several (resolved by SweepConfig.validated, so a stored spec
+    # names it)
+    sampler: str | None = None
     num_trials: int = 64  # trials per study (the baseline trial included)
     max_concurrent: int = 8  # trials running at once (per sweep)
     seed: int = 0  # sampler seed
@@ -201,6 +207,10 @@ class SweepConfig(Schema):
 
     def validated(self) -> SweepConfig:
         """The sweep rules, each error naming its key (run by ``from_dict``)."""
+        if self.search.sampler is None:
+            default = "tpe" if self.objective.multi else "cmaes"
+            search = dataclasses.replace(self.search, sampler=default)
+            return dataclasses.replace(self, search=search).validated()
         o, s, sc, r = self.objective, self.search, self.scheduler, self.resources
         check(s.sampler in SAMPLERS, "search.sampler", f"must be one of {SAMPLERS}")
         check(
@@ -350,11 +360,26 @@ def load_spec(experiment: str | Path) -> SweepSpec:
             "the directory (or storage URI) a sweep printed, e.g. runs/<name>"
         )
     local = pull(location) if is_uri(location) else Path(location)
-    spec = SweepSpec.from_dict(json.loads((local / SPEC_FILE).read_text()))
+    spec = _read_spec(local / SPEC_FILE, location)
     if not is_uri(location) and Path(location).resolve() != spec.experiment_dir.resolve():
         # The directory was moved or copied: keep working where it is now.
         spec = dataclasses.replace(spec, moved_to=str(Path(location).resolve()))
     return spec
+
+
+def _read_spec(path: Path, location: str) -> SweepSpec:
+    """The spec in ``path``; a one-line UserInputError when it is cut short or damaged."""
+    try:
+        return SweepSpec.from_dict(json.loads(path.read_text()))
+    except UserInputError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        raise UserInputError(
+            f"{path} (the sweep of experiment {location!r}) is unreadable or damaged "
+            f"({cause}): restore it from a copy of the experiment (it is written once, at "
+            "launch), or run the sweep again under another --name"
+        ) from exc
 
 
 def load_sweep_config(path: str | Path | None) -> tuple[dict[str, Any], Path]:
@@ -385,6 +410,7 @@ def resolve_sweep(
         if key.partition(".")[0] in SWEEP_SECTIONS:
             merged = set_path(merged, key, value)
         else:
+            _check_section(key)
             train_over.append(item)
     if name:
         merged["name"] = name
@@ -404,17 +430,34 @@ def resolve_sweep(
         storage=storage_path,
         tracking=_resolve_tracking(sweep.tracking),
     )
-    _check_rungs(sweep.scheduler, base)
+    sweep = dataclasses.replace(sweep, scheduler=_check_rungs(sweep.scheduler, base))
     _check_official_pro(sweep.objective, base)
     space_spec = read_space(space_path)
     space = load_space(space_spec, source=str(space_path))
     space.validate(base)
+    _check_warmup(space, base)
     space.baseline(base)
     if sweep.search.sampler == "grid":
         space.grid()
     cats = tuple(categories) if categories else _categories(base)
     spec = SweepSpec(sweep, base, space_spec, cats)
     return _check_warm_start(spec)
+
+
+def _check_section(key: str) -> None:
+    """An override key of neither a sweep nor a training section: suggests the closest of
+    both kinds (``serch.num_trials`` -> ``search.num_trials``)."""
+    train_sections = [f.name for f in dataclasses.fields(Config)]
+    section, dot, rest = key.partition(".")
+    if section in train_sections or key in SHORT_KEYS:
+        return  # the training config names its unknown keys (with that section's keys)
+    close = difflib.get_close_matches(section, [*SWEEP_SECTIONS, *train_sections], n=1)
+    hint = f"did you mean {close[0] + dot + rest!r}? " if close else ""
+    raise ConfigError(
+        f"unknown config key {key!r}: {hint}--set takes sweep keys (sections "
+        f"{list(SWEEP_SECTIONS)}, e.g. search.num_trials=8) or training keys (sections "
+        f"{train_sections}, e.g. train.epochs=4, or a short name from {sorted(SHORT_KEYS)})"
+    )
 
 
 def _check_warm_start(spec: SweepSpec) -> SweepSpec:
@@ -442,10 +485,26 @@ def _check_warm_start(spec: SweepSpec) -> SweepSpec:
     return dataclasses.replace(spec, sweep=sweep)
 
 
-def _check_rungs(scheduler: SchedulerConfig, base: Config) -> None:
+def _check_rungs(scheduler: SchedulerConfig, base: Config) -> SchedulerConfig:
     """ASHA and median stopping need a round below the last one to stop at, or they can never
-    stop a trial early."""
+    stop a trial early.
+
+    A trial of one round (a smoke test, ``train.epochs=1``) has no such round whatever the
+    grace period: the sweep runs without early stopping (FIFO), with a warning. With more
+    rounds a grace period at or above them is refused (it is most likely a mistake).
+    """
     rounds, t = base.num_rounds, base.train
+    if rounds == 1 and scheduler.type != "fifo":
+        log.warning(
+            "1 evaluation round per trial (train.epochs=%d / train.eval_every=%d) is not "
+            "above scheduler.grace_period=%d, so %s has no round to stop a trial at: early "
+            "stopping off (scheduler.type=fifo), trials run every round",
+            t.epochs,
+            t.eval_every,
+            scheduler.grace_period,
+            "ASHA" if scheduler.type == "asha" else "median stopping",
+        )
+        return dataclasses.replace(scheduler, type="fifo")
     check(
         scheduler.type == "fifo" or scheduler.grace_period < rounds,
         f"scheduler.grace_period={scheduler.grace_period}",
@@ -455,6 +514,27 @@ def _check_rungs(scheduler: SchedulerConfig, base: Config) -> None:
         f"early: set scheduler.grace_period below {rounds}, raise train.epochs or lower "
         "train.eval_every, or use scheduler.type=fifo",
     )
+    return scheduler
+
+
+def _check_warmup(space: Space, base: Config) -> None:
+    """A space over ``train.epochs`` and ``train.warmup_epochs`` must not sample a warm-up at
+    or above the epochs (``Space.validate`` checks each bound with the base's other value)."""
+
+    def bounds(key: str) -> list[Any]:
+        return [v for p in space.params if p.key == key for v in p.candidate_values()]
+
+    warmups, epochs = bounds("train.warmup_epochs"), bounds("train.epochs")
+    if not warmups or not epochs:
+        return
+    most, least = max(warmups), min(epochs)
+    if most >= least:
+        raise SpaceError(
+            f"space {space.source}: train.warmup_epochs reaches {most} and train.epochs goes "
+            f"down to {least}, so a trial could warm up for all its epochs (its learning rate "
+            f"never reaching train.lr): keep train.warmup_epochs below {least}, or raise the "
+            "lowest train.epochs"
+        )
 
 
 def _check_official_pro(objective: ObjectiveConfig, base: Config) -> None:

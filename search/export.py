@@ -31,7 +31,7 @@ import torch
 from mmr.config import Config, dump_config
 from mmr.errors import UserInputError
 from mmr.fileio import atomic_path
-from mmr.outdir import check_replaceable, list_files, read_marker, write_marker
+from mmr.outdir import check_replaceable, creating, list_files, read_marker, write_marker
 from mmr.report import flatten_metrics, results_markdown, write_json
 from search.config import SweepSpec, load_spec
 from search.contract import OBJECTIVE
@@ -71,8 +71,9 @@ def export_experiment(
             f"experiment {str(exp)!r} has no trial with a result yet: "
             "nothing to export (see `launch.py status`)"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    with creating(out, f"--out {out}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         _export(spec, df, best, staging, overlays=overlays, device=device)
         write_marker(staging, kind="export", owner=exp, files=list_files(staging))

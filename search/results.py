@@ -345,7 +345,13 @@ def summary_table(experiment: str | Path) -> str:
             entry["epochs"] = row.get("epochs")
             rows.append(entry)
     if not rows:
-        return head + "\nno trial reported a result (see each trial's error.txt)"
+        # error.txt exists for failed trials only (not for those a Ctrl-C stopped).
+        failed = counts.get("failed", 0)
+        return (
+            head
+            + "\nno trial reported a result"
+            + (" (`launch.py status` shows why trials failed)" if failed else " yet")
+        )
     table = pd.DataFrame(rows)
     gains = []
     for study, group in table.groupby("study"):

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mmr.errors import UserInputError
@@ -69,14 +70,29 @@ def mirror_dir(uri: str) -> Path:
     return root / f"{name}-{digest}"
 
 
-def _fs(location: str) -> tuple[pafs.FileSystem, str]:
+# What pyarrow raises for a bad URI (pa.ArrowInvalid, a ValueError) or unreachable storage
+# (OSError: offline, no such bucket, no credentials).
+STORAGE_ERRORS = (OSError, ValueError, pa.ArrowException)
+
+
+@contextlib.contextmanager
+def storage_errors(location: str) -> Iterator[None]:
+    """Turns pyarrow's errors on ``location`` into one-line UserInputErrors naming it."""
     try:
-        return pafs.FileSystem.from_uri(location)
-    except (pafs.ArrowInvalid, OSError, ValueError) as exc:  # type: ignore[attr-defined]
+        yield
+    except UserInputError:
+        raise
+    except STORAGE_ERRORS as exc:
+        cause = " ".join(str(exc).split()) or type(exc).__name__
         raise UserInputError(
-            f"storage {location!r} cannot be opened ({exc}): check the URI "
-            "scheme and credentials, or use a local/NFS directory"
+            f"storage {location!r} cannot be used ({cause}): check the URI, the network, "
+            "that the bucket exists and your credentials, or use a local/NFS directory"
         ) from exc
+
+
+def _fs(location: str) -> tuple[pafs.FileSystem, str]:
+    with storage_errors(location):
+        return pafs.FileSystem.from_uri(location)
 
 
 def write_file(fs: pafs.FileSystem, path: str, text: str) -> None:
@@ -98,7 +114,8 @@ def exists(location: str, name: str) -> bool:
     if not is_uri(location):
         return (Path(location) / name).exists()
     fs, path = _fs(location)
-    return fs.get_file_info(join(path, name)).type != pafs.FileType.NotFound
+    with storage_errors(location):
+        return fs.get_file_info(join(path, name)).type != pafs.FileType.NotFound
 
 
 def is_empty(location: str) -> bool:
@@ -107,12 +124,13 @@ def is_empty(location: str) -> bool:
         path = Path(location)
         return not path.exists() or (path.is_dir() and not any(path.iterdir()))
     fs, path = _fs(location)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return True
-    if info.type != pafs.FileType.Directory:
-        return False
-    return not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    with storage_errors(location):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return True
+        if info.type != pafs.FileType.Directory:
+            return False
+        return not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
 
 
 def probe_writable(location: str) -> None:
@@ -140,14 +158,15 @@ def probe_writable(location: str) -> None:
 def push(local: Path, uri: str, names: tuple[str, ...] = MIRRORED) -> None:
     """Uploads the mirrored files of ``local`` to the experiment ``uri``."""
     fs, path = _fs(uri)
-    fs.create_dir(path, recursive=True)
-    for name in names:
-        source = local / name
-        if source.is_file():
-            tmp = join(path, tmp_name(name))
-            with fs.open_output_stream(tmp) as f:
-                f.write(source.read_bytes())
-            fs.move(tmp, join(path, name))
+    with storage_errors(uri):
+        fs.create_dir(path, recursive=True)
+        for name in names:
+            source = local / name
+            if source.is_file():
+                tmp = join(path, tmp_name(name))
+                with fs.open_output_stream(tmp) as f:
+                    f.write(source.read_bytes())
+                fs.move(tmp, join(path, name))
 
 
 def pull(uri: str) -> Path:
@@ -157,10 +176,11 @@ def pull(uri: str) -> Path:
     fs, path = _fs(uri)
     for name in MIRRORED:
         remote = join(path, name)
-        if fs.get_file_info(remote).type == pafs.FileType.NotFound:
-            continue
-        with fs.open_input_stream(remote) as f:
-            data = f.read()
+        with storage_errors(uri):
+            if fs.get_file_info(remote).type == pafs.FileType.NotFound:
+                continue
+            with fs.open_input_stream(remote) as f:
+                data = f.read()
         atomic_write(local / name, data)
     return local
 

@@ -67,7 +67,8 @@ class SweepRun:
 
 
 def check_sweep_data(spec: SweepSpec, *, address: str | None, write: Write) -> None:
-    """Checks the base config's data on the driver, before any trial starts.
+    """Checks the base config's data on the driver, before any trial starts, and the data of
+    every choice of a categorical (or fixed) space dimension over a ``data.*`` key.
 
     A truncated image or a missing mask would otherwise fail every trial, each after Ray
     started it. On a cluster whose data is mounted on the workers only, the trials check it.
@@ -81,6 +82,49 @@ def check_sweep_data(spec: SweepSpec, *, address: str | None, write: Write) -> N
         write(f"data.root {root} is not visible on this machine: the trials check the data")
         return
     check_data(data)
+    for param, value in _data_choices(spec):
+        _check_data_choice(spec, param, value, address=address, write=write)
+
+
+def _data_choices(spec: SweepSpec) -> list[tuple[Any, Any]]:
+    """``(param, value)`` for each choice of the space's categorical/fixed ``data.*`` keys."""
+    return [
+        (p, value)
+        for p in spec.space.params
+        if p.key.startswith("data.") and p.type in ("categorical", "fixed")
+        for value in p.candidate_values()
+    ]
+
+
+def _check_data_choice(
+    spec: SweepSpec, param: Any, value: Any, *, address: str | None, write: Write
+) -> None:
+    """Checks the data a trial sampling ``param = value`` would train on (as check_sweep_data)."""
+    from mmr.config import PATH_KEYS
+    from mmr.data import resolve_root
+    from mmr.datacheck import check_data
+
+    where = f"space dimension {param.name}, choice {value!r}"
+    if (
+        param.key in PATH_KEYS
+        and value is not None
+        and not Path(str(value)).expanduser().is_absolute()
+    ):
+        raise UserInputError(
+            f"{where}: a relative path would be read from each trial's own directory: give "
+            "the absolute path in the space"
+        )
+    data = spec.base.override({param.key: value}).data
+    if data == spec.base.data:
+        return
+    root = resolve_root(data.root)
+    if address and data.dataset != "synthetic" and not root.exists():
+        write(f"{where}: data.root {root} is not visible on this machine: the trials check it")
+        return
+    try:
+        check_data(data)
+    except UserInputError as exc:
+        raise type(exc)(f"{where}: {exc} (or remove the choice from the space)") from exc
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -92,8 +136,21 @@ def _job_metadata(spec: SweepSpec) -> dict[str, str]:
     return {"mmr_sweep_name": spec.sweep.name, "mmr_experiment": spec.experiment_location}
 
 
+class _NoRayResumeHint(logging.Filter):
+    """Drops Tune's own lines after a Ctrl-C: its ``Tuner.restore(...)`` hint and the list of
+    trials that "did not complete"; the sweep prints ``launch.py resume EXP`` instead."""
+
+    DROPPED = ("Experiment has been interrupted", "Trials did not complete")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.DROPPED)
+
+
 def _quiet_tune_output() -> None:
     """Environment for Tune's driver output, set before the Tuner runs."""
+    tune_log = logging.getLogger("ray.tune.tune")  # ray/tune/tune.py: run()'s last lines
+    if not any(isinstance(f, _NoRayResumeHint) for f in tune_log.filters):
+        tune_log.addFilter(_NoRayResumeHint())
     # Round checkpoints force an experiment snapshot each (num_to_keep=1); with short rounds
     # Tune warns about it every few seconds, which drowns the progress table.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -243,6 +300,13 @@ def resume_sweep(
             f"{location!r} has no Tune state to resume yet (the sweep was "
             "stopped before its first trial started): run the sweep again"
         )
+    done = _complete(spec, retry_failed=retry_failed)
+    if done is not None:
+        write(f"{spec.sweep.name}: already complete ({done} trials); nothing to resume")
+        export_dir = spec.experiment_dir / "export"
+        return SweepRun(
+            spec.experiment_dir, 0.0, export_dir if export_dir.is_dir() else None, location
+        )
     _check_tracking(spec)
     check_sweep_data(spec, address=address, write=write)
     init_ray(address, dashboard=dashboard, write=write, job_metadata=_job_metadata(spec))
@@ -267,6 +331,19 @@ def resume_sweep(
     with resuming(location, spec.experiment_dir):
         tuner.fit()
     return _finish(spec, started, write, export)
+
+
+def _complete(spec: SweepSpec, *, retry_failed: bool) -> int | None:
+    """The number of trials when the sweep has run all its planned trials, none unfinished
+    (nor failed, with ``retry_failed``); None when resuming has something to run."""
+    from search.results import load_trials
+
+    states = load_trials(spec.experiment_location)["state"]
+    unfinished = states.isin(["running", "pending"]).sum()
+    failed = (states == "failed").sum() if retry_failed else 0
+    if len(states) < planned_trials(spec) or unfinished or failed:
+        return None
+    return len(states)
 
 
 def _finish(spec: SweepSpec, started: float, write: Write, export: bool) -> SweepRun:

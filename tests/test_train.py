@@ -229,7 +229,8 @@ def test_model_math_is_tf32_while_augmentation_and_blur_stay_exact(
     monkeypatch.setattr(model_module, "cosine_loss", spy_loss)
     monkeypatch.setattr(transforms, "_two_passes", spy_passes)
     before = device.fp32_precision()
-    fit(tiny(synthetic_root, **{"train.epochs": 1, "train.eval_every": 1}), final_test=False)
+    one_epoch = {"train.epochs": 1, "train.eval_every": 1, "train.warmup_epochs": 0}
+    fit(tiny(synthetic_root, **one_epoch), final_test=False)
     assert seen == {
         "forward": ("tf32", "tf32"),
         "backward": ("tf32", "tf32"),
