@@ -135,6 +135,12 @@ class ObjectiveConfig:
 
 
 @dataclass(frozen=True)
+class ConfirmConfig:
+    top_k: int = 0  # after the search, train its k best configurations (and the baseline) again
+    seeds: int = 3  # fresh training seeds per configuration (at least 2)
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     # tpe | gp | cmaes | random | grid | nsga2 (several objectives); None (not named): cmaes
     # for one objective, tpe for several (resolved by SweepConfig.validated, so a stored spec
@@ -149,6 +155,7 @@ class SearchConfig:
     # CMA-ES: learn from trials the scheduler stopped (their last value), as TPE does; Optuna's
     # default ignores them, and under early stopping most trials are stopped.
     cmaes_consider_pruned: bool = False
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)  # confirmation runs (0: off)
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,19 @@ class SweepConfig(Schema):
             "search.share_across_categories",
             "needs objective.per_category: true (a single study has no other category to share "
             "with)",
+        )
+        cf = s.confirm
+        check(cf.top_k >= 0, "search.confirm.top_k", f"must be >= 0 (0: off), got {cf.top_k}")
+        check(
+            cf.top_k == 0 or cf.seeds >= 2,
+            "search.confirm.seeds",
+            f"must be >= 2 (a seed spread needs two), got {cf.seeds}",
+        )
+        check(
+            cf.top_k == 0 or not (o.per_category or o.multi),
+            "search.confirm",
+            "confirms one single-objective study for now: set search.confirm.top_k: 0 with "
+            "objective.per_category or several objective.metrics",
         )
         check(sc.type in SCHEDULERS, "scheduler.type", f"must be one of {SCHEDULERS}")
         check(sc.grace_period >= 1, "scheduler.grace_period", "must be >= 1 round")

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from search.config import SweepSpec
 
 __all__ = [
+    "CONFIRM_DIR",
+    "CONFIRM_FILE",
+    "CONFIRM_KEY",
     "FAILED_MARKER",
     "JOURNAL_FILE",
     "META_KEYS",
@@ -22,6 +25,7 @@ __all__ = [
     "ROUNDS_KEY",
     "ROUND_METADATA",
     "SPEC_FILE",
+    "TEST_SCORES_FILE",
     "WORKER_FILE",
     "planned_trials",
 ]
@@ -31,17 +35,21 @@ OBJECTIVE = "objective"  # the reported key the searcher and scheduler optimise
 ROUNDS_KEY = "rounds_total"  # rounds of a full run: a trial that reached it is done
 
 # Trial-config keys that are not params: the searcher adds them, the trainable drops them.
-META_KEYS = ("baseline", "category", "study_trial")
+CONFIRM_KEY = "confirm_of"  # a confirmation trial's: the search trial whose config it trains
+META_KEYS = ("baseline", "category", "study_trial", CONFIRM_KEY)
 
 # Files in a trial's directory (on the experiment's storage).
 FAILED_MARKER = "trial_failed.json"  # a deterministic failure: retries end at once
 WORKER_FILE = "worker.json"  # pid, host and Ray node of the process running the trial
 REPEATED_FILE = "result_repeated.json"  # result.json rows of rounds trained again, superseded
 ROUND_METADATA = "mmr_round"  # a round checkpoint's metadata key: the round it was saved at
+TEST_SCORES_FILE = "test_scores.json"  # a confirmation trial's test-half image scores
 
 # The sweep's own files in the experiment directory (the local mirror for URI storage).
 SPEC_FILE = "sweep.json"
 JOURNAL_FILE = "study.journal"
+CONFIRM_DIR = "confirm"  # the confirmation runs' own Tune experiment, inside the experiment
+CONFIRM_FILE = "confirm.json"  # what they showed (search.confirm)
 
 
 def planned_trials(spec: SweepSpec) -> int:

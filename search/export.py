@@ -34,6 +34,8 @@ from mmr.fileio import atomic_path
 from mmr.outdir import check_replaceable, creating, list_files, read_marker, write_marker
 from mmr.report import flatten_metrics, results_markdown, write_json
 from search.config import SweepSpec, load_spec
+from search.confirm import describe as describe_confirm
+from search.confirm import read_confirm
 from search.contract import OBJECTIVE
 from search.pareto import write_pareto
 from search.report_page import write_report
@@ -64,6 +66,10 @@ def export_experiment(
     replace = _check_out(exp, out)
     df = load_trials(exp)
     best = best_trials(df)
+    confirmed = read_confirm(spec.experiment_dir)
+    if trial is None and confirmed is not None and confirmed.get("best_trial"):
+        # The configuration with the best mean validation over its confirmation seeds.
+        best.update(_chosen(df, confirmed["best_trial"]))
     if trial is not None:
         best.update(_chosen(df, trial))
     if not best:
@@ -171,11 +177,18 @@ def _export(
     if multi:
         write_pareto(spec, df, out)
         rows.update(_front_rows(spec, df, tested, device))
-    (out / "results.md").write_text(
-        results_markdown(
-            rows, title=f"{spec.sweep.name}: held-out test half (never seen by the search)"
-        )
+    results = results_markdown(
+        rows, title=f"{spec.sweep.name}: held-out test half (never seen by the search)"
     )
+    confirmed = read_confirm(spec.experiment_dir)
+    if confirmed is not None:
+        # top_k, seeds, best_trial, gain {mean, ci95}, beyond_noise, noise_floor, and each
+        # confirmed configuration's seeds and values.
+        summary["confirm"] = confirmed
+        results += "\n## Confirmation runs\n\n" + "".join(
+            f"- {line}\n" for line in describe_confirm(confirmed)
+        )
+    (out / "results.md").write_text(results)
     write_json(summary, out / "summary.json")
     _study_plots(spec, out / "plots")
     write_report(

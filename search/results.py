@@ -252,6 +252,18 @@ def best_of_study(trials: pd.DataFrame) -> pd.Series | None:
     return pool.loc[pool[OBJECTIVE].idxmax()]
 
 
+def _confirm_lines(spec: SweepSpec) -> list[str]:
+    """The confirmation's verdict, or how far its trials got (``search.confirm``)."""
+    if spec.sweep.search.confirm.top_k == 0:
+        return []
+    from search.confirm import confirm_progress, describe, read_confirm
+
+    summary = read_confirm(spec.experiment_dir)
+    if summary is not None:
+        return describe(summary)
+    return [confirm_progress(spec)]
+
+
 def status_table(experiment: str | Path) -> str:
     """``launch.py status``: every trial's state, params and metrics, and the best so far."""
     spec = load_spec(experiment)
@@ -290,6 +302,7 @@ def status_table(experiment: str | Path) -> str:
         lines.append(f"failed: trial {row['trial']}: {row['error'] or 'no error recorded'}")
     if counts.get("failed", 0):
         lines.append(f"run the failed trials again with: launch.py resume {exp} --retry-failed")
+    lines += _confirm_lines(spec)
     if "on_front" in df:
         names = ", ".join(f"{m} ({mode})" for m, mode in spec.sweep.objective.objectives)
         for idx in _studies(df):

@@ -301,7 +301,7 @@ def resume_sweep(
             "stopped before its first trial started): run the sweep again"
         )
     done = _complete(spec, retry_failed=retry_failed)
-    if done is not None:
+    if done is not None and not _confirm_pending(spec):
         write(f"{spec.sweep.name}: already complete ({done} trials); nothing to resume")
         export_dir = spec.experiment_dir / "export"
         return SweepRun(
@@ -326,11 +326,33 @@ def resume_sweep(
         restart_errored=False,
     )
     retrying = " (failed trials run again)" if retry_failed else ""
+    if done is not None:  # the search is complete: only its confirmation runs are left
+        return _finish(spec, started, write, export)
     write(f"resuming sweep {spec.sweep.name} in {location}{retrying}")
     _announce(spec, write)
     with resuming(location, spec.experiment_dir):
         tuner.fit()
     return _finish(spec, started, write, export)
+
+
+def _confirm_pending(spec: SweepSpec) -> bool:
+    """Whether the sweep confirms its best configurations and has not written the result."""
+    from search.confirm import read_confirm
+
+    return spec.sweep.search.confirm.top_k > 0 and read_confirm(spec.experiment_dir) is None
+
+
+def _confirm(spec: SweepSpec, write: Write) -> bool:
+    """Runs the confirmation trials (``search.confirm``); False when they were interrupted."""
+    from search.confirm import run_confirm
+
+    callbacks = [
+        RoundJsonLogger(),
+        RoundCSVLogger(),
+        TrialTensorBoard(),
+        EndDeterministicFailures(spec.sweep.max_failures),
+    ]
+    return run_confirm(spec, write=write, trainable=trial_trainable(spec), callbacks=callbacks)
 
 
 def _complete(spec: SweepSpec, *, retry_failed: bool) -> int | None:
@@ -368,6 +390,10 @@ def _finish(spec: SweepSpec, started: float, write: Write, export: bool) -> Swee
             f"launch.py resume {exp}"
         )
         return SweepRun(spec.experiment_dir, seconds, None, exp, interrupted=True)
+    if _confirm_pending(spec) and not _confirm(spec, write):
+        write(f"confirmation runs interrupted; continue them with: launch.py resume {exp}")
+        return SweepRun(spec.experiment_dir, time.time() - started, None, exp, interrupted=True)
+    seconds = time.time() - started
     export_dir = None
     if export:
         from search.export import export_experiment

@@ -22,11 +22,13 @@ from mmr.config import Config
 from search.callbacks.lifecycle import EndDeterministicFailures  # noqa: F401  (see below)
 from search.config import SweepSpec
 from search.contract import (
+    CONFIRM_KEY,
     FAILED_MARKER,
     META_KEYS,
     OBJECTIVE,
     ROUND_METADATA,
     ROUNDS_KEY,
+    TEST_SCORES_FILE,
     WORKER_FILE,
 )
 from search.storage import join, read_file, write_file
@@ -172,6 +174,8 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
                         resume_from=resume,
                         final_test=False,
                     )
+            if config.get(CONFIRM_KEY) is not None:
+                write_file(fs, join(trial_dir, TEST_SCORES_FILE), test_scores(tmp))
         except Exception as exc:
             if _deterministic(exc):
                 error = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
@@ -180,6 +184,23 @@ def train_trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
         finally:
             # Ray may run the next trial in this process: hand back the cached GPU memory.
             release_memory()
+
+
+def test_scores(checkpoint_dir: str) -> str:
+    """The held-out test half's image scores of a trained checkpoint, as JSON
+    ``{category: {"labels": [...], "scores": [...]}}``: a confirmation trial's, so that the
+    driver can bootstrap its gain over the baseline over the test images. The scores are the
+    ones evaluation ranks by (the maximum of each anomaly map)."""
+    from mmr.train import evaluate_checkpoint
+
+    _, _, outputs = evaluate_checkpoint(checkpoint_dir, split="test", device="auto")
+    out = {}
+    for task, (data, maps) in outputs.items():
+        out[task] = {
+            "labels": [int(x) for x in data.labels.tolist()],
+            "scores": maps.flatten(1).amax(dim=1).double().cpu().tolist(),
+        }
+    return json.dumps(out)
 
 
 def describe_trial(sweep: str, trial_id: str, config: dict[str, Any]) -> str:
