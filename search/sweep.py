@@ -24,6 +24,7 @@ from search.callbacks.lifecycle import EndDeterministicFailures, MirrorSync
 from search.callbacks.progress import ProgressTable
 from search.callbacks.result_files import RoundCSVLogger, RoundJsonLogger
 from search.callbacks.tensorboard import TrialTensorBoard
+from search.claim import CLAIM_FILE, claimed
 from search.config import SweepSpec, is_experiment, load_spec
 from search.contract import FAILED_MARKER, SPEC_FILE, planned_trials
 from search.resources import check_resources
@@ -157,7 +158,7 @@ def _prepare_storage(spec: SweepSpec) -> None:
             f"experiment {location!r} already exists: continue it with `launch.py resume "
             f"{location}` (or `sweep --resume`), or pick another --name"
         )
-    if not is_empty(location):
+    if not is_empty(location) and not _only_claim(location):
         raise UserInputError(
             f"{location!r} already exists, is not empty and is not an mmr-sweep experiment "
             f"(no {SPEC_FILE}): a sweep never writes into it; pick another --name (or "
@@ -166,6 +167,13 @@ def _prepare_storage(spec: SweepSpec) -> None:
     # Probe the storage root: the experiment itself is created only once Ray is up and the
     # resources fit, so a failed start leaves no half-made experiment behind.
     probe_writable(spec.sweep.storage)
+
+
+def _only_claim(location: str) -> bool:
+    """Whether the local ``location`` holds nothing but this sweep's claim (search.claim)."""
+    return (
+        not is_uri(location) and Path(location).is_dir() and os.listdir(location) == [CLAIM_FILE]
+    )
 
 
 def run_sweep(
@@ -184,6 +192,17 @@ def run_sweep(
             location, address=address, write=write, dashboard=dashboard, export=export
         )
     leave_job_working_dir()  # the spec's paths are absolute already
+    if not is_experiment(location) and not is_empty(location) and not _only_claim(location):
+        _prepare_storage(spec)  # refuses a foreign folder before the claim writes into it
+    # Claimed before anything else: a second sweep of this name is refused, not merged in.
+    with claimed(spec.experiment_dir, location):
+        return _start_sweep(spec, address=address, write=write, dashboard=dashboard, export=export)
+
+
+def _start_sweep(
+    spec: SweepSpec, *, address: str | None, write: Write, dashboard: bool, export: bool
+) -> SweepRun:
+    location = spec.experiment_location
     _prepare_storage(spec)
     _check_tracking(spec)
     check_sweep_data(spec, address=address, write=write)
@@ -243,6 +262,19 @@ def resume_sweep(
             f"{location!r} has no Tune state to resume yet (the sweep was "
             "stopped before its first trial started): run the sweep again"
         )
+    with claimed(spec.experiment_dir, location):
+        return _resume(spec, location, address, write, dashboard, export, retry_failed)
+
+
+def _resume(
+    spec: SweepSpec,
+    location: str,
+    address: str | None,
+    write: Write,
+    dashboard: bool,
+    export: bool,
+    retry_failed: bool,
+) -> SweepRun:
     _check_tracking(spec)
     check_sweep_data(spec, address=address, write=write)
     init_ray(address, dashboard=dashboard, write=write, job_metadata=_job_metadata(spec))
