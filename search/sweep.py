@@ -184,10 +184,17 @@ def run_sweep(
     write: Write = echo,
     dashboard: bool = True,
     export: bool = True,
+    check_resume: bool = True,
 ) -> SweepRun:
-    """Runs (or with ``resume`` continues) a sweep and exports its best configuration."""
+    """Runs (or with ``resume`` continues) a sweep and exports its best configuration.
+
+    With ``resume`` and ``check_resume``, ``spec`` must equal the stored one: a changed value
+    is refused (``_refuse_resume_changes``), never dropped silently.
+    """
     location = spec.experiment_location
     if resume and is_experiment(location):
+        if check_resume:
+            _refuse_resume_changes(spec, load_spec(location))
         return resume_sweep(
             location, address=address, write=write, dashboard=dashboard, export=export
         )
@@ -236,6 +243,54 @@ def _start_sweep(
     _announce(spec, write)
     tuner.fit()
     return _finish(spec, started, write, export)
+
+
+# What identifies the experiment (equal by construction) or names a file whose content is
+# compared anyway (the base config and the space are stored inline).
+_RESUME_IGNORED = ("sweep.name", "sweep.storage", "sweep.base", "sweep.space")
+
+
+def _refuse_resume_changes(spec: SweepSpec, stored: SweepSpec) -> None:
+    """UserInputError naming every value of ``spec`` that differs from the stored sweep's.
+
+    A resumed sweep runs with the configuration stored in its experiment: Tune restores the
+    trial count (``search.num_trials``), failure policy, searcher and scheduler from its own
+    saved state, and the trials already run were trained on the stored base config and space,
+    so none of these can change on resume.
+    """
+    new, old = _flat(spec.to_dict()), _flat(stored.to_dict())
+    changed = [
+        # As the user sets them: search.num_trials, train.epochs (the base config's keys).
+        f"{key.removeprefix('sweep.').removeprefix('base.')} "
+        f"({_show(old.get(key))} -> {_show(new.get(key))})"
+        for key in sorted(new.keys() | old.keys())
+        if new.get(key) != old.get(key) and not key.startswith(_RESUME_IGNORED)
+    ]
+    if changed:
+        location = stored.experiment_location
+        raise UserInputError(
+            f"sweep --resume continues {location!r} with its stored configuration, which "
+            f"cannot change on resume (Tune restores the trial count, searcher and scheduler "
+            f"from its saved state), but these values differ: {', '.join(changed[:6])}"
+            + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            + f": drop those --set/--config values to continue it as it is (`launch.py resume "
+            f"{location}`), or start a new sweep under another --name (it may warm-start from "
+            f"this one: --set 'search.warm_start=[{location}]')"
+        )
+
+
+def _flat(raw: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(raw, dict) and raw:
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: list(raw) if isinstance(raw, tuple) else raw}
+
+
+def _show(value: Any) -> str:
+    text = "unset" if value is None else json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def resume_sweep(

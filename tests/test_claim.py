@@ -95,3 +95,23 @@ def test_a_sweep_started_while_another_starts_is_refused(
     assert not spec.experiment_dir.exists()
     with claimed(spec.experiment_dir, spec.experiment_location):
         pass
+
+
+def test_sweep_resume_refuses_values_it_cannot_apply(synthetic_root: Path, tmp_path: Path) -> None:
+    """Issue 20: `sweep --name X --resume --set search.num_trials=3` silently kept 2 trials."""
+    from search.config import SPEC_FILE
+
+    stored = spec_for(tmp_path, synthetic_root, "search.num_trials=2")
+    stored.experiment_dir.mkdir(parents=True)
+    (stored.experiment_dir / SPEC_FILE).write_text(json.dumps(stored.to_dict()))
+    changed = spec_for(tmp_path, synthetic_root, "search.num_trials=3", "train.epochs=5")
+    with pytest.raises(UserInputError) as err:
+        sweep.run_sweep(changed, resume=True, export=False)  # refused before Ray starts
+    message = str(err.value)
+    assert "these values differ: train.epochs (4 -> 5), search.num_trials (2 -> 3)" in message
+    assert (
+        "another --name" in message and f"launch.py resume {stored.experiment_location}" in message
+    )
+    assert os.listdir(stored.experiment_dir) == [SPEC_FILE]  # nothing written, nothing claimed
+    # The same values again: nothing to refuse.
+    sweep._refuse_resume_changes(spec_for(tmp_path, synthetic_root, "search.num_trials=2"), stored)
