@@ -220,7 +220,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise
     from search.sweep import run_sweep
 
-    run = run_sweep(spec, address=args.address, resume=args.resume, dashboard=_dashboard_wanted())
+    run = run_sweep(
+        spec,
+        address=args.address,
+        resume=args.resume,
+        dashboard=_dashboard_wanted(),
+        # Only what was given is compared with the stored sweep: `sweep --name X --resume`
+        # alone continues X as stored.
+        check_resume=bool(args.config or args.overrides),
+    )
     print(f"experiment: {run.location} ({run.seconds:.0f} s)")
     return 130 if run.interrupted else 0
 

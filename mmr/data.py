@@ -7,6 +7,8 @@ reading the directory layout only; images are decoded later, once, by ``load_ima
 
 - ``mvtec`` / ``synthetic``: ``<root>/<category>/{train/good, test/good, test/<defect>,
   ground_truth/<defect>/<stem>_mask.png}``; ``synthetic`` is generated into ``root`` on first use.
+  Generated sets carry ``mmr.synth.MARKER``; see ``_list_synthetic`` for where one is made, and
+  the real-data kinds refuse a root holding it (``_refuse_synthetic``).
 - ``folder``: the same layout (``root`` may also be one category), masks optional.
 - ``aebad_s``: ``<root>/AeBAD_S/{train/good/<any>/, test/<defect>/<domain>/,
   ground_truth/<defect>/<domain>/<image name>}``; one Task, grouped by domain.
@@ -112,6 +114,7 @@ def list_tasks(cfg: DataConfig) -> list[Task]:
     root = resolve_root(cfg.root)
     if cfg.dataset != "synthetic":
         _require_dir(root)
+        _refuse_synthetic(root, cfg.dataset)
     tasks = listers[cfg.dataset](root, cfg.categories)
     for task in tasks:
         logger.info(
@@ -170,11 +173,74 @@ def _category_task(cat: Path, name: str, *, masks: str) -> Task:
     )
 
 
+# The synthetic set is generated only into a missing or empty folder, never beside other data,
+# and carries synth.MARKER; a folder holding that marker is used as it is. A non-empty folder
+# without it is refused, except a set an older version generated (before the marker) in the
+# project's cache dir: when its entries are exactly generated categories in the synthetic
+# layout it is taken as such and marked. The real-data kinds refuse a marked folder.
+_SYNTH_CACHE = "~/.cache/mmr-sweep"  # where configs/tiny.yaml keeps the synthetic set
+_SYNTH_DEFAULT_ROOT = _SYNTH_CACHE + "/synthetic"
+_REAL_DEFAULT_ROOT = DataConfig.root  # /data/mvtec_ad: never generated into
+
+
 def _list_synthetic(root: Path, categories: Sequence[str] | str) -> list[Task]:
-    if not root.exists() or (root.is_dir() and not _entries(root)):
-        _generate_synthetic(root)
+    from mmr import synth  # local import: only this dataset kind needs the generator
+
+    if not (root / synth.MARKER).is_file():
+        if not root.exists() or (root.is_dir() and not _entries(root)):
+            if root == resolve_root(_REAL_DEFAULT_ROOT):
+                raise DataError(
+                    f"data.root {root} is the default folder of the real MVTec AD data, so "
+                    "data.dataset=synthetic does not generate images there: set data.root to "
+                    f"an empty folder, e.g. --set data.root={_SYNTH_DEFAULT_ROOT}"
+                )
+            _generate_synthetic(root)
+        elif _is_legacy_synthetic(root):
+            logger.info("%s: a synthetic set of an earlier version; marking it", root)
+            synth.write_marker(root, {"legacy": True})
+        else:
+            _require_dir(root)
+            raise DataError(
+                f"data.root {root} is not empty and is no generated synthetic set (no "
+                f"{synth.MARKER}): data.dataset=synthetic generates its images only into an "
+                "empty or missing folder, never beside other data; set data.root to an empty "
+                f"folder (e.g. {_SYNTH_DEFAULT_ROOT}), or use data.dataset=mvtec/folder for "
+                "real data"
+            )
     _require_dir(root)
     return _list_categories(root, categories, dataset="synthetic", masks="required")
+
+
+def _is_legacy_synthetic(root: Path) -> bool:
+    """A set generated before the marker existed: in the project's cache dir, holding only
+    generated category folders, each with exactly the synthetic layout."""
+    from mmr import synth
+
+    cache = resolve_root(_SYNTH_CACHE)
+    if cache not in root.parents or not root.is_dir():
+        return False
+    names = _entries(root)
+    layout = ["ground_truth", "test", "train"]
+    return bool(names) and all(
+        name in synth.KINDS
+        and _entries(root / name) == layout
+        and (root / name / "train" / "good").is_dir()
+        and (root / name / "test" / "good").is_dir()
+        for name in names
+    )
+
+
+def _refuse_synthetic(root: Path, dataset: str) -> None:
+    """A DataError when ``root`` (or its parent: one category of it) is a generated set."""
+    from mmr import synth
+
+    for folder in (root, root.parent):
+        if (folder / synth.MARKER).is_file():
+            raise DataError(
+                f"data.root {root} holds generated synthetic images ({folder / synth.MARKER}), "
+                f"not real data for data.dataset={dataset}: use data.dataset=synthetic, or "
+                "point data.root at the real data"
+            )
 
 
 def _generate_synthetic(root: Path) -> None:
@@ -189,7 +255,7 @@ def _generate_synthetic(root: Path) -> None:
         try:
             os.rename(tmp, root)  # replaces an empty dir; fails if another process won
         except OSError:
-            if not root.is_dir() or not _entries(root):
+            if not (root / synth.MARKER).is_file():
                 raise
             logger.info("another process generated %s first; using it", root)
     finally:

@@ -11,12 +11,17 @@ Masks are exact 0/255 where the defect changed the image.
 Every image has its own random stream derived from (seed, category, split, index): the output
 is byte-identical for the same arguments, and the first N categories of a larger set equal
 the set generated with ``categories=N``.
+
+Every generated set carries ``MARKER`` (``.mmr-synthetic.json``: the generator's arguments and
+version) at its root: the real-data loaders refuse a folder holding it (see ``mmr.data``), so
+generated images are never trained on as real data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
@@ -31,8 +36,9 @@ import numpy as np
 from PIL import Image
 
 from mmr.errors import DataError
+from mmr.fileio import atomic_write
 
-__all__ = ["KINDS", "OBJECTS", "DEFECTS", "generate"]
+__all__ = ["KINDS", "OBJECTS", "DEFECTS", "MARKER", "VERSION", "generate", "write_marker"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,8 @@ KINDS = (*OBJECTS, "grid", "fabric")  # objects first: they give a search the cl
 DEFECTS = ("scratch", "spot", "missing", "color")
 _SPLITS = {"train": 0, "test": 1}
 _PNG_LEVEL = 1  # fast zlib level: files are ~30% larger, writing is ~4x faster
+MARKER = ".mmr-synthetic.json"  # at the root of every generated set
+VERSION = 1  # of the generator's output; recorded in MARKER
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,9 @@ def generate(
         # thread start-up dominates the small matrix products here).
         with _blas_limit(1), ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
             list(pool.map(write, jobs))
+        args = {"categories": names, "size": size, "seed": seed, "n_train": n_train}
+        args |= {"n_test_good": n_test_good, "n_test_defect": n_test_defect}
+        write_marker(tmp, args)
         if out.exists():
             out.rmdir()  # empty (checked above); rename would replace it anyway on POSIX
         os.rename(tmp, out)
@@ -136,6 +147,12 @@ def generate(
         out,
     )
     return out
+
+
+def write_marker(root: Path, args: dict[str, object]) -> None:
+    """Marks ``root`` as a generated set (``MARKER``), recording the generator ``args``."""
+    record = {"generator": "mmr.synth", "version": VERSION, "args": args}
+    atomic_write(Path(root) / MARKER, json.dumps(record, indent=1) + "\n")
 
 
 def _blas_limit(threads: int) -> contextlib.AbstractContextManager[object]:

@@ -39,7 +39,7 @@ from search.confirm import read_confirm
 from search.contract import OBJECTIVE
 from search.pareto import write_pareto
 from search.report_page import write_report
-from search.results import best_trials, load_trials, short_name
+from search.results import best_trials, load_trials, short_name, unjudged_guards, unjudged_note
 from search.storage import is_uri, local_checkpoint
 
 __all__ = ["export_experiment"]
@@ -72,6 +72,11 @@ def export_experiment(
         best.update(_chosen(df, confirmed["best_trial"]))
     if trial is not None:
         best.update(_chosen(df, trial))
+    if not best and unjudged_guards(df):
+        # A failed baseline must not turn the guards off: no guarded best without it.
+        raise UserInputError(
+            f"experiment {str(exp)!r} has no guarded best to export: {unjudged_note(df, exp)[0]}"
+        )
     if not best:
         raise UserInputError(
             f"experiment {str(exp)!r} has no trial with a result yet: "
@@ -130,6 +135,9 @@ def _export(
     trials_csv.to_csv(out / "trials.csv", index=False)
     rows: dict[str, dict[str, dict[str, float]]] = {"baseline (test)": {}, "best (test)": {}}
     summary: dict[str, Any] = {"studies": {}}
+    unjudged = unjudged_guards(df)
+    if unjudged:
+        summary["notes"] = unjudged_note(df, spec.experiment_location)
     tested: dict[str, dict] = {}  # trial id -> test metrics, each trial evaluated once
     multi = spec.sweep.objective.multi
     for category, row in best.items():
@@ -164,6 +172,8 @@ def _export(
             "baseline_val_objective": None if base is None else _float(base[OBJECTIVE]),
             "best_test": flatten_metrics(test_best),
             "baseline_test": flatten_metrics(test_base) if base is not None else None,
+            # False: chosen with --trial where the guards could not be judged (or no guards).
+            "guarded": bool(spec.sweep.objective.guard) and category not in unjudged,
         }
         if multi:
             study = df if category is None else df[df["category"] == category]
@@ -179,7 +189,7 @@ def _export(
         rows.update(_front_rows(spec, df, tested, device))
     results = results_markdown(
         rows, title=f"{spec.sweep.name}: held-out test half (never seen by the search)"
-    )
+    ) + "".join(f"\n**Note:** {note}\n" for note in summary.get("notes", []))
     confirmed = read_confirm(spec.experiment_dir)
     if confirmed is not None:
         # top_k, seeds, best_trial, gain {mean, ci95}, beyond_noise, noise_floor, and each

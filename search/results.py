@@ -24,6 +24,8 @@ __all__ = [
     "summary_table",
     "short_name",
     "trial_state",
+    "unjudged_guards",
+    "unjudged_note",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,11 +80,15 @@ def _judge(spec: SweepSpec, df: pd.DataFrame) -> pd.DataFrame:
     """
     o = spec.sweep.objective
     if o.guard:
-        df["feasible"], df["guard"] = True, ""
+        df["feasible"], df["guard"], df["guard_judged"] = True, "", True
         for idx in _studies(df):
             study = df.loc[idx]
-            base = study[study["baseline"]]
+            # Only a baseline that ran every round is a reference: a failed one has no
+            # metrics (every comparison would be NaN, every trial "feasible"), a running one
+            # not its final ones. Without it no trial counts as feasible (see unjudged_guards).
+            base = study[study["baseline"].astype(bool) & (study["state"] == "done")]
             if base.empty:
+                df.loc[idx, "feasible"], df.loc[idx, "guard_judged"] = False, False
                 continue
             base_metrics = _metrics_of(base.iloc[0])
             for i in idx:
@@ -100,6 +106,38 @@ def _judge(spec: SweepSpec, df: pd.DataFrame) -> pd.DataFrame:
         for idx in _studies(df):
             df.loc[pareto_front(df.loc[idx], o.objectives), "on_front"] = True
     return df
+
+
+def unjudged_guards(df: pd.DataFrame) -> dict[str | None, str]:
+    """``{study: why}`` for each study whose guards cannot be judged (``load_trials`` rows):
+    its baseline trial has not run every round, so none of its trials is a guarded best."""
+    out: dict[str | None, str] = {}
+    if "guard_judged" not in df:
+        return out
+    for idx in _studies(df):
+        study = df.loc[idx]
+        if study["guard_judged"].astype(bool).all():
+            continue
+        category = study["category"].iloc[0] if "category" in study else None
+        key = category if isinstance(category, str) else None
+        base = study[study["baseline"].astype(bool)]
+        if base.empty:
+            out[key] = "it has no baseline trial"
+        else:
+            trial, state = base.iloc[0]["trial"], base.iloc[0]["state"]
+            out[key] = f"its baseline trial {trial} has not finished (state {state})"
+    return out
+
+
+def unjudged_note(df: pd.DataFrame, exp: str) -> list[str]:
+    """One line per study whose guards are not judged, saying what to do."""
+    return [
+        f"guards{f' [{c}]' if c else ''} not judged: {why}, so no trial counts as within the "
+        f"guards and none is the best; once the sweep has ended, run the baseline again with "
+        f"`launch.py resume {exp} --retry-failed` (or export a trial of your choice, "
+        f"unguarded, with `launch.py export {exp} --trial ID`)"
+        for c, why in unjudged_guards(df).items()
+    ]
 
 
 def _metrics_of(row: pd.Series) -> dict[str, Any]:
@@ -289,6 +327,7 @@ def status_table(experiment: str | Path) -> str:
     if "guard" in df:
         # Why a trial is infeasible: the guarded metrics it lost, as changes to the baseline.
         shown["guard"] = np.where(df["feasible"].astype(bool), "ok", "broken: " + df["guard"])
+        shown.loc[~df["guard_judged"].astype(bool), "guard"] = "unjudged"
         cols.insert(3, "guard")
     counts = df["state"].value_counts()
     lines = [
@@ -302,6 +341,7 @@ def status_table(experiment: str | Path) -> str:
         lines.append(f"failed: trial {row['trial']}: {row['error'] or 'no error recorded'}")
     if counts.get("failed", 0):
         lines.append(f"run the failed trials again with: launch.py resume {exp} --retry-failed")
+    lines += unjudged_note(df, exp)
     lines += _confirm_lines(spec)
     if "on_front" in df:
         names = ", ".join(f"{m} ({mode})" for m, mode in spec.sweep.objective.objectives)
@@ -360,10 +400,13 @@ def summary_table(experiment: str | Path) -> str:
     if not rows:
         # error.txt exists for failed trials only (not for those a Ctrl-C stopped).
         failed = counts.get("failed", 0)
-        return (
-            head
-            + "\nno trial reported a result"
-            + (" (`launch.py status` shows why trials failed)" if failed else " yet")
+        return "\n".join(
+            [
+                head
+                + "\nno trial reported a result"
+                + (" (`launch.py status` shows why trials failed)" if failed else " yet")
+            ]
+            + unjudged_note(df, exp)
         )
     table = pd.DataFrame(rows)
     gains = []
@@ -374,7 +417,8 @@ def summary_table(experiment: str | Path) -> str:
                 f"{study}: best {vals['best']:.4f} vs baseline {vals['baseline']:.4f} "
                 f"({vals['best'] - vals['baseline']:+.4f} validation {OBJECTIVE})"
             )
-    return "\n".join([head, _format(table), *(notes if multi else gains)])
+    unjudged = unjudged_note(df, exp)
+    return "\n".join([head, _format(table), *(notes if multi else gains), *unjudged])
 
 
 def _fmt(value: Any) -> str:

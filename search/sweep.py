@@ -24,6 +24,7 @@ from search.callbacks.lifecycle import EndDeterministicFailures, MirrorSync
 from search.callbacks.progress import ProgressTable
 from search.callbacks.result_files import RoundCSVLogger, RoundJsonLogger
 from search.callbacks.tensorboard import TrialTensorBoard
+from search.claim import CLAIM_FILE, claimed
 from search.config import SweepSpec, is_experiment, load_spec
 from search.contract import FAILED_MARKER, SPEC_FILE, planned_trials
 from search.resources import check_resources
@@ -214,7 +215,7 @@ def _prepare_storage(spec: SweepSpec) -> None:
             f"experiment {location!r} already exists: continue it with `launch.py resume "
             f"{location}` (or `sweep --resume`), or pick another --name"
         )
-    if not is_empty(location):
+    if not is_empty(location) and not _only_claim(location):
         raise UserInputError(
             f"{location!r} already exists, is not empty and is not an mmr-sweep experiment "
             f"(no {SPEC_FILE}): a sweep never writes into it; pick another --name (or "
@@ -225,6 +226,13 @@ def _prepare_storage(spec: SweepSpec) -> None:
     probe_writable(spec.sweep.storage)
 
 
+def _only_claim(location: str) -> bool:
+    """Whether the local ``location`` holds nothing but this sweep's claim (search.claim)."""
+    return (
+        not is_uri(location) and Path(location).is_dir() and os.listdir(location) == [CLAIM_FILE]
+    )
+
+
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -233,14 +241,32 @@ def run_sweep(
     write: Write = echo,
     dashboard: bool = True,
     export: bool = True,
+    check_resume: bool = True,
 ) -> SweepRun:
-    """Runs (or with ``resume`` continues) a sweep and exports its best configuration."""
+    """Runs (or with ``resume`` continues) a sweep and exports its best configuration.
+
+    With ``resume`` and ``check_resume``, ``spec`` must equal the stored one: a changed value
+    is refused (``_refuse_resume_changes``), never dropped silently.
+    """
     location = spec.experiment_location
     if resume and is_experiment(location):
+        if check_resume:
+            _refuse_resume_changes(spec, load_spec(location))
         return resume_sweep(
             location, address=address, write=write, dashboard=dashboard, export=export
         )
     leave_job_working_dir()  # the spec's paths are absolute already
+    if not is_experiment(location) and not is_empty(location) and not _only_claim(location):
+        _prepare_storage(spec)  # refuses a foreign folder before the claim writes into it
+    # Claimed before anything else: a second sweep of this name is refused, not merged in.
+    with claimed(spec.experiment_dir, location):
+        return _start_sweep(spec, address=address, write=write, dashboard=dashboard, export=export)
+
+
+def _start_sweep(
+    spec: SweepSpec, *, address: str | None, write: Write, dashboard: bool, export: bool
+) -> SweepRun:
+    location = spec.experiment_location
     _prepare_storage(spec)
     _check_tracking(spec)
     check_sweep_data(spec, address=address, write=write)
@@ -276,6 +302,54 @@ def run_sweep(
     return _finish(spec, started, write, export)
 
 
+# What identifies the experiment (equal by construction) or names a file whose content is
+# compared anyway (the base config and the space are stored inline).
+_RESUME_IGNORED = ("sweep.name", "sweep.storage", "sweep.base", "sweep.space")
+
+
+def _refuse_resume_changes(spec: SweepSpec, stored: SweepSpec) -> None:
+    """UserInputError naming every value of ``spec`` that differs from the stored sweep's.
+
+    A resumed sweep runs with the configuration stored in its experiment: Tune restores the
+    trial count (``search.num_trials``), failure policy, searcher and scheduler from its own
+    saved state, and the trials already run were trained on the stored base config and space,
+    so none of these can change on resume.
+    """
+    new, old = _flat(spec.to_dict()), _flat(stored.to_dict())
+    changed = [
+        # As the user sets them: search.num_trials, train.epochs (the base config's keys).
+        f"{key.removeprefix('sweep.').removeprefix('base.')} "
+        f"({_show(old.get(key))} -> {_show(new.get(key))})"
+        for key in sorted(new.keys() | old.keys())
+        if new.get(key) != old.get(key) and not key.startswith(_RESUME_IGNORED)
+    ]
+    if changed:
+        location = stored.experiment_location
+        raise UserInputError(
+            f"sweep --resume continues {location!r} with its stored configuration, which "
+            f"cannot change on resume (Tune restores the trial count, searcher and scheduler "
+            f"from its saved state), but these values differ: {', '.join(changed[:6])}"
+            + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            + f": drop those --set/--config values to continue it as it is (`launch.py resume "
+            f"{location}`), or start a new sweep under another --name (it may warm-start from "
+            f"this one: --set 'search.warm_start=[{location}]')"
+        )
+
+
+def _flat(raw: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(raw, dict) and raw:
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: list(raw) if isinstance(raw, tuple) else raw}
+
+
+def _show(value: Any) -> str:
+    text = "unset" if value is None else json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def resume_sweep(
     experiment: str | Path,
     *,
@@ -307,6 +381,21 @@ def resume_sweep(
         return SweepRun(
             spec.experiment_dir, 0.0, export_dir if export_dir.is_dir() else None, location
         )
+    with claimed(spec.experiment_dir, location):
+        return _resume(spec, location, address, write, dashboard, export, retry_failed, done)
+
+
+def _resume(
+    spec: SweepSpec,
+    location: str,
+    address: str | None,
+    write: Write,
+    dashboard: bool,
+    export: bool,
+    retry_failed: bool,
+    done: int | None,
+) -> SweepRun:
+    """Continues the sweep (``done``: its trials when only the confirmation is left)."""
     _check_tracking(spec)
     check_sweep_data(spec, address=address, write=write)
     init_ray(address, dashboard=dashboard, write=write, job_metadata=_job_metadata(spec))

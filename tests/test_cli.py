@@ -58,7 +58,7 @@ def test_synth_writes_an_mvtec_dataset_identical_for_the_same_seed(tmp_path: Pat
         )
         assert proc.returncode == 0, proc.stderr
     cfg = Config.from_dict(
-        {"data.dataset": "mvtec", "data.root": str(tmp_path / "a"), "data.categories": "all"}
+        {"data.dataset": "synthetic", "data.root": str(tmp_path / "a"), "data.categories": "all"}
     )
     tasks = list_tasks(cfg.data)
     assert [t.name for t in tasks] == ["disk", "pill"]

@@ -15,7 +15,7 @@ from conftest import AEBAD_DOMAINS, write_image, write_mask
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from mmr import data, imagecache, transforms
+from mmr import data, imagecache, synth, transforms
 from mmr.config import DataConfig
 from mmr.data import Sample, Task, list_tasks, split_task, split_test
 from mmr.errors import DataError
@@ -153,10 +153,64 @@ def test_synthetic_generates_on_first_use_atomically(
     assert sorted(os.listdir(tmp_path)) == ["synthetic"]
 
 
-def test_synthetic_root_lists_as_mvtec(synthetic_root: Path) -> None:
+def test_synthetic_root_lists_as_synthetic_only(synthetic_root: Path) -> None:
     tasks = list_tasks(cfg("synthetic", synthetic_root))
     assert [t.name for t in tasks] == ["disk", "grid"]
-    assert list_tasks(cfg("mvtec", synthetic_root)) == tasks
+    assert (synthetic_root / synth.MARKER).is_file()
+    # Generated images are never taken for real data, nor is one category of them.
+    for dataset, root in [
+        ("mvtec", synthetic_root),
+        ("folder", synthetic_root),
+        ("folder", synthetic_root / "disk"),
+        ("aebad_s", synthetic_root),
+        ("aebad_v", synthetic_root),
+    ]:
+        with pytest.raises(DataError, match="holds generated synthetic images.*dataset=synthetic"):
+            list_tasks(cfg(dataset, root))
+
+
+def test_synthetic_never_generates_beside_other_data(
+    fake_mvtec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = sorted(os.listdir(fake_mvtec))
+    with pytest.raises(DataError, match="not empty and is no generated synthetic set.*empty"):
+        list_tasks(cfg("synthetic", fake_mvtec))
+    assert sorted(os.listdir(fake_mvtec)) == before  # nothing generated beside the real data
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(DataError, match="not empty"):
+        list_tasks(cfg("synthetic", tmp_path / "notes"))
+    assert os.listdir(tmp_path / "notes") == ["todo.txt"]
+    # The real-data default root is never generated into, even when it is missing.
+    monkeypatch.setattr(data, "_REAL_DEFAULT_ROOT", str(tmp_path / "mvtec_ad"))
+    with pytest.raises(DataError, match="default folder of the real MVTec AD data"):
+        list_tasks(cfg("synthetic", tmp_path / "mvtec_ad"))
+    assert not (tmp_path / "mvtec_ad").exists()
+
+
+def test_an_unmarked_synthetic_set_of_an_earlier_version(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taken (and marked) in the project's cache dir only; refused anywhere else."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    old = tmp_path / "home/.cache/mmr-sweep/synthetic"
+    shutil.copytree(synthetic_root, old, ignore=shutil.ignore_patterns(synth.MARKER))
+    elsewhere = shutil.copytree(old, tmp_path / "elsewhere")
+    assert [t.name for t in list_tasks(cfg("synthetic", old))] == ["disk", "grid"]
+    assert (old / synth.MARKER).is_file()
+    with pytest.raises(DataError, match="mvtec"):  # now marked: no longer taken for real data
+        list_tasks(cfg("mvtec", old))
+    with pytest.raises(DataError, match="no generated synthetic set"):
+        list_tasks(cfg("synthetic", elsewhere))
+    assert not (elsewhere / synth.MARKER).exists()
+    # In the cache, but holding something else too: refused, left as it was.
+    other = shutil.copytree(elsewhere, tmp_path / "home/.cache/mmr-sweep/other")
+    (other / "bottle" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(DataError, match="no generated synthetic set"):
+        list_tasks(cfg("synthetic", other))
+    assert not (other / synth.MARKER).exists()
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -147,6 +147,38 @@ def test_train_cli_refuses_a_foreign_out_and_cleans_up_a_failed_start(tmp_path: 
     assert last.startswith("error:") and "train:" not in proc.stderr  # no stale bar
 
 
+def test_train_overwrite_keeps_a_users_tmp_files(tmp_path: Path) -> None:
+    """Issue 20: `train --out DIR --overwrite` deleted every *.tmp in DIR and its subfolders."""
+    out = tmp_path / "run"
+    with train_output(out, overwrite=False):  # an earlier training run in DIR
+        for name in TRAIN_FILES:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text("old")
+    (out / "notes.tmp").write_text("my notes")
+    (out / "drafts").mkdir()
+    (out / "drafts" / "plan.tmp").write_text("my plan")
+    (out / "checkpoints" / "mine.tmp").write_text("mine too")
+    proc = cli(
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        "--set",
+        "data.dataset=mvtec",
+        "--set",
+        f"data.root={tmp_path / 'no-such-data'}",  # fails fast should the run start
+        "--out",
+        str(out),
+        "--overwrite",
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert ".tmp' (and 2 more files)" in proc.stderr
+    assert "which `train` did not write" in proc.stderr
+    assert (out / "notes.tmp").read_text() == "my notes"
+    assert (out / "drafts" / "plan.tmp").read_text() == "my plan"
+    assert (out / "checkpoints" / "mine.tmp").read_text() == "mine too"
+    assert (out / "model.pt").read_text() == "old"  # the refused run replaced nothing
+
+
 # ----------------------------------------------------------------------------- export --out
 
 

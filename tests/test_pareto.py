@@ -167,6 +167,74 @@ def test_guards_and_fronts_are_judged_per_category(tmp_path):
     assert len(table) == 8 and table["baseline"].sum() == 2
 
 
+def test_a_failed_baseline_does_not_turn_the_guards_off(tmp_path, monkeypatch):
+    """Issue 20: against a failed baseline (no metrics) every trial counted as feasible."""
+    from search import export, results
+    from search.config import SPEC_FILE
+    from search.results import best_trials, unjudged_guards
+
+    spec = _spec(tmp_path, "objective.guard={aupro: 0.01}", name="nobase")
+    spec.experiment_dir.mkdir(parents=True)
+    (spec.experiment_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict()))
+    rows = [
+        {"trial": "base", "baseline": True, "state": "failed"},  # no metrics at all
+        {"trial": "low", "image_auroc": 0.95, "aupro": 0.10},  # 0.2 below on AUPRO
+        {"trial": "fair", "image_auroc": 0.70, "aupro": 0.30},
+    ]
+    for i, r in enumerate(rows):
+        r.update(study_trial=i, rounds=4, epochs=4)
+    df = _table(spec, rows)
+    assert not df["feasible"].any() and not df["guard_judged"].any()
+    assert best_trials(df) == {}  # nothing is the guarded best
+    assert unjudged_guards(df) == {None: "its baseline trial base has not finished (state failed)"}
+    # A finished baseline judges them: the trial 0.2 below on AUPRO breaks the guard.
+    rows[0].update(state="done", image_auroc=0.6, aupro=0.30)
+    judged = _table(spec, rows)
+    assert judged.set_index("trial")["feasible"].to_dict() == {
+        "base": True, "low": False, "fair": True
+    }  # fmt: skip
+    assert best_trials(judged)[None]["trial"] == "fair" and unjudged_guards(judged) == {}
+    rows[0] = {"trial": "base", "baseline": True, "state": "failed", "study_trial": 0}
+    for r in rows:
+        r["error"] = "CUDA out of memory" if r.get("state") == "failed" else None
+
+    monkeypatch.setattr(results, "load_trials", lambda _: _table(spec, rows))
+    status = results.status_table(spec.experiment_dir).splitlines()
+    row = {line.split()[0]: line for line in status if line.split()[0] in ("low", "fair")}
+    assert "unjudged" in row["low"] and "unjudged" in row["fair"]
+    assert any(
+        line.startswith("guards not judged: its baseline trial base has not finished")
+        and "--retry-failed" in line
+        for line in status
+    )
+    assert not any(line.startswith("best") for line in status)
+    assert "guards not judged" in results.summary_table(spec.experiment_dir)
+
+    monkeypatch.setattr(export, "load_trials", lambda _: _table(spec, rows))
+    out = tmp_path / "export"
+    with pytest.raises(UserInputError, match="no guarded best to export: guards not judged"):
+        export.export_experiment(spec.experiment_dir, out)
+    assert not out.exists()
+
+
+def test_guards_without_a_finished_baseline_are_noted_per_category(tmp_path):
+    from search.results import best_trials, unjudged_guards
+
+    spec = _spec(tmp_path, "objective.per_category=true", "objective.guard={aupro: 0.0}", *THREE)
+    rows = [
+        {"trial": "a0", "category": "a", "baseline": True, "image_auroc": 0.5, "aupro": 0.5},
+        {"trial": "a1", "category": "a", "image_auroc": 0.6, "aupro": 0.55},
+        {"trial": "b0", "category": "b", "baseline": True, "aupro": 0.2, "state": "running"},
+        {"trial": "b1", "category": "b", "image_auroc": 0.9, "aupro": 0.1},
+    ]
+    for i, r in enumerate(rows):
+        r.update(params_m=1.0, study_trial=i)
+        r.setdefault("state", "done")
+    df = _table(spec, rows)
+    assert list(best_trials(df)) == ["a"]
+    assert unjudged_guards(df) == {"b": "its baseline trial b0 has not finished (state running)"}
+
+
 def test_study_records_objectives_constraints_and_pruned_trials(tmp_path):
     """StudySearch alone (no Ray): told values, PRUNED stops, guard constraints."""
     from search.searcher import make_searcher

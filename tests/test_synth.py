@@ -34,12 +34,13 @@ def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
 def test_first_categories_do_not_depend_on_how_many(tmp_path: Path) -> None:
     one = synth.generate(tmp_path / "one", categories=1, **SMALL)
     two = synth.generate(tmp_path / "two", categories=2, **SMALL)
-    assert sorted(os.listdir(two)) == list(synth.KINDS[:2])
+    assert sorted(os.listdir(two)) == [synth.MARKER, *synth.KINDS[:2]]
     assert _files(one / "disk") == _files(two / "disk")
 
 
 def test_layout_is_mvtec_and_masks_are_exact(synthetic_root: Path) -> None:
-    tasks = list_tasks(DataConfig(dataset="mvtec", root=str(synthetic_root), categories="all"))
+    cfg = DataConfig(dataset="synthetic", root=str(synthetic_root), categories="all")
+    tasks = list_tasks(cfg)
     assert [t.name for t in tasks] == ["disk", "grid"]
     for task in tasks:
         assert len(task.train) == 8 and task.has_masks
