@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="export this trial (an id from `status`) instead of the best; with several "
         "objectives the default is the front trial with the best first objective",
     )
+    p.add_argument(
+        "--format",
+        choices=("pt", "onnx"),
+        default="pt",
+        help="onnx: also write <category>.onnx beside model.pt (needs the `deploy` extra); "
+        "EXPERIMENT may then also be a `train --out` directory or a model.pt",
+    )
 
     p = sub.add_parser(
         "predict",
@@ -282,12 +289,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from search.config import load_spec
+    from search.config import is_experiment, load_spec
 
+    if args.format == "onnx" and not is_experiment(str(args.experiment)):
+        from mmr.onnx_export import export_model_onnx
+
+        for path in export_model_onnx(args.experiment, args.out):
+            print(f"wrote {path}")
+        return 0
     load_spec(args.experiment)
     from search.export import export_experiment
 
-    out = export_experiment(args.experiment, args.out, trial=args.trial)
+    out = export_experiment(
+        args.experiment, args.out, trial=args.trial, onnx=args.format == "onnx"
+    )
     print(f"exported to {out}")
     for path in sorted(out.rglob("*")):
         if path.is_file():

@@ -28,7 +28,7 @@ from torch import nn
 
 from mmr.fileio import atomic_write
 
-__all__ = ["OPSET", "export_onnx"]
+__all__ = ["OPSET", "export_model_onnx", "export_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +122,46 @@ def export_onnx(
         log.info("wrote %s", path)
         written.append(path)
     return written
+
+
+def export_model_onnx(model: str | Path, out: str | Path) -> list[Path]:
+    """``launch.py export MODEL --format onnx``: ``<category>.onnx`` of a ``model.pt`` (or of
+    the ``train --out`` / export directory holding it) into ``out``.
+
+    ``out`` is written through a staging folder and replaced only when it is empty or an
+    earlier ONNX export of the same model (``mmr.outdir`` rules).
+    """
+    import shutil
+    import tempfile
+
+    from mmr.checkpoint import load_checkpoint
+    from mmr.errors import UserInputError
+    from mmr.outdir import check_replaceable, list_files, write_marker
+
+    path = Path(model)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise UserInputError(
+            f"{model} is neither an experiment nor a model: pass an experiment directory, a "
+            "`train --out` or export directory (holding model.pt), or a model.pt"
+        )
+    path = path.resolve()
+    out = Path(out).resolve()
+    fix = "pass an empty or new directory as --out"
+    owner = str(path)
+    replace = check_replaceable(out, kind="export-onnx", owner=owner, what=f"--out {out}", fix=fix)
+    state = load_checkpoint(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        names = [p.name for p in export_onnx(state, staging)]
+        write_marker(staging, kind="export-onnx", owner=owner, files=list_files(staging))
+        if replace:
+            check_replaceable(out, kind="export-onnx", owner=owner, what=f"--out {out}", fix=fix)
+            shutil.rmtree(out)
+        staging.replace(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [out / n for n in names]
