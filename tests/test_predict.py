@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -215,13 +216,13 @@ def test_bad_input_is_one_clear_error(
     # A two-category model and a path that names no category.
     loose = tmp_path / "loose.png"
     loose.write_bytes(Path(image).read_bytes())
-    cases.append(([str(trained), str(loose)], "names none as <category>/test/...: pass --category"))
+    cases.append(([str(trained), str(loose)], "names none .*: pass --category"))
     for args, message in cases:
         code = launch.main(["predict", *args, "--out", str(tmp_path / "out"), "--device", "cpu"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2, args
         assert len(err) == 1 and err[0].startswith("error: "), err
-        assert __import__("re").search(message, err[0]), (message, err[0])
+        assert re.search(message, err[0]), (message, err[0])
     assert not (tmp_path / "out").exists()
 
 
