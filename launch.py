@@ -106,6 +106,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="export this trial (an id from `status`) instead of the best; with several "
         "objectives the default is the front trial with the best first objective",
     )
+    p.add_argument(
+        "--format",
+        choices=("pt", "onnx"),
+        default="pt",
+        help="onnx: also write <category>.onnx beside model.pt (needs the `deploy` extra); "
+        "EXPERIMENT may then also be a `train --out` directory or a model.pt",
+    )
+
+    p = sub.add_parser(
+        "predict",
+        help="score new images with an exported model (model.pt or .onnx)",
+        description="Scores images with an export's model.pt, a `train --out` model.pt or a "
+        "<category>.onnx; writes predictions.csv, summary.json and overlays/ to --out. Exit "
+        "code 0: every image scored; 3: some images could not be read and were skipped (they "
+        "are listed, with the reason, in the summary and the CSV's error column); 2: bad input.",
+    )
+    p.add_argument("model", help="export directory, model.pt, or <category>.onnx")
+    p.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--category",
+        help="the category's model to use (default: the model's only one, or the "
+        "<category>/test/... part of each image path)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="image threshold in raw score units, replacing the one chosen at export",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: eval's)")
+    p.add_argument("--maps", action="store_true", help="also write the raw maps as maps/*.npy")
+    p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
 
     p = sub.add_parser("submit", help="submit a sweep as a Ray Job to a running cluster")
     _add_sweep_options(p)
@@ -264,17 +297,54 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from search.config import load_spec
+    from search.config import is_experiment, load_spec
 
+    if args.format == "onnx" and not is_experiment(str(args.experiment)):
+        from mmr.onnx_export import export_model_onnx
+
+        for path in export_model_onnx(args.experiment, args.out):
+            print(f"wrote {path}")
+        return 0
     load_spec(args.experiment)
     from search.export import export_experiment
 
-    out = export_experiment(args.experiment, args.out, trial=args.trial)
+    out = export_experiment(
+        args.experiment, args.out, trial=args.trial, onnx=args.format == "onnx"
+    )
     print(f"exported to {out}")
     for path in sorted(out.rglob("*")):
         if path.is_file():
             print(f"  {path.relative_to(out)}")
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from mmr.predict import predict
+
+    def progress(total: int) -> tuple[Any, Any]:
+        bar = tqdm(total=total, unit="img", desc="predict", dynamic_ncols=True, file=sys.stderr)
+        return bar.update, bar.close
+
+    with logging_redirect_tqdm():
+        summary = predict(
+            args.model,
+            args.images,
+            args.out,
+            category=args.category,
+            threshold=args.threshold,
+            device=args.device,
+            batch_size=args.batch_size,
+            overlays=not args.no_overlays,
+            save_maps=args.maps,
+            progress=progress,
+        )
+    for path, error in summary.skipped:
+        print(f"skipped {path}: {error}", file=sys.stderr)
+    print(summary.line())
+    return 3 if summary.skipped else 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -445,6 +515,7 @@ COMMANDS = {
     "resume": cmd_resume,
     "status": cmd_status,
     "export": cmd_export,
+    "predict": cmd_predict,
     "submit": cmd_submit,
     "weights": cmd_weights,
     "dashboard": cmd_dashboard,

@@ -67,7 +67,7 @@ from benchmarks.common import (  # noqa: E402
 __all__ = ["PARTS", "run"]
 
 SECTION = "gpu"
-PARTS = ("peak", "step", "memory", "pack", "run200")
+PARTS = ("peak", "step", "memory", "pack", "run200", "predict")
 DRY = "DRY RUN on CPU (tiny config, tiny sizes): checks the code path, not a GPU figure; "
 
 
@@ -616,6 +616,37 @@ def part_pack(ctx: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def part_predict(ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """Predict images/s: torch on the device vs onnxruntime (CUDA provider, else CPU)."""
+    from benchmarks.bench_predict import throughput
+    from mmr.errors import UserInputError
+
+    dry = ctx["dry"]
+    kwargs = {"batch": 4, "rounds": 1, "calls": 1} if dry else {
+        "batch": 32, "rounds": 7, "calls": 5, "image_size": 224}  # fmt: skip
+    provider = "cuda" if ctx["device"] == "cuda" else "cpu"
+    try:
+        result = throughput(device=ctx["device"], onnx_device=provider, **kwargs)
+    except UserInputError:  # onnxruntime without the CUDA provider (not onnxruntime-gpu)
+        provider = "cpu"
+        result = throughput(device=ctx["device"], onnx_device=provider, **kwargs)
+    return [
+        row(
+            "gpu_predict_onnx",
+            f"predict images/s, tiny model at {kwargs.get('image_size', 64)} px, batch "
+            f"{kwargs['batch']}: onnxruntime ({provider} provider) vs torch eager on "
+            f"{ctx['device']}",
+            result["onnx"],
+            result["torch"],
+            unit="img/s",
+            higher_is_better=True,
+            section=SECTION,
+            note=(DRY if dry else "")
+            + "interleaved rounds, medians (benchmarks/bench_predict.py)",
+        )
+    ]
+
+
 def part_run200(ctx: dict[str, Any]) -> list[dict[str, Any]]:
     dry = ctx["dry"]
     epochs = 2 if dry else 200
@@ -726,6 +757,7 @@ def run(
             ("memory", part_memory),
             ("pack", part_pack),
             ("run200", part_run200),
+            ("predict", part_predict),
         ):
             if name in parts:
                 try:

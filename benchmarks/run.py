@@ -42,6 +42,7 @@ __all__ = ["MODULES", "SECTIONS", "render", "run_suite"]
 MODULES = (
     ("data", "benchmarks.bench_data"),
     ("metrics", "benchmarks.bench_metrics"),
+    ("predict", "benchmarks.bench_predict"),
     ("train", "benchmarks.bench_train"),
     ("search", "benchmarks.bench_search"),
 )
@@ -104,6 +105,13 @@ SECTIONS = {
         "suite does not rerun it). While the recording (resumable: `OMP_NUM_THREADS=1 nice -n "
         "19 python -m benchmarks.curves`) is incomplete, that summary may come from "
         "`--made-up` curves and then says so in bold: a timing and code-path check only.",
+    ),
+    "predict": (
+        "9. Predict throughput (torch vs ONNX)",
+        "`launch.py predict`'s per-batch work (center crop, normalisation, anomaly map with "
+        "blur) of the tiny config's model: its ONNX export under onnxruntime (CPU provider) "
+        "against the torch model in eager mode, interleaved rounds, median images/s; ratio = "
+        "onnxruntime / torch. No target. (`benchmarks/bench_predict.py`)",
     ),
     "gpu": (
         "GPU",

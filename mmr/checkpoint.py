@@ -161,6 +161,18 @@ def _owned(optimizer_state: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def model_file(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The deployable part of a checkpoint: config, teacher and students (no optimiser)."""
-    return {key: state[key] for key in ("format", "config", "epoch", "teacher", "students")}
+def model_file(
+    state: Mapping[str, Any], *, thresholds: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The deployable part of a checkpoint: config, teacher and students (no optimiser).
+
+    ``thresholds`` (``{task: mmr.thresholds.choose_thresholds(...)}``) are stored under the
+    optional ``thresholds`` key that ``launch.py predict`` uses; a model file without it (an
+    older export) still predicts, reporting raw scores only.
+    """
+    out = {key: state[key] for key in ("format", "config", "epoch", "teacher", "students")}
+    if thresholds is None and "thresholds" in state:
+        thresholds = state["thresholds"]
+    if thresholds is not None:
+        out["thresholds"] = {task: dict(t) for task, t in thresholds.items()}
+    return out

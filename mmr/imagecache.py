@@ -46,6 +46,7 @@ __all__ = [
     "load_masks",
     "check_mask_size",
     "decode_progress",
+    "decode_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -341,11 +342,35 @@ def _decode_image(
     """One image as uint8 3 x size x size: RGB, resized by PIL with ``resample`` (what
     torchvision ``Resize((s, s), interpolation=...)`` does on PIL images; its default
     interpolation is bilinear, the project's training default bicubic)."""
-    img = _to_8bit(_open_image(path))
+    return _resized(_to_8bit(_open_image(path)), size, resample)
+
+
+def _resized(img: Image.Image, size: int, resample: Image.Resampling) -> np.ndarray:
     if img.mode != "RGB":
         img = img.convert("RGB")
     img = img.resize((size, size), resample)
     return np.asarray(img).transpose(2, 0, 1)
+
+
+def decode_image(
+    path: str | os.PathLike[str], *, size: int, interpolation: str, min_side: int = 0
+) -> np.ndarray:
+    """One image as ``load_images`` decodes it, uncached: uint8 3 x size x size RGB.
+
+    ``min_side``: refuse (DataError) an image whose width or height is below it, e.g. the
+    model's input size, which up-sampling would only blur into the input.
+    """
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    path = Path(path)
+    img = _to_8bit(_open_image(path))
+    if min(img.size) < min_side:
+        raise DataError(
+            f"image {path} is {img.size[0]}x{img.size[1]}, smaller than the model's "
+            f"{min_side}x{min_side} input: pass the camera's full-resolution image (not a "
+            "thumbnail or crop)"
+        )
+    return _resized(img, size, _RESAMPLE[interpolation])
 
 
 def check_mask_size(

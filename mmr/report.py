@@ -21,6 +21,8 @@ __all__ = [
     "unflatten_metrics",
     "results_markdown",
     "results_tables",
+    "thresholds_markdown",
+    "thresholds_table",
     "write_json",
 ]
 
@@ -101,6 +103,55 @@ def results_tables(rows: Mapping[str, Mapping[str, Mapping[str, float]]]) -> lis
         df.index.name = METRIC_TITLES[metric]
         tables.append(df)
     return tables
+
+
+def thresholds_table(thresholds: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Decision thresholds per category (raw score units), as ``launch.py predict`` applies them.
+
+    Args:
+        thresholds: ``{category: mmr.thresholds.choose_thresholds(...)}``.
+    """
+    rows = {
+        cat: {
+            "image threshold": t["image"],
+            "image rule": t["image_method"],
+            "val F1 (image)": t.get("image_f1"),
+            "pixel threshold": t["pixel"],
+            "pixel rule": t["pixel_method"],
+            "scale": t["scale"],
+            "val images (anomalous)": f"{t['val_images']} ({t['val_anomalous']})",
+        }
+        for cat, t in thresholds.items()
+    }
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "category"
+    return df
+
+
+def thresholds_markdown(thresholds: Mapping[str, Mapping[str, Any]]) -> str:
+    """The ``## Thresholds`` section of results.md (empty string without thresholds)."""
+    if not thresholds:
+        return ""
+    df = thresholds_table(thresholds)
+    header = ["category", *df.columns]
+    lines = [
+        "## Thresholds (chosen on the validation half; raw score units)",
+        "",
+        "f1_max: the F1-optimal image (pixel) threshold; normal_p99: the 99th percentile of the "
+        "normal validation scores, used where validation holds no anomalous image; image: the "
+        "image threshold. predict's normalised_score = 1 / (1 + exp(-(score - threshold) / "
+        "scale)), 0.5 at the threshold.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for cat, row in df.iterrows():
+        cells = [
+            "-" if v is None or _isnan(v) else f"{v:.4g}" if isinstance(v, float) else str(v)
+            for v in row.tolist()
+        ]
+        lines.append("| " + " | ".join([str(cat), *cells]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_json(data: Any, path: str | Path) -> None:

@@ -501,8 +501,12 @@ def run_training(
     )
     atomic_write(out / "results.md", tables)
     state = load_checkpoint(ckpt_dir)
+    from mmr.thresholds import validation_thresholds
+
+    # The model file carries the validation half's decision thresholds (launch.py predict).
+    thresholds = validation_thresholds(state, device=cfg.train.device)
     with atomic_path(out / "model.pt") as tmp:
-        torch.save(model_file(state), tmp)
+        torch.save(model_file(state, thresholds=thresholds), tmp)
     return {"test_mean": _means(test), "val_mean": _means(val), "summary": summary}
 
 

@@ -54,11 +54,13 @@ def export_experiment(
     overlays: int = 8,
     device: str = "auto",
     trial: str | None = None,
+    onnx: bool = False,
 ) -> Path:
     """Writes every export artefact of an experiment to ``out``; returns ``out``.
 
     ``trial`` (a Tune trial id, as in ``launch.py status``) exports that trial as the chosen
     one of its study instead of the best (with several objectives: a point of the front).
+    ``onnx`` also writes ``<category>.onnx`` beside each ``model.pt`` (``mmr.onnx_export``).
     """
     spec = load_spec(experiment)
     exp = spec.experiment_location
@@ -86,7 +88,7 @@ def export_experiment(
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        _export(spec, df, best, staging, overlays=overlays, device=device)
+        _export(spec, df, best, staging, overlays=overlays, device=device, onnx=onnx)
         write_marker(staging, kind="export", owner=exp, files=list_files(staging))
         if replace:
             _check_out(exp, out)  # still only an earlier export of ours
@@ -126,8 +128,11 @@ def _export(
     *,
     overlays: int,
     device: str,
+    onnx: bool = False,
 ) -> None:
     from mmr.checkpoint import load_checkpoint, model_file
+    from mmr.report import thresholds_markdown
+    from mmr.thresholds import validation_thresholds
     from mmr.train import evaluate_checkpoint
 
     (out / "plots").mkdir()
@@ -139,6 +144,7 @@ def _export(
     if unjudged:
         summary["notes"] = unjudged_note(df, spec.experiment_location)
     tested: dict[str, dict] = {}  # trial id -> test metrics, each trial evaluated once
+    thresholds: dict[str, dict[str, Any]] = {}  # task -> decision thresholds (validation half)
     multi = spec.sweep.objective.multi
     for category, row in best.items():
         target = out / category if category else out
@@ -152,8 +158,15 @@ def _export(
             state = load_checkpoint(ckpt)
             cfg = Config.from_dict(state["config"])  # exactly the trial's training config
             dump_config(cfg, target / "best.yaml")
+            # Decision thresholds for `predict`, from the validation half (never the test).
+            chosen = validation_thresholds(state, device=device)
+            thresholds.update(chosen)
             with atomic_path(target / "model.pt") as tmp:
-                torch.save(model_file(state), tmp)
+                torch.save(model_file(state, thresholds=chosen), tmp)
+            if onnx:
+                from mmr.onnx_export import export_onnx
+
+                export_onnx(state, target, thresholds=chosen)
             _, test_best, outputs = evaluate_checkpoint(state, device=device)  # loaded once
         rows["best (test)"].update(test_best)
         base = _baseline_row(df, category)
@@ -174,6 +187,7 @@ def _export(
             "baseline_test": flatten_metrics(test_base) if base is not None else None,
             # False: chosen with --trial where the guards could not be judged (or no guards).
             "guarded": bool(spec.sweep.objective.guard) and category not in unjudged,
+            "thresholds": chosen,
         }
         if multi:
             study = df if category is None else df[df["category"] == category]
@@ -198,6 +212,7 @@ def _export(
         results += "\n## Confirmation runs\n\n" + "".join(
             f"- {line}\n" for line in describe_confirm(confirmed)
         )
+    results += "\n" + thresholds_markdown(thresholds)
     (out / "results.md").write_text(results)
     write_json(summary, out / "summary.json")
     _study_plots(spec, out / "plots")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmr.report import results_tables
+from mmr.report import results_tables, thresholds_table
 
 __all__ = ["REPORT_FILE", "write_report"]
 
@@ -97,6 +97,14 @@ def write_report(out: Path, *, title: str, rows: Rows, params: list[str]) -> Pat
     for i, df in enumerate(results_tables(rows)):
         parts.append(f"<h3>{html.escape(str(df.index.name))}</h3>")
         parts.append(_table(df.rename_axis(None), table_id=f"results-{i}", index=True))
+    thresholds = {
+        cat: t
+        for study in summary.get("studies", {}).values()
+        for cat, t in (study.get("thresholds") or {}).items()
+    }
+    if thresholds:
+        parts.append("<h2 id='thresholds'>Decision thresholds (validation half, raw scores)</h2>")
+        parts.append(_table(thresholds_table(thresholds), table_id="thresholds", index=True))
     pareto = out / PARETO_FILE
     if pareto.is_file():
         front = pd.read_csv(pareto)

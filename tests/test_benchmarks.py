@@ -313,3 +313,12 @@ def test_crop_fidelity_is_zero_for_a_full_resolution_cache(synthetic_root, cache
     same, lower = crop_fidelity(paths, [full, small], crops_per_image=2)
     assert same < 0.05  # same boxes on the same pixels: PIL's crops to rounding
     assert lower > 10 * same
+
+
+def test_bench_predict_smoke() -> None:
+    from benchmarks import bench_predict
+
+    (r,) = bench_predict.run(smoke=True)
+    assert r["section"] == "predict" and r["unit"] == "img/s"
+    assert r["project_s"] > 0 and r["reference_s"] > 0
+    assert r["ratio"] == pytest.approx(r["project_s"] / r["reference_s"])
