@@ -207,8 +207,11 @@ def summarize_confirm(
         }
     c = spec.sweep.search.confirm
     out: dict[str, Any] = {"top_k": c.top_k, "seeds": c.seeds, "configurations": {}}
+    sds = []  # each configuration's seed standard deviation of the validation objective
     for source, by_seed in runs.items():
         vals = [r["val"] for r in by_seed.values() if r["val"] is not None]
+        if len(vals) > 1:
+            sds.append(float(np.std(vals, ddof=1)))
         tests = [
             float(np.mean([image_auroc(s, y) for y, s in r["scores"].values()]))
             for r in by_seed.values()
@@ -246,9 +249,8 @@ def summarize_confirm(
                 "ci95": [_round(lo), _round(hi)],
             }
             out["beyond_noise"] = bool(lo > 0)
-    sds = [v["val_sd"] for v in confs.values() if v["val_sd"] is not None]
-    out["noise_floor"] = _round(1.96 * math.sqrt(2) * math.sqrt(np.mean(np.square(sds))))
-    out["noise_floor"] = out["noise_floor"] if sds else None
+    pooled = math.sqrt(np.mean(np.square(sds))) if sds else None
+    out["noise_floor"] = None if pooled is None else _round(1.96 * math.sqrt(2) * pooled)
     return out
 
 
