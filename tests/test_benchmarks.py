@@ -90,6 +90,17 @@ def test_search_benchmark_runs_both_methods_on_a_local_ray():
     assert len(overhead) == 1 and 0 < overhead[0]["ratio"] < 1
 
 
+@pytest.mark.slow
+def test_reuse_benchmark_runs_the_same_sweep_with_and_without_actor_reuse():
+    from benchmarks import bench_reuse
+
+    (r,) = bench_reuse.run(smoke=True)
+    check_rows([r], sections={"overhead"})
+    assert r["epochs"]["actor_per_trial"] == r["epochs"]["reused_actors"] == [6]
+    # 3 trials, 2 at a time: one actor per trial, or the third trial in a reused one.
+    assert r["actors"] == {"actor_per_trial": [3], "reused_actors": [2]}
+
+
 def test_gpu_script_dry_run_on_cpu_without_ray_or_optuna(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
