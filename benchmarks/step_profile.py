@@ -5,9 +5,10 @@
 
 Builds the config's model (``pretrained=false``: the weights do not change which ops run),
 runs warm-up epochs of ``mmr.train``'s own epoch function on random uint8 images, then profiles
-one more epoch and writes ``{"syncs_per_step": ..., "ops_per_step": ..., ...}``. The optimiser
-and the precision are the ones CUDA runs (fused AdamW; ``precision: auto`` profiles bf16
-autocast). Target: 0 syncs per step (``tests/test_benchmarks.py``).
+one more epoch and writes ``{"syncs_per_step": ..., "ops_per_step": ...,
+"host_reads_per_step": ..., ...}``. The optimiser and the precision are the ones CUDA runs
+(fused AdamW; ``precision: auto`` profiles bf16 autocast). Target: 0 syncs and 0 host reads per
+step (``tests/test_benchmarks.py``); the command exits with status 1 otherwise.
 
 What counts as a sync: the ops that make the host wait for a CUDA stream, found by name and
 arguments in the CPU profile, counting only the outermost one of a nest (``item`` calls
@@ -33,9 +34,16 @@ reads it on the device), and ``aten::to`` calls of the autograd engine's backwar
 (``ToCopyBackward0`` casts a gradient back to its input's dtype, with a device argument; a
 gradient would only cross devices for an input that was copied across with grad, which the
 step has none of: the images are copied without grad). Syncing reads (``item``, ``nonzero``,
-...) in backward functions do count. Not visible on a CPU at all: ``.cpu()``, ``.tolist()`` and
-``.numpy()`` of a tensor that is already on the CPU do not reach the dispatcher; the loop
-reads its loss once per round, outside the step (``mmr.train's loss check``).
+...) in backward functions do count.
+
+Not visible to the profiler on a CPU: ``.cpu()``, ``.tolist()`` and ``.numpy()`` of a tensor
+that is already on the CPU do not reach the dispatcher. :func:`count_host_reads` catches those
+at the Python level instead: while the step runs, ``torch.Tensor``'s ``item``, ``tolist``,
+``numpy``, ``cpu``, ``__float__``, ``__int__``, ``__index__``, ``__bool__`` and
+``__complex__``, and ``torch.cuda.synchronize``, count their calls (wherever they are made:
+the model, its helpers, the optimiser), outside ``HOST_DRAW`` as above. The profile reports
+them as ``host_reads`` (target: none). The loop reads its loss once per round, outside the
+step (``mmr.train._check_losses``).
 
 ``ops_per_step``: the outermost ``aten::`` calls per step (each is at least one kernel launch
 on CUDA), a measure of the step's launch overhead.
@@ -44,14 +52,23 @@ on CUDA), a measure of the step's launch overhead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
+import sys
+import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SYNC_OPS", "count_syncs", "profile_config", "profile_steps"]
+__all__ = [
+    "HOST_READS",
+    "SYNC_OPS",
+    "count_host_reads",
+    "count_syncs",
+    "profile_config",
+    "profile_steps",
+]
 
 # Ops that read device memory on the host (or size their output from it).
 SYNC_OPS = frozenset(
@@ -123,6 +140,99 @@ def _is_sync(evt: Any) -> bool:
     return evt.name in SYNC_OPS or _blocking_copy(evt)
 
 
+# torch.Tensor methods that hand a tensor's value to Python: on CUDA each waits for the stream.
+HOST_READS = (
+    "item",
+    "tolist",
+    "numpy",
+    "cpu",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__bool__",
+    "__complex__",
+)
+
+
+@contextlib.contextmanager
+def count_host_reads(*, host_scopes: Sequence[str] | None = None) -> Iterator[Counter]:
+    """Counts, inside the block, the calls that read a tensor's value on the host.
+
+    ``torch.Tensor``'s :data:`HOST_READS` methods and ``torch.cuda.synchronize`` are replaced
+    by counting wrappers (restored on exit), so that the calls are seen on a CPU too, made in
+    any function the block runs. Calls inside a ``torch.profiler.record_function`` range named
+    in ``host_scopes`` (default: ``mmr.transforms.HOST_DRAW``, the epoch's draws on CPU tensors)
+    are not counted. Yields a ``Counter`` of ``{"Tensor.item": n, ...}``; its ``sites``
+    attribute holds ``"file:line in function"`` of each counted call (the innermost frame
+    outside torch), for the failure message.
+    """
+    import torch
+
+    if host_scopes is None:
+        from mmr.transforms import HOST_DRAW
+
+        host_scopes = (HOST_DRAW,)
+    counts: Counter = Counter()
+    counts.sites = []  # type: ignore[attr-defined]
+    local = threading.local()  # depth inside a host scope, per thread
+    rf = torch.autograd.profiler.record_function
+    saved: list[tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, name: str, new: Any) -> None:
+        saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
+        setattr(owner, name, new)
+
+    def counted(key: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not getattr(local, "depth", 0):
+                counts[key] += 1
+                counts.sites.append(_call_site())  # type: ignore[attr-defined]
+            return fn(*args, **kwargs)
+
+        wrapper.__name__ = getattr(fn, "__name__", key)
+        return wrapper
+
+    enter, exit_ = rf.__enter__, rf.__exit__
+
+    def scoped_enter(self: Any) -> Any:
+        if self.name in host_scopes:
+            local.depth = getattr(local, "depth", 0) + 1
+        return enter(self)
+
+    def scoped_exit(self: Any, *exc: Any) -> Any:
+        if self.name in host_scopes:
+            local.depth -= 1
+        return exit_(self, *exc)
+
+    try:
+        patch(rf, "__enter__", scoped_enter)
+        patch(rf, "__exit__", scoped_exit)
+        for name in HOST_READS:
+            patch(torch.Tensor, name, counted(f"Tensor.{name}", getattr(torch.Tensor, name)))
+        patch(torch.cuda, "synchronize", counted("cuda.synchronize", torch.cuda.synchronize))
+        yield counts
+    finally:
+        for owner, name, old in reversed(saved):
+            if old is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, old)
+
+
+_MISSING = object()
+
+
+def _call_site() -> str:
+    frame = sys._getframe(2)
+    while frame is not None and (
+        "/torch/" in frame.f_code.co_filename or frame.f_code.co_filename == __file__
+    ):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+
 def profile_steps(cfg: Any, *, steps: int = 4, warmup_epochs: int = 2) -> dict[str, Any]:
     """Profiles one epoch of ``steps`` full batches of ``mmr.train``'s epoch function (after
     ``warmup_epochs``) on the CPU; returns per-step counts and what was run."""
@@ -148,7 +258,10 @@ def profile_steps(cfg: Any, *, steps: int = 4, warmup_epochs: int = 2) -> dict[s
     )
     for _ in range(warmup_epochs):
         train_epoch(model, opt, images, gen, cfg)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with (
+        count_host_reads(host_scopes=(HOST_DRAW,)) as reads,
+        profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof,
+    ):
         train_epoch(model, opt, images, gen, cfg)
     counts = count_syncs(prof.events(), host_scopes=(HOST_DRAW,))
     return {
@@ -156,6 +269,9 @@ def profile_steps(cfg: Any, *, steps: int = 4, warmup_epochs: int = 2) -> dict[s
         "ops_per_step": counts["ops"] / steps,
         "steps": steps,
         "syncs_by_op": counts["by_name"],
+        "host_reads_per_step": sum(reads.values()) / steps,
+        "host_reads": dict(reads),
+        "host_read_sites": sorted(set(reads.sites)),
         "batch_size": batch,
         "image_size": cfg.data.image_size,
         "source_size": size,
@@ -192,7 +308,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(text + "\n")
     print(text)
-    if not math.isfinite(result["syncs_per_step"]):
+    if result["syncs_per_step"] or result["host_reads_per_step"]:
         raise SystemExit(1)
 
 

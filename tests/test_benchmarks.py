@@ -90,6 +90,17 @@ def test_search_benchmark_runs_both_methods_on_a_local_ray():
     assert len(overhead) == 1 and 0 < overhead[0]["ratio"] < 1
 
 
+@pytest.mark.slow
+def test_reuse_benchmark_runs_the_same_sweep_with_and_without_actor_reuse():
+    from benchmarks import bench_reuse
+
+    (r,) = bench_reuse.run(smoke=True)
+    check_rows([r], sections={"overhead"})
+    assert r["epochs"]["actor_per_trial"] == r["epochs"]["reused_actors"] == [6]
+    # 3 trials, 2 at a time: one actor per trial, or the third trial in a reused one.
+    assert r["actors"] == {"actor_per_trial": [3], "reused_actors": [2]}
+
+
 def test_gpu_script_dry_run_on_cpu_without_ray_or_optuna(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
@@ -257,6 +268,10 @@ def test_step_profile_finds_no_sync_in_the_training_step():
     for config in ("tiny.yaml", "mvtec.yaml"):  # the paper config: wide_resnet50_2 + ViT-B/16
         result = profile_config(ROOT / "configs" / config, TINY_PROFILE, steps=2,
                                 warmup_epochs=1)  # fmt: skip
+        # Host reads counted in Python: also what the profiler cannot see on a CPU
+        # (.tolist(), .numpy(), .cpu() of a CPU tensor).
+        assert result["host_reads"] == {}, (config, result["host_read_sites"])
+        assert result["host_reads_per_step"] == 0
         assert result["syncs_by_op"] == {}, config
         assert result["syncs_per_step"] == 0 and result["ops_per_step"] > 100, config
         assert result["precision"] == "bf16"  # "auto" profiles what CUDA runs
@@ -277,6 +292,57 @@ def test_step_profile_sees_a_sync_put_back_into_the_step(monkeypatch):
     result = profile_config(ROOT / "configs" / "tiny.yaml", TINY_PROFILE, steps=2,
                             warmup_epochs=1)  # fmt: skip
     assert result["syncs_per_step"] == 1 and result["syncs_by_op"] == {"aten::item": 2}
+
+
+def test_step_profile_sees_a_host_read_the_cpu_profiler_cannot(monkeypatch):
+    from benchmarks.step_profile import profile_config
+    from mmr import model as model_module
+
+    loss_fn = model_module.cosine_loss
+
+    def logging_loss(t, s):  # a per-step loss read as a list: no aten op on a CPU tensor
+        loss = loss_fn(t, s)
+        loss.detach().reshape(1).tolist()
+        return loss
+
+    monkeypatch.setattr(model_module, "cosine_loss", logging_loss)
+    result = profile_config(ROOT / "configs" / "tiny.yaml", TINY_PROFILE, steps=2,
+                            warmup_epochs=1)  # fmt: skip
+    assert result["syncs_per_step"] == 0  # invisible to the profiler ...
+    assert result["host_reads"] == {"Tensor.tolist": 2}  # ... but not to the host-read count
+    assert result["host_reads_per_step"] == 1
+    assert [site.rsplit(" in ", 1)[1] for site in result["host_read_sites"]] == ["logging_loss"]
+
+
+def test_host_read_counter_rules():
+    import torch
+
+    from benchmarks.step_profile import HOST_READS, count_host_reads
+
+    before = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    x = torch.rand(4)
+    with count_host_reads(host_scopes=("host",)) as reads:
+        x.tolist(), x.numpy(), x.cpu(), x.sum().item()
+        float(x.sum()), int(x.sum()), complex(x.sum())
+        if x.sum() > 0:  # bool() of a tensor
+            pass
+        [0, 1, 2][torch.tensor(1)]  # operator.index()
+        x + 1, len(x), x.shape, x[1:], x.to(torch.float64)  # no value reaches Python
+        with torch.profiler.record_function("host"):
+            x.tolist(), int(x.sum())  # in a host-only range: not counted
+        x.tolist()  # counted again after the range
+    assert reads == {"Tensor.tolist": 2, "Tensor.numpy": 1, "Tensor.cpu": 1, "Tensor.item": 1,
+                     "Tensor.__float__": 1, "Tensor.__int__": 1, "Tensor.__complex__": 1,
+                     "Tensor.__bool__": 1, "Tensor.__index__": 1}  # fmt: skip
+    assert all(__file__ in site for site in reads.sites), reads.sites
+    # Everything restored: the methods are torch's own again.
+    assert {name: getattr(torch.Tensor, name) for name in HOST_READS} == before
+    assert not set(HOST_READS) & set(vars(torch.Tensor))
+    with pytest.raises(KeyError), count_host_reads() as reads:
+        raise KeyError  # restored on errors too
+    assert not set(HOST_READS) & set(vars(torch.Tensor))
+    x.tolist()
+    assert reads == {}
 
 
 def test_sync_counter_rules():
