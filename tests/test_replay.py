@@ -562,3 +562,40 @@ def test_cmaes_learns_from_stopped_trials_only_when_asked():
     a, b = S.simulate(plain, t, **kw), S.simulate(pruned, t, **kw)
     assert a.study_states.get("PRUNED") and b.study_states.get("PRUNED")
     assert b.cma_generations > a.cma_generations
+
+
+def _readme_section(title: str) -> str:
+    text = (S.ROOT / "README.md").read_text()
+    start = text.index(f"## {title}")
+    return " ".join(text[start : text.index("\n## ", start + 3)].split())
+
+
+def test_default_was_chosen_on_seeds_0_29_and_the_readme_reports_unseen_seeds():
+    data = S.ROOT / "benchmarks" / "data"
+    choose = json.loads((data / "replay_choose.json").read_text())
+    unseen = json.loads((data / "replay_unseen.json").read_text())
+    assert choose["meta"]["search_seeds"] == [0, 29] and choose["best"] == R.DEFAULT_STRATEGY
+    first, last = unseen["meta"]["search_seeds"]
+    assert first > 29 and last - first + 1 >= 100  # reported on seeds nobody tuned on
+    assert unseen["default"] == R.DEFAULT_STRATEGY
+    assert unseen["meta"]["curves"]["path"] == choose["meta"]["curves"]["path"]
+    section = _readme_section("Choosing the search strategy")
+    n = last - first + 1
+    d, ref, pruned = (
+        unseen[R.DEFAULT_STRATEGY],
+        unseen["fifo_random"],
+        unseen["median_cmaes_pruned"],
+    )
+    med = lambda e: e["epochs_to_target"]["median"]  # noqa: E731
+    claims = [
+        f"{round(d['reached'] * n)} of {n} against {round(ref['reached'] * n)}",
+        f"{med(ref) / med(d):.2f}x fewer epochs ({med(d):.0f} against {med(ref):.0f})",
+        f"did {med(ref) / med(pruned):.2f}x",
+        f"({med(choose['median_cmaes_pruned']):.0f} against {med(choose[R.DEFAULT_STRATEGY]):.0f}",
+        f"{round(choose['median_cmaes_pruned']['reached'] * 30)} against "
+        f"{round(choose[R.DEFAULT_STRATEGY]['reached'] * 30)} of 30",
+        f"(median {d['cma_generations']['median']:.0f} per search)",
+        f"({pruned['cma_generations']['median']:.0f} generations)",
+    ]
+    for claim in claims:
+        assert claim in section, claim

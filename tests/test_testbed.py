@@ -69,3 +69,15 @@ def test_fixed_teacher_file_is_the_same_weights_wherever_it_is_built(tmp_path, m
     assert a != b and teacher.sha256(a) == teacher.sha256(b)
     monkeypatch.setenv("MMR_CACHE_DIR", str(tmp_path / "c"))
     assert teacher.sha256(teacher.teacher_file(4)) != teacher.sha256(a)
+
+
+def test_readme_quotes_the_seed_noise_of_the_recorded_curves():
+    stats = testbed.noise_stats(curves.load_curves(curves.DEFAULT_OUT))
+    text = (curves.ROOT / "README.md").read_text()
+    start = text.index("## Telling a better configuration from a lucky seed")
+    section = " ".join(text[start : text.index("\n## ", start + 3)].split())
+    nut, fabric = stats["nut"], stats["fabric"]
+    assert f"{nut['gap_seed']:.3f} (nut) and {fabric['gap_seed']:.3f} (fabric)" in section
+    assert f"Spearman {nut['seed_rank']:.2f} and {fabric['seed_rank']:.2f}" in section
+    assert f"correlation {nut['icc']:.2f} and {fabric['icc']:.2f})" in section
+    assert max(nut["icc"], fabric["icc"]) < 0.1  # "as much as the configurations differ"
