@@ -76,6 +76,7 @@ __all__ = [
     "SEEDS",
     "Run",
     "load_curves",
+    "load_scores",
     "made_up_rows",
     "planned_runs",
     "record",
@@ -134,11 +135,18 @@ class Testbed:
     categories: tuple[str, ...]
     config_major: bool  # plan order: configuration-major (else seed-major)
     fixed_teacher: bool  # every run loads benchmarks.teacher's chosen teacher file
+    scores: bool = False  # also keep each run's test-half image scores (scores_path)
 
     @property
     def meta_path(self) -> Path:
         """Side file naming what recorded the table (the teacher's seed and SHA-256)."""
         return self.out.with_suffix(".meta.json")
+
+    def scores_path(self, out: Path | None = None) -> Path:
+        """Side file of per-image test scores, one JSON line per run (``load_scores``): what
+        a bootstrap over test images needs (confirmation runs' intervals), which the
+        table's AUROCs alone cannot give."""
+        return (out or self.out).with_suffix(".scores.jsonl")
 
 
 RANDOM = Testbed("random", DEFAULT_OUT, SEEDS, CATEGORIES, False, False)
@@ -149,6 +157,7 @@ FIXED = Testbed(
     ("nut", "pill", "grid", "fabric"),
     True,
     True,
+    scores=True,
 )
 TESTBEDS = {t.name: t for t in (RANDOM, FIXED)}
 
@@ -250,10 +259,18 @@ def _recorded(path: Path) -> set[tuple[int, str, int]]:
     }
 
 
-def train_run(run: Run, teacher: Path | None = None) -> list[dict[str, Any]]:
-    """Trains one run with ``mmr.train.fit`` and returns its rows (see the module doc)."""
+def train_run(
+    run: Run, teacher: Path | None = None, scores: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Trains one run with ``mmr.train.fit`` and returns its rows (see the module doc).
+
+    ``scores``: a list that receives the run's test-half image scores (labels and the
+    maximum of each anomaly map, as evaluation ranks them).
+    """
+    import tempfile
+
     from mmr.config import load_config
-    from mmr.train import TrainingDiverged, fit
+    from mmr.train import TrainingDiverged, evaluate_checkpoint, fit
 
     cfg = load_config(BASE_CONFIG, run.overrides(teacher))
     rows: list[dict[str, Any]] = []
@@ -274,7 +291,20 @@ def train_run(run: Run, teacher: Path | None = None) -> list[dict[str, Any]]:
         clock["last"] = now
 
     try:
-        result = fit(cfg, report=report, final_test=True)
+        with tempfile.TemporaryDirectory(prefix="curves-") as tmp:
+            result = fit(cfg, report=report, final_test=True, checkpoint_dir=tmp)
+            if scores is not None:
+                _, _, outputs = evaluate_checkpoint(tmp, split="test", device="cpu")
+                data, maps = outputs[run.category]
+                scores.append(
+                    {
+                        "config": run.config,
+                        "category": run.category,
+                        "seed": run.seed,
+                        "labels": [int(x) for x in data.labels.tolist()],
+                        "scores": [round(x, 6) for x in maps.flatten(1).amax(1).tolist()],
+                    }
+                )
     except TrainingDiverged as exc:
         log.warning("run %s diverged: %s", run.key, exc)
         for row in rows:
@@ -295,6 +325,24 @@ def _key_columns(run: Run) -> dict[str, Any]:
         "category": run.category,
         "seed": run.seed,
     }
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """Appends one JSON line in a single write (as ``_append``)."""
+    import json
+
+    data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a line cut short by a kill: end it, never extend it
+                data = b"\n" + data
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -324,10 +372,30 @@ def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         os.close(fd)
 
 
-def pending(path: Path, runs: Sequence[Run]) -> Iterator[Run]:
-    """The runs not yet in ``path``."""
+def pending(path: Path, runs: Sequence[Run], scores: Path | None = None) -> Iterator[Run]:
+    """The runs not yet in ``path`` (nor, when given, in the ``scores`` side file)."""
     done = _recorded(path)
+    if scores is not None:
+        done &= set(load_scores(scores))
     return (run for run in runs if run.key not in done)
+
+
+def load_scores(path: str | Path) -> dict[tuple[int, str, int], tuple[list[int], list[float]]]:
+    """``{(config, category, seed): (labels, scores)}`` of a scores side file (the last
+    line of a run wins; a line cut short by a kill is skipped)."""
+    import json
+
+    out = {}
+    path = Path(path)
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out[(int(r["config"]), str(r["category"]), int(r["seed"]))] = (r["labels"], r["scores"])
+    return out
 
 
 def _teacher_for(testbed: Testbed, path: Path) -> Path | None:
@@ -376,12 +444,16 @@ def record(
         raise ValueError(f"shard {k}/{n}: K must be in 0..N-1")
     plan = planned_runs(testbed)
     teacher = _teacher_for(testbed, path)
-    todo = list(pending(path, plan[k::n]))
+    scores_file = testbed.scores_path(path) if testbed.scores else None
+    todo = list(pending(path, plan[k::n], scores_file))
     log.info("%d of %d runs pending -> %s", len(todo), len(plan), path)
     added = 0
     for run in todo[:limit]:
         started = time.perf_counter()
-        rows = train_run(run, teacher)
+        scores: list[dict[str, Any]] | None = [] if scores_file else None
+        rows = train_run(run, teacher, scores)
+        if scores:  # first: a run in the table always has its scores
+            _append_line(scores_file, scores[0])
         _append(path, rows)
         added += 1
         last = rows[-1]

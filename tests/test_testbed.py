@@ -81,3 +81,24 @@ def test_readme_quotes_the_seed_noise_of_the_recorded_curves():
     assert f"Spearman {nut['seed_rank']:.2f} and {fabric['seed_rank']:.2f}" in section
     assert f"correlation {nut['icc']:.2f} and {fabric['icc']:.2f})" in section
     assert max(nut["icc"], fabric["icc"]) < 0.1  # "as much as the configurations differ"
+
+
+def test_a_testbed_with_scores_records_each_runs_test_image_scores(tmp_path, monkeypatch):
+    monkeypatch.setattr(curves, "EPOCHS", 3)
+    bed = curves.Testbed("t", tmp_path / "c.csv", (1,), ("nut",), True, False, scores=True)
+    assert curves.record(limit=1, testbed=bed) == 1
+    table, scores = curves.load_curves(bed.out), curves.load_scores(bed.scores_path())
+    (key,) = {(int(c), k, int(s)) for c, k, s in table[["config", "category", "seed"]].values}
+    labels, values = scores[key]
+    assert len(labels) == len(values) > 0 and set(labels) == {0, 1}
+    from mmr.metrics import image_auroc
+
+    test = table.sort_values("epoch")["test_image_auroc"].iloc[-1]
+    assert image_auroc(np.array(values), np.array(labels)) == pytest.approx(test, abs=1e-5)
+    # A run whose scores line is missing counts as pending (it is trained again); a line
+    # cut short by a kill is skipped and ended before the next one.
+    bed.scores_path().write_text('{"config": 1, "categ')
+    assert list(curves.pending(bed.out, curves.planned_runs(bed)[:1], bed.scores_path()))
+    curves._append_line(bed.scores_path(), {"config": 7, "category": "x", "seed": 1,
+                                            "labels": [0], "scores": [0.5]})  # fmt: skip
+    assert list(curves.load_scores(bed.scores_path())) == [(7, "x", 1)]
