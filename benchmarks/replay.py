@@ -79,6 +79,21 @@ def _strategies() -> list[Strategy]:
     # CMA-ES that learns from the trials early stopping ended (search.cmaes_consider_pruned).
     for scheduler in ("asha", "median"):
         out.append(Strategy(f"{scheduler}_cmaes_pruned", "cmaes", scheduler, cmaes_pruned=True))
+    # Confirmation runs (search.confirm: top_k x seeds) after the default and after FIFO +
+    # random search; their cost counts in every epoch figure.
+    for base in ("median_cmaes", "fifo_random"):
+        sampler, scheduler = base.split("_")[1], base.split("_")[0]
+        for k in (1, 2, 3):
+            for s in (1, 2):
+                out.append(
+                    Strategy(
+                        f"{base}_confirm{k}x{s}",
+                        sampler,
+                        scheduler,
+                        confirm_top_k=k,
+                        confirm_seeds=s,
+                    )
+                )
     for sampler in ("random", "tpe"):
         for every, grace, rf in ((6, 1, 2), (6, 2, 3), (3, 1, 3), (3, 2, 3), (1, 1, 3), (1, 3, 3)):
             out.append(
@@ -199,6 +214,8 @@ def summarize(traces: Sequence[SearchTrace], best: float) -> dict[str, Any]:
         out[f"epochs_to_target{suffix}"] = _quantiles(spent)
         out[f"reached{suffix}"] = round(float(np.mean([not math.isinf(s) for s in spent])), 4)
     out["final_test_auroc"] = _quantiles([t.final_test for t in traces])
+    # The exported configuration's seed-mean test value: its quality without its seed's luck.
+    out["final_true_test_auroc"] = _quantiles([t.final_true_test for t in traces])
     out["epochs_total"] = _quantiles([t.epochs for t in traces])
     gens = [t.cma_generations for t in traces if t.cma_generations is not None]
     if gens:

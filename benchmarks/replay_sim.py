@@ -222,6 +222,8 @@ class Strategy:
     eval_every: int = 6  # epochs per evaluation round (the tiny config's value)
     per_category: bool = False
     cmaes_pruned: bool = False  # CMA-ES learns from stopped trials (search.cmaes_consider_pruned)
+    confirm_top_k: int = 0  # search.confirm.top_k (0: no confirmation runs)
+    confirm_seeds: int = 0  # search.confirm.seeds (at most the table's other seeds of a config)
 
     def overrides(self) -> list[str]:
         """Sweep overrides of the project's own sampler/scheduler settings."""
@@ -292,6 +294,8 @@ class SearchTrace:
     final_test: float = float("nan")
     study_states: dict[str, int] = field(default_factory=dict)  # Optuna trial states at the end
     cma_generations: int | None = None  # CMA-ES generations its studies completed (max)
+    final_config: int | None = None  # the exported configuration (single study)
+    final_true_test: float = float("nan")  # its seed-mean test value: its quality, not its luck
 
     def epochs_to(self, target: float) -> float:
         """Model-epochs spent when the incumbent's test value first reached ``target``."""
@@ -432,7 +436,7 @@ def simulate(
             storage=storage if storage is not None else optuna.storages.InMemoryStorage(),
         )
         scheduler = _scheduler(strategy, spec, location)
-        return _loop(
+        trace = _loop(
             strategy,
             spec,
             table,
@@ -443,6 +447,58 @@ def simulate(
             TrialScheduler,
             Searcher.FINISHED,
         )
+    if strategy.confirm_top_k and not strategy.per_category:
+        confirm(trace, table, categories, strategy=strategy, search_seed=seed)
+    if trace.final_config is not None:
+        trace.final_true_test = table.final_test(trace.final_config, categories)
+    return trace
+
+
+def confirm(
+    trace: SearchTrace,
+    table: CurveTable,
+    categories: Sequence[str],
+    *,
+    strategy: Strategy,
+    search_seed: int,
+) -> None:
+    """Replays ``search.confirm`` after a search: the top-k finished configurations (by the
+    search's objective, one trial each) and the baseline train again with fresh seeds (the
+    configuration's recorded seeds other than the one its search trial replayed, at most
+    ``confirm_seeds``), each for every epoch; the export is the best mean final validation
+    over those seeds (the baseline competes; ties keep it). The search's answer exists only
+    once confirmation ends, so the trace's incumbent is set once, at the total cost, to the
+    exported trial's own test value (as the service exports the search trial's model)."""
+    done = [t for t in trace.trials if t.state == "done" and t.objective is not None]
+    baseline = [t for t in done if t.baseline][:1]
+    picked: list[TrialRecord] = []
+    for t in sorted((t for t in done if not t.baseline), key=lambda t: -t.objective):
+        if t.config not in {p.config for p in picked}:
+            picked.append(t)
+        if len(picked) == strategy.confirm_top_k:
+            break
+    picked += baseline
+    if not picked:
+        return
+    rng = np.random.default_rng([search_seed, 7919])
+    cats = list(categories)
+    means: dict[int, float] = {}
+    for i, t in enumerate(picked):
+        fresh = [s for s in table.seeds(t.config, cats) if s != t.seed] or [t.seed]
+        chosen = rng.choice(fresh, size=min(strategy.confirm_seeds, len(fresh)), replace=False)
+        finals = []
+        for s in chosen:
+            curves = [table.val[(t.config, k, int(s))] for k in cats]
+            ok = all(len(c) == table.epochs for c in curves)  # a diverged run: -inf
+            finals.append(float(np.mean([c[-1] for c in curves])) if ok else -math.inf)
+        trace.epochs += len(chosen) * table.epochs * len(cats)
+        means[i] = float(np.mean(finals))
+    best = max(means, key=lambda i: (means[i], picked[i].baseline))
+    pick = picked[best]
+    value = float(np.mean([table.test[(pick.config, k, pick.seed)] for k in cats]))
+    trace.incumbents = [(trace.epochs, value)]
+    trace.final_test = value
+    trace.final_config = pick.config
 
 
 def _loop(
@@ -485,6 +541,7 @@ def _loop(
             searcher.on_trial_complete(trial.trial_id, result=result)
         rec.state = how
         if incumbent.offer(rec.category, state=how, objective=rec.objective, test=st["test"]):
+            trace.final_config = rec.config if not per_cat else None
             current = incumbent.test
             if not math.isnan(current):
                 trace.incumbents.append((trace.epochs, current))

@@ -599,3 +599,31 @@ def test_default_was_chosen_on_seeds_0_29_and_the_readme_reports_unseen_seeds():
     ]
     for claim in claims:
         assert claim in section, claim
+
+
+def test_confirmation_picks_by_fresh_seeds_validation_and_counts_its_cost():
+    t = table(epochs=12)
+    plain = R.STRATEGIES["fifo_random"]
+    confirmed = R.STRATEGIES["fifo_random_confirm2x1"]
+    a = S.simulate(plain, t, seed=4, num_trials=8, max_concurrent=1)
+    b = S.simulate(confirmed, t, seed=4, num_trials=8, max_concurrent=1)
+    assert [x.config for x in a.trials] == [x.config for x in b.trials]
+    cats = t.categories
+    # Cost: the search's, plus (top 2 + baseline) x 1 fresh seed x 12 epochs x 2 categories.
+    assert b.epochs == a.epochs + 3 * 12 * len(cats)
+    assert len(b.incumbents) == 1 and b.incumbents[0][0] == b.epochs
+    done = [x for x in b.trials if x.state == "done"]
+    top = sorted((x for x in done if not x.baseline), key=lambda x: -x.objective)[:2]
+    candidates = [*top, done[0]]
+    assert done[0].baseline
+
+    def fresh_val(x):
+        (other,) = [s for s in t.seeds(x.config, cats) if s != x.seed]
+        return np.mean([t.val[(x.config, k, other)][-1] for k in cats])
+
+    pick = max(candidates, key=lambda x: (fresh_val(x), x.baseline))
+    assert b.final_config == pick.config
+    assert b.final_test == pytest.approx(
+        np.mean([t.test[(pick.config, k, pick.seed)] for k in cats])
+    )
+    assert b.final_true_test == pytest.approx(t.final_test(pick.config, cats))
