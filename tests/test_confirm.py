@@ -207,3 +207,21 @@ def test_a_sweep_confirms_its_best_and_exports_the_confirmed_one(
     status = status_table(exp)
     assert f"confirmed best: trial {best}" in status
     assert any("confirming the top 1" in x for x in lines)
+
+    # The step after the search: predict with the export on the held-out test half gives
+    # the export's own test image AUROC (issue 22's "done when", on a sweep's export).
+    import csv
+
+    from mmr.data import list_tasks, split_task
+    from mmr.predict import predict
+
+    (task,) = list_tasks(spec.base.data)
+    _, test = split_task(task, spec.base.data)
+    out = tmp_path / "pred"
+    predict(run.export_dir, [str(x.image) for x in test], out, device="cpu", overlays=False)
+    with (out / "predictions.csv").open() as f:
+        rows = {r["path"]: float(r["score"]) for r in csv.DictReader(f)}
+    scores = np.array([rows[str(x.image)] for x in test])
+    labels = np.array([x.label for x in test])
+    want = exported["studies"]["conf"]["best_test"]["image_auroc"]
+    assert image_auroc(scores, labels) == pytest.approx(want, abs=1e-6)
