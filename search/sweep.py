@@ -258,6 +258,7 @@ def run_sweep(
     leave_job_working_dir()  # the spec's paths are absolute already
     if not is_experiment(location) and not is_empty(location) and not _only_claim(location):
         _prepare_storage(spec)  # refuses a foreign folder before the claim writes into it
+    probe_writable(spec.sweep.storage)  # an unwritable --storage says so, not "cannot claim"
     # Claimed before anything else: a second sweep of this name is refused, not merged in.
     with claimed(spec.experiment_dir, location):
         return _start_sweep(spec, address=address, write=write, dashboard=dashboard, export=export)
@@ -377,6 +378,7 @@ def resume_sweep(
     done = _complete(spec, retry_failed=retry_failed)
     if done is not None and not _confirm_pending(spec):
         write(f"{spec.sweep.name}: already complete ({done} trials); nothing to resume")
+        _say_failed(spec, write)
         export_dir = spec.experiment_dir / "export"
         return SweepRun(
             spec.experiment_dir, 0.0, export_dir if export_dir.is_dir() else None, location
@@ -424,6 +426,19 @@ def _resume(
     return _finish(spec, started, write, export)
 
 
+def _say_failed(spec: SweepSpec, write: Write) -> None:
+    """Names the failed trials of a finished sweep and how to run them again."""
+    from search.results import load_trials
+
+    exp = spec.experiment_location
+    failed = (load_trials(exp)["state"] == "failed").sum()
+    if failed:
+        write(
+            f"{failed} trial(s) failed (`launch.py status {exp}` shows why); fix the cause, "
+            f"then run them again with: launch.py resume {exp} --retry-failed"
+        )
+
+
 def _confirm_pending(spec: SweepSpec) -> bool:
     """Whether the sweep confirms its best configurations and has not written the result."""
     from search.confirm import read_confirm
@@ -464,12 +479,7 @@ def _finish(spec: SweepSpec, started: float, write: Write, export: bool) -> Swee
     exp = spec.experiment_location
     write(summary_table(exp))
     states = load_trials(exp)["state"]
-    failed = (states == "failed").sum()
-    if failed:
-        write(
-            f"{failed} trial(s) failed (`launch.py status {exp}` shows why); fix the cause, "
-            f"then run them again with: launch.py resume {exp} --retry-failed"
-        )
+    _say_failed(spec, write)
     unfinished = states.isin(["running", "pending"]).sum()
     if unfinished:
         # Ctrl-C: Tune stopped gracefully and saved its state; a partial export would

@@ -332,9 +332,11 @@ def test_sweep_tracks_to_mlflow_wandb_offline_and_tensorboard(
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))  # never the real home
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     db = tmp_path / "mlflow.db"
-    # The baseline runs; the second grid point names a category the data lacks: it fails.
+    # The baseline runs; the second grid point names a teacher file that is not there: it fails.
+    missing = str(tmp_path / "nosuch-teacher.pt")
     space = {
-        "data.categories": {"type": "categorical", "choices": [["disk"], ["nosuch"]]},
+        "data.categories": {"type": "categorical", "choices": [["disk"]]},  # a list param
+        "model.teacher_checkpoint": {"type": "categorical", "choices": [None, missing]},
         "teacher_layers": {"type": "categorical", "choices": [[1, 2, 3]]},
     }
     spec = spec_for(

@@ -95,7 +95,7 @@ def test_export_out_inside_a_file_is_refused_before_writing(tmp_path, monkeypatc
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     exp = tmp_path / "exp"
-    spec = type("Spec", (), {"experiment_location": str(exp)})()
+    spec = type("Spec", (), {"experiment_location": str(exp), "experiment_dir": exp})()
     monkeypatch.setattr(export, "load_spec", lambda experiment: spec)
     monkeypatch.setattr(export, "load_trials", lambda location: pd.DataFrame())
     monkeypatch.setattr(export, "best_trials", lambda df: {None: {"trial": "t"}})
@@ -146,18 +146,23 @@ def test_a_space_cannot_sample_warmup_beyond_the_epochs(tmp_path) -> None:
 
 
 def test_every_data_choice_of_the_space_is_checked_on_the_driver(tmp_path, synthetic_root) -> None:
+    import shutil
+
     from search.sweep import check_sweep_data
 
+    # MVTec-layout data of the user's own (a generated set without its marker).
+    real = shutil.copytree(synthetic_root, tmp_path / "real")
+    (real / ".mmr-synthetic.json").unlink()
     missing = tmp_path / "missing"
     space = tmp_path / "space.yaml"
     space.write_text(
         "mask_ratio: {type: float, low: 0.1, high: 0.5}\n"
-        f"data.root: {{type: categorical, choices: [{synthetic_root}, {missing}]}}\n"
+        f"data.root: {{type: categorical, choices: [{real}, {missing}]}}\n"
     )
     over = [
         f"space={space}",
         "data.dataset=mvtec",
-        f"data.root={synthetic_root}",
+        f"data.root={real}",
         "data.categories=[disk]",
     ]
     spec = resolve_sweep(None, over, name="d", storage=str(tmp_path))
@@ -166,7 +171,7 @@ def test_every_data_choice_of_the_space_is_checked_on_the_driver(tmp_path, synth
     message = str(err.value)
     assert "data.root" in message and str(missing) in message and "\n" not in message
     assert "remove the choice" in message
-    space.write_text(f"data.root: {{type: categorical, choices: [{synthetic_root}, data]}}\n")
+    space.write_text(f"data.root: {{type: categorical, choices: [{real}, data]}}\n")
     spec = resolve_sweep(None, over, name="d", storage=str(tmp_path))
     with pytest.raises(UserInputError, match="choice 'data': a relative path"):
         check_sweep_data(spec, address=None, write=print)
@@ -206,7 +211,9 @@ def test_resume_of_a_finished_sweep_says_so_and_starts_nothing(tmp_path, monkeyp
     monkeypatch.setattr(sweep, "init_ray", no_ray)
     lines: list[str] = []
     run = sweep.resume_sweep(spec.experiment_dir, write=lines.append, dashboard=False)
-    assert lines == ["fin: already complete (3 trials); nothing to resume"]
+    assert lines[0] == "fin: already complete (3 trials); nothing to resume"
+    # ... and its failed trial is named, with how to run it again (nothing runs now).
+    assert len(lines) == 2 and "1 trial(s) failed" in lines[1] and "--retry-failed" in lines[1]
     assert not run.interrupted
     # --retry-failed has a failed trial to run again; an unfinished sweep goes on too.
     for retry, states[:] in [(True, ["done", "stopped", "failed"]), (False, ["done", "done"])]:

@@ -90,6 +90,7 @@ def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
             f"data.root={synthetic_root}",
             "data.categories=[disk, grid]",
             "train.epochs=2",
+            "train.warmup_epochs=1",  # below train.epochs (the tiny config warms up for 2)
             "train.eval_every=1",
         ],
     ).resolve_paths()

@@ -58,7 +58,7 @@ def test_load_curves_drops_incomplete_runs_and_record_resumes(tmp_path, monkeypa
 
     trained = []
 
-    def fake_train(run):
+    def fake_train(run, *args):
         trained.append(run.key)
         return made_up(
             epochs=3, configs=[run.config], seeds=(run.seed,), categories=(run.category,)
@@ -406,7 +406,7 @@ def test_record_shards_split_the_plan_without_overlap(tmp_path, monkeypatch):
     trained: dict[int, list] = {0: [], 1: []}
 
     def fake_train(shard):
-        def train(run):
+        def train(run, *args):
             trained[shard].append(run.key)
             return made_up(
                 epochs=2, configs=[run.config], seeds=(run.seed,), categories=(run.category,)

@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import timm
 import torch
 import yaml
 from fast import FAST as FAST_TRIAL
@@ -154,16 +155,16 @@ def test_the_scheduler_stops_trials_and_the_study_records_them_pruned(
 def test_failing_trial_does_not_stop_the_sweep_and_runs_again_with_retry_failed(
     ray_session, synthetic_root, tmp_path
 ):
-    import shutil
-
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     from search.results import load_trials, status_table
     from search.sweep import resume_sweep, run_sweep
 
-    # One grid point names a category the dataset lacks: that trial fails at data loading.
-    root = shutil.copytree(synthetic_root, tmp_path / "data")
-    space = {"data.categories": {"type": "categorical", "choices": [["disk"], ["nosuch"]]}}
+    # One grid point names a teacher weight file that is not there (yet): that trial fails
+    # when it builds its model. (Data choices are checked on the driver before any trial.)
+    root = synthetic_root
+    missing = tmp_path / "nosuch-teacher.pt"
+    space = {"model.teacher_checkpoint": {"type": "categorical", "choices": [None, str(missing)]}}
     spec = spec_for(
         tmp_path,
         root,
@@ -187,7 +188,7 @@ def test_failing_trial_does_not_stop_the_sweep_and_runs_again_with_retry_failed(
     assert json.loads((trial_dir / "worker.json").read_text())["attempt"] == 1
     assert error.count("Failure #") == 2
     (failed_line,) = [x for x in lines if "FAILED" in x]
-    assert "unknown category 'nosuch'" in failed_line
+    assert "nosuch-teacher.pt' does not exist" in failed_line
     # status names the failure by the error's last line, and says how to run it again.
     last = [x for x in error.splitlines() if x.strip()][-1].strip()
     assert "nosuch" in last and failed["error"] == last
@@ -206,7 +207,9 @@ def test_failing_trial_does_not_stop_the_sweep_and_runs_again_with_retry_failed(
 
     # The cause fixed, --retry-failed runs the same trial again (its deterministic-failure
     # marker cleared), and the study records the retry as a new trial marked as such.
-    shutil.copytree(root / "disk", root / "nosuch")
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3))
+    torch.save(net.state_dict(), missing)
     lines.clear()
     resume_sweep(exp, write=lines.append, dashboard=False, export=False, retry_failed=True)
     df = load_trials(exp)

@@ -318,6 +318,8 @@ def test_train_cli_end_to_end(synthetic_root: Path, tmp_path: Path, cache_dir: P
             "--set",
             "train.epochs=2",
             "--set",
+            "train.warmup_epochs=1",
+            "--set",
             "train.eval_every=1",
             "--set",
             "train.batch_size=4",
