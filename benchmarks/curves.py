@@ -452,8 +452,10 @@ def record(
         started = time.perf_counter()
         scores: list[dict[str, Any]] | None = [] if scores_file else None
         rows = train_run(run, teacher, scores)
-        if scores:  # first: a run in the table always has its scores
-            _append_line(scores_file, scores[0])
+        if scores is not None:  # first: a run in the table always has its scores line
+            # A diverged run has no test scores: an empty line marks it recorded all the same.
+            empty = {**dict(zip(KEY, run.key, strict=True)), "labels": [], "scores": []}
+            _append_line(scores_file, scores[0] if scores else empty)
         _append(path, rows)
         added += 1
         last = rows[-1]
