@@ -239,7 +239,7 @@ def _train(cfg: Any, out: Path, label: str) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from search.config import resolve_sweep
+    from search.resolve import resolve_sweep
 
     try:
         spec = resolve_sweep(args.config, args.overrides, name=args.name, storage=args.storage)
@@ -381,7 +381,7 @@ def _submitted_sweep_name(
     """
     import yaml
 
-    from search.config import load_sweep_config
+    from search.resolve import load_sweep_config
 
     if name:
         return name

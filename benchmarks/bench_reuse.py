@@ -66,7 +66,7 @@ def _child(spec: dict[str, Any]) -> None:
     from ray import tune
 
     from benchmarks.common import write_child_result
-    from search.config import resolve_sweep
+    from search.resolve import resolve_sweep
     from search.results import load_trials
     from search.sweep import run_sweep
 

@@ -353,7 +353,7 @@ def sweep_spec(
     extra: Sequence[str] = (),
 ) -> Any:
     """The demo sweep resolved with the strategy's settings and the table's epochs."""
-    from search.config import resolve_sweep
+    from search.resolve import resolve_sweep
 
     overrides = [
         *strategy.overrides(),

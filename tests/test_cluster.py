@@ -913,7 +913,8 @@ def test_dashboard_refuses_a_directory_that_is_not_an_experiment(
 def test_dashboard_command_serves_the_study_journal_on_loopback(tmp_path: Path) -> None:
     import optuna
 
-    from search.config import SPEC_FILE, resolve_sweep
+    from search.config import SPEC_FILE
+    from search.resolve import resolve_sweep
     from search.samplers import study_storage
 
     # An experiment dir as a sweep leaves it: sweep.json + the study journal.

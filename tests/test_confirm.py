@@ -15,8 +15,8 @@ from fast import FAST
 from mmr.config import ConfigError
 from mmr.metrics import image_auroc
 from search import confirm as C
-from search.config import resolve_sweep
 from search.contract import CONFIRM_KEY, OBJECTIVE, TEST_SCORES_FILE
+from search.resolve import resolve_sweep
 
 
 def _scores(rng: np.random.Generator, shift: float, n: int = 40) -> dict[str, tuple]:

@@ -21,8 +21,8 @@ from PIL import Image
 
 from mmr.config import ConfigError
 from mmr.errors import UserInputError
-from search.config import resolve_sweep
 from search.report_page import REPORT_FILE, write_report
+from search.resolve import resolve_sweep
 from search.results import trial_state
 from search.trainable import describe_trial
 

@@ -16,7 +16,7 @@ import launch
 from mmr.config import load_config
 from mmr.errors import ConfigError, UserInputError
 from search import storage
-from search.config import resolve_sweep
+from search.resolve import resolve_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 

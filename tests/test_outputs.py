@@ -185,7 +185,8 @@ def test_train_overwrite_keeps_a_users_tmp_files(tmp_path: Path) -> None:
 @pytest.fixture
 def fake_experiment(tmp_path: Path, synthetic_root: Path) -> Path:
     """A directory with a resolved sweep.json (no trials): enough for the --out checks."""
-    from search.config import SPEC_FILE, resolve_sweep
+    from search.config import SPEC_FILE
+    from search.resolve import resolve_sweep
 
     spec = resolve_sweep(
         None, [f"data.root={synthetic_root}"], name="exp", storage=str(tmp_path / "runs")

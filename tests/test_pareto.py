@@ -16,7 +16,7 @@ import yaml
 
 from mmr.config import ConfigError, load_config
 from mmr.errors import UserInputError
-from search.config import resolve_sweep
+from search.resolve import resolve_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 THREE = [

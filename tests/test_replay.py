@@ -308,7 +308,7 @@ def test_best_by_validation_is_what_picking_by_validation_ships():
 
 
 def test_default_names_what_the_demo_sweep_runs():
-    from search.config import resolve_sweep
+    from search.resolve import resolve_sweep
 
     spec = resolve_sweep(S.SWEEP)
     default = R.STRATEGIES[R.DEFAULT_STRATEGY]
@@ -362,7 +362,7 @@ def test_readme_quotes_the_committed_replay():
 def test_production_sweeps_run_the_evidence_default(name):
     """The production sweeps' comments quote the replay: they run its pick's sampler and
     scheduler (their rounds and grace period are their own)."""
-    from search.config import resolve_sweep
+    from search.resolve import resolve_sweep
 
     spec = resolve_sweep(S.ROOT / "configs" / f"{name}.yaml", categories=["any"])
     default = R.STRATEGIES[R.DEFAULT_STRATEGY]

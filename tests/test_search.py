@@ -20,7 +20,8 @@ from fast import FAST as FAST_TRIAL
 
 from mmr.config import ConfigError, load_config
 from mmr.errors import UserInputError
-from search.config import ResourcesConfig, resolve_sweep
+from search.config import ResourcesConfig
+from search.resolve import resolve_sweep
 from spaces import SpaceError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,8 +16,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from mmr.config import Config, ConfigError
-from search.config import resolve_sweep
 from search.contract import OBJECTIVE, ROUNDS_KEY
+from search.resolve import resolve_sweep
 from search.results import best_trials
 from search.samplers import study_storage
 from search.searcher import RetryingLimiter, StudySearch
@@ -310,7 +310,7 @@ def test_the_demo_cmaes_with_guards_prints_no_warning_per_trial(tmp_path):
 
     script = """
 import warnings, optuna
-from search.config import resolve_sweep
+from search.resolve import resolve_sweep
 from search.samplers import make_sampler
 spec = resolve_sweep(None, categories=["nut"])
 assert spec.sweep.search.sampler == "cmaes" and spec.sweep.objective.guard

@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from search.config import resolve_sweep
+from search.resolve import resolve_sweep
 
 
 def _run_trial(

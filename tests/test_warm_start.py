@@ -11,8 +11,9 @@ import pytest
 from optuna.trial import TrialState
 
 from mmr.errors import UserInputError
-from search.config import SPEC_FILE, resolve_sweep
+from search.config import SPEC_FILE
 from search.contract import OBJECTIVE, ROUNDS_KEY
+from search.resolve import resolve_sweep
 from search.samplers import add_warm_trials, study_storage
 from search.searcher import PerCategorySearch, make_searcher
 
