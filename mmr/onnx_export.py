@@ -2,8 +2,8 @@
 
 ``<category>.onnx`` takes ``images``: uint8 ``batch x 3 x S x S``, the images resized to
 ``data.resize`` and center-cropped to ``S = data.image_size`` (the crop is a slice: see
-``mmr.predict.center_crop_np``), and returns ``anomaly_map`` (float32 ``batch x S x S``: ImageNet
-normalisation, teacher, student, per-stage 1 - cos, bilinear up-sampling, sum, Gaussian blur)
+``mmr.predictors.center_crop_np``), and returns ``anomaly_map`` (float32 ``batch x S x S``:
+ImageNet normalisation, teacher, student, per-stage 1 - cos, bilinear up-sampling, sum, Gaussian blur)
 and ``score`` (float32 ``batch``, the map's max). The batch is dynamic. ``metadata_props``
 holds ``mmr_sweep``: JSON with the format, category, preprocessing (resize, image_size,
 interpolation), blur sigma and the thresholds stored with the model; the config is stored
@@ -73,7 +73,7 @@ def export_onnx(
     """
     import onnx  # the `deploy` extra
 
-    from mmr.predict import ONNX_FORMAT, ONNX_META_KEY
+    from mmr.predictors import ONNX_FORMAT, ONNX_META_KEY
     from mmr.train import load_models
 
     if thresholds is None:
