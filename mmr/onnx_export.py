@@ -3,11 +3,11 @@
 ``<category>.onnx`` takes ``images``: uint8 ``batch x 3 x S x S``, the images resized to
 ``data.resize`` and center-cropped to ``S = data.image_size`` (the crop is a slice: see
 ``mmr.predictors.center_crop_np``), and returns ``anomaly_map`` (float32 ``batch x S x S``:
-ImageNet normalisation, teacher, student, per-stage 1 - cos, bilinear up-sampling, sum, Gaussian blur)
-and ``score`` (float32 ``batch``, the map's max). The batch is dynamic. ``metadata_props``
-holds ``mmr_sweep``: JSON with the format, category, preprocessing (resize, image_size,
-interpolation), blur sigma and the thresholds stored with the model; the config is stored
-flat beside it (``mmr_sweep.config``).
+ImageNet normalisation, teacher, student, per-stage 1 - cos, bilinear up-sampling, sum,
+Gaussian blur) and ``score`` (float32 ``batch``, the map's max). The batch is dynamic.
+``metadata_props`` holds ``mmr_sweep``: JSON with the format, category, preprocessing (resize,
+image_size, interpolation), blur sigma and the thresholds stored with the model; the config is
+stored flat beside it (``mmr_sweep.config``).
 
 Exported with torch's TorchScript-based exporter (``dynamo=False``, opset 17): it traces this
 model's fixed-shape code in seconds, and the result matches the torch maps to ~1e-6.
