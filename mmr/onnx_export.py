@@ -131,12 +131,10 @@ def export_model_onnx(model: str | Path, out: str | Path) -> list[Path]:
     ``out`` is written through a staging folder and replaced only when it is empty or an
     earlier ONNX export of the same model (``mmr.outdir`` rules).
     """
-    import shutil
-    import tempfile
 
     from mmr.checkpoint import load_checkpoint
     from mmr.errors import UserInputError
-    from mmr.outdir import check_replaceable, list_files, write_marker
+    from mmr.outdir import check_replaceable, staged
 
     path = Path(model)
     if path.is_dir():
@@ -152,16 +150,10 @@ def export_model_onnx(model: str | Path, out: str | Path) -> list[Path]:
     owner = str(path)
     replace = check_replaceable(out, kind="export-onnx", owner=owner, what=f"--out {out}", fix=fix)
     state = load_checkpoint(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        names = [p.name for p in export_onnx(state, staging)]
-        write_marker(staging, kind="export-onnx", owner=owner, files=list_files(staging))
-        if replace:
-            check_replaceable(out, kind="export-onnx", owner=owner, what=f"--out {out}", fix=fix)
-            shutil.rmtree(out)
-        staging.replace(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    def recheck() -> None:
+        check_replaceable(out, kind="export-onnx", owner=owner, what=f"--out {out}", fix=fix)
+
+    with staged(out, kind="export-onnx", owner=owner, replace=replace, recheck=recheck) as tmp:
+        names = [p.name for p in export_onnx(state, tmp)]
     return [out / n for n in names]

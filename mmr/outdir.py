@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -141,6 +143,32 @@ def creating(folder: Path, what: str) -> Iterator[None]:
             f"{what}: cannot create {folder} ({cause}): pass a directory you can write to "
             "(not inside a file, not on a read-only disk)"
         ) from exc
+
+
+@contextlib.contextmanager
+def staged(
+    out: Path, *, kind: str, owner: str, replace: bool, recheck: Callable[[], Any]
+) -> Iterator[Path]:
+    """Yields a staging folder beside ``out`` that becomes ``out`` when the block succeeds.
+
+    The staging folder gets the marker (``kind``, ``owner``, the files written); an existing
+    ``out`` is deleted only when ``replace`` and after ``recheck()`` (which raises if ``out``
+    is no longer only an earlier output of ours). On any error the staging folder is removed
+    and ``out`` is left as it was.
+    """
+    with creating(out, f"--out {out}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield staging
+        write_marker(staging, kind=kind, owner=owner, files=list_files(staging))
+        if replace:
+            recheck()
+            shutil.rmtree(out)
+        staging.replace(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def claim_dir(folder: Path) -> bool:

@@ -30,8 +30,6 @@ import glob
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ import numpy as np
 
 from mmr.errors import DataError, UserInputError
 from mmr.fileio import atomic_path, atomic_write
-from mmr.outdir import check_replaceable, list_files, write_marker
+from mmr.outdir import check_replaceable, staged
 from mmr.predictors import (  # noqa: F401  (re-exported: predict's public API)
     ONNX_FORMAT,
     ONNX_META_KEY,
@@ -237,9 +235,11 @@ def predict(
     names = _names(paths)
     scores: dict[int, float] = {}
     errors: dict[int, str] = {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def recheck() -> None:
+        check_replaceable(out, kind="predict", owner=None, what=f"--out {out}", fix=fix)
+
+    with staged(out, kind="predict", owner="predict", replace=replace, recheck=recheck) as staging:
         if overlays:
             (staging / "overlays").mkdir()
         if save_maps:
@@ -262,14 +262,6 @@ def predict(
                 close()
         used = _thresholds(info, threshold, scores, cats)
         summary = _write(staging, out, paths, cats, scores, errors, used, info)
-        write_marker(staging, kind="predict", owner="predict", files=list_files(staging))
-        if replace:
-            check_replaceable(out, kind="predict", owner=None, what=f"--out {out}", fix=fix)
-            shutil.rmtree(out)
-        staging.replace(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary
 
 

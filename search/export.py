@@ -19,8 +19,6 @@ exports itself).
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ import torch
 from mmr.config import Config, dump_config
 from mmr.errors import UserInputError
 from mmr.fileio import atomic_path
-from mmr.outdir import check_replaceable, creating, list_files, read_marker, write_marker
+from mmr.outdir import check_replaceable, read_marker, staged
 from mmr.report import flatten_metrics, results_markdown, write_json
 from search.config import SweepSpec, load_spec
 from search.confirm import describe as describe_confirm
@@ -84,19 +82,10 @@ def export_experiment(
             f"experiment {str(exp)!r} has no trial with a result yet: "
             "nothing to export (see `launch.py status`)"
         )
-    with creating(out, f"--out {out}"):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    # recheck: still only an earlier export of ours when it is replaced.
+    recheck = lambda: _check_out(exp, out)  # noqa: E731
+    with staged(out, kind="export", owner=exp, replace=replace, recheck=recheck) as staging:
         _export(spec, df, best, staging, overlays=overlays, device=device, onnx=onnx)
-        write_marker(staging, kind="export", owner=exp, files=list_files(staging))
-        if replace:
-            _check_out(exp, out)  # still only an earlier export of ours
-            shutil.rmtree(out)
-        staging.replace(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
