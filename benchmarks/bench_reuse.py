@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import child_main, row, run_child, synthetic_data
+from benchmarks.common import child_main, row, run_child
 
 __all__ = ["VARIANTS", "run"]
 
@@ -111,30 +111,12 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 def run(quick: bool = False, smoke: bool = False) -> list[dict[str, Any]]:
     """Runs the sweep ``repeats`` times each way, alternated; returns one row."""
-    from benchmarks.bench_search import _prewarm
-    from mmr.config import load_config
-    from search.config import ROOT
+    from benchmarks.bench_search import sweep_data
 
     sizes = _sizes(quick, smoke)
-    category = load_config(ROOT / "configs" / "tiny.yaml").data.categories[0]
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench-reuse-") as tmp:
-        root = synthetic_data(
-            Path(tmp) / "data",
-            categories=[category],
-            size=sizes["size"],
-            n_train=sizes["n_train"],
-            n_test=sizes["n_test"],
-        )
-        common = [
-            f"data.root={root}",
-            f"data.cache_dir={Path(tmp) / 'cache'}",
-            f"data.categories=[{category}]",
-            f"search.num_trials={sizes['trials']}",
-            *SWEEP,
-            *(SMOKE if smoke else []),
-        ]
-        _prewarm([o for o in common if o.startswith(("data.", "model.", "train."))])
+        common = sweep_data(tmp, sizes, [*SWEEP, *(SMOKE if smoke else [])])
         for repeat in range(sizes["repeats"]):
             # Alternate which variant goes first: neither always meets the same machine state.
             order = list(VARIANTS) if repeat % 2 == 0 else list(VARIANTS)[::-1]

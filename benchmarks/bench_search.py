@@ -139,6 +139,31 @@ def _prewarm(overrides: list[str]) -> None:
         load_masks(list(task.test), size=d.resize, cache_dir=d.cache_dir)
 
 
+def sweep_data(tmp: str, sizes: dict[str, Any], extra: list[str]) -> list[str]:
+    """Generates the benchmark's synthetic category in ``tmp``, fills its image cache and
+    returns the sweep overrides that use them (plus ``extra``); ``sizes``: the ``_sizes``."""
+    from mmr.config import load_config
+    from search.config import ROOT
+
+    category = load_config(ROOT / "configs" / "tiny.yaml").data.categories[0]
+    root = synthetic_data(
+        Path(tmp) / "data",
+        categories=[category],
+        size=sizes["size"],
+        n_train=sizes["n_train"],
+        n_test=sizes["n_test"],
+    )
+    common = [
+        f"data.root={root}",
+        f"data.cache_dir={Path(tmp) / 'cache'}",
+        f"data.categories=[{category}]",
+        f"search.num_trials={sizes['trials']}",
+        *extra,
+    ]
+    _prewarm([o for o in common if o.startswith(("data.", "model.", "train."))])
+    return common
+
+
 def run(quick: bool = False, smoke: bool = False) -> list[dict[str, Any]]:
     """Runs both methods (``repeats`` times each) and returns search and overhead rows.
 
@@ -146,27 +171,9 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict[str, Any]]:
         quick: 6 trials, 1 repeat, 32 training images (the full run: 12, 3 and 100).
         smoke: 2 trials of a few seconds each, both sweeps in one child: the code path only.
     """
-    from mmr.config import load_config
-    from search.config import ROOT
-
     sizes = _sizes(quick, smoke)
-    category = load_config(ROOT / "configs" / "tiny.yaml").data.categories[0]
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
-        root = synthetic_data(
-            Path(tmp) / "data",
-            categories=[category],
-            size=sizes["size"],
-            n_train=sizes["n_train"],
-            n_test=sizes["n_test"],
-        )
-        common = [
-            f"data.root={root}",
-            f"data.cache_dir={Path(tmp) / 'cache'}",
-            f"data.categories=[{category}]",
-            f"search.num_trials={sizes['trials']}",
-            *(SMOKE if smoke else []),
-        ]
-        _prewarm([o for o in common if o.startswith(("data.", "model.", "train."))])
+        common = sweep_data(tmp, sizes, SMOKE if smoke else [])
         results: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
         children = []
         for repeat in range(sizes["repeats"]):
