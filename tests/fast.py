@@ -1,5 +1,12 @@
 """Overrides that make a test trial take a few seconds: 32 px, a 2-block ViT, 4 rounds of one
-epoch, on the ``disk`` category (imported as ``from fast import FAST``, like raycluster)."""
+epoch, on the ``disk`` category (imported as ``from fast import FAST``, like raycluster), and
+``cli``: ``launch.py`` run as a user runs it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FAST = [
     "data.resize=40",
@@ -13,3 +20,15 @@ FAST = [
     "train.batch_size=4",
     "eval.blur_sigma=0.5",
 ]
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python launch.py ARGS...`` from the checkout, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "launch.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from fast import FAST
+from fast import FAST, cli
 from raycluster import (
     MARKER_VAR,
     LocalCluster,
@@ -1012,14 +1012,7 @@ def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "launch.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return cli(*args, env=env, timeout=180)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import timm
 import torch
 import yaml
 from fast import FAST as FAST_TRIAL
+from fast import cli
 
 from mmr.config import ConfigError, load_config
 from mmr.errors import UserInputError
@@ -43,17 +44,6 @@ def study(exp: Path, name: str) -> optuna.Study:
     from search.samplers import study_storage
 
     return optuna.load_study(study_name=name, storage=study_storage(exp))
-
-
-def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "launch.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 def test_sweep_end_to_end_with_export_that_reproduces_the_best_trial(
