@@ -208,6 +208,22 @@ def test_a_sweep_confirms_its_best_and_exports_the_confirmed_one(
     assert f"confirmed best: trial {best}" in status
     assert any("confirming the top 1" in x for x in lines)
 
+    # A driver that died after the confirmation trials but before confirm.json: resume
+    # restores the confirmation experiment (not the finished search) and writes the verdict.
+    from search.sweep import resume_sweep
+
+    (exp / "confirm.json").unlink()
+    assert "confirmation runs: 4 of 4 finished" in status_table(exp)
+    lines.clear()
+    resume_sweep(exp, write=lines.append, dashboard=False, export=False)
+    assert any("resuming the confirmation runs" in x for x in lines), lines
+    assert not any("resuming sweep" in x for x in lines)
+    again = json.loads((exp / "confirm.json").read_text())
+    assert again["best_trial"] == best and again["configurations"] == confirmed
+    lines.clear()
+    resume_sweep(exp, write=lines.append, dashboard=False, export=False)
+    assert lines == ["conf: already complete (3 trials); nothing to resume"]
+
     # The step after the search: predict with the export on the held-out test half gives
     # the export's own test image AUROC (issue 22's "done when", on a sweep's export).
     import csv
