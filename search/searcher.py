@@ -18,11 +18,11 @@ from typing import Any
 import optuna
 from optuna.storages import JournalStorage
 from optuna.trial import TrialState
-from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from search.config import OBJECTIVE_METRICS, SweepSpec
-from search.contract import OBJECTIVE, ROUNDS_KEY
+from search.config import OBJECTIVE_METRICS, SweepSpec, load_spec
+from search.contract import OBJECTIVE, ROUNDS_KEY, planned_trials
 from search.samplers import (  # BaselineFirstGridSampler: older pickles' path
     BaselineFirstGridSampler,  # noqa: F401
     load_warm_trials,
@@ -381,6 +381,34 @@ class PerCategorySearch(Searcher):
     @property
     def studies(self) -> dict[str, optuna.Study]:
         return {c: s.study for c, s in self._searchers.items()}
+
+
+class PlannedTrials(SearchGenerator):
+    """Tune's ``SearchGenerator`` whose trial budget is the experiment's ``sweep.json``.
+
+    Tune restores a resumed sweep's trial count from its own saved state, so a sweep could
+    never grow. This generator reads ``planned_trials`` from the stored spec whenever Tune
+    sets its budget (a new sweep, a restore) and keeps the larger: ``sweep --resume --set
+    search.num_trials=N`` rewrites the spec, and the restored sweep runs the extra trials.
+    """
+
+    def __init__(self, searcher: Searcher, *, location: str) -> None:
+        super().__init__(searcher)
+        self._location = location
+
+    def _follow_spec(self) -> None:
+        planned = planned_trials(load_spec(self._location))
+        if planned > self._total_samples:
+            self._total_samples = planned
+            self._finished = False
+
+    def add_configurations(self, experiments: Any) -> None:
+        super().add_configurations(experiments)
+        self._follow_spec()
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._follow_spec()
 
 
 class RetryingLimiter(ConcurrencyLimiter):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from search.config import SweepSpec, is_experiment, load_spec
 from search.contract import FAILED_MARKER, SPEC_FILE, planned_trials
 from search.resources import check_resources
 from search.scheduler import make_scheduler
-from search.searcher import RetryingLimiter, make_searcher
+from search.searcher import PlannedTrials, RetryingLimiter, make_searcher
 from search.storage import is_empty, is_uri, probe_writable, push, remove_from_trials, resuming
 from search.trainable import trial_trainable
 
@@ -251,7 +252,7 @@ def run_sweep(
     location = spec.experiment_location
     if resume and is_experiment(location):
         if check_resume:
-            _refuse_resume_changes(spec, load_spec(location))
+            _apply_resume_changes(spec, load_spec(location), write)
         return resume_sweep(
             location, address=address, write=write, dashboard=dashboard, export=export
         )
@@ -286,7 +287,10 @@ def _start_sweep(
         tune_config=tune.TuneConfig(
             # Ray's limiter, as max_concurrent_trials would add it, that also follows the
             # failed trials `resume --retry-failed` runs again.
-            search_alg=RetryingLimiter(make_searcher(spec, exp), max_concurrent=s.max_concurrent),
+            search_alg=PlannedTrials(
+                RetryingLimiter(make_searcher(spec, exp), max_concurrent=s.max_concurrent),
+                location=location,
+            ),
             scheduler=make_scheduler(spec, location),
             num_samples=num_samples,
             trial_dirname_creator=_trial_dirname,
@@ -308,14 +312,32 @@ def _start_sweep(
 _RESUME_IGNORED = ("sweep.name", "sweep.storage", "sweep.base", "sweep.space")
 
 
-def _refuse_resume_changes(spec: SweepSpec, stored: SweepSpec) -> None:
-    """UserInputError naming every value of ``spec`` that differs from the stored sweep's.
+def _apply_resume_changes(spec: SweepSpec, stored: SweepSpec, write: Write) -> None:
+    """Applies the one change a resume can make, more trials, and refuses every other.
 
-    A resumed sweep runs with the configuration stored in its experiment: Tune restores the
-    trial count (``search.num_trials``), failure policy, searcher and scheduler from its own
-    saved state, and the trials already run were trained on the stored base config and space,
-    so none of these can change on resume.
+    A resumed sweep runs with the configuration stored in its experiment: Tune restores its
+    failure policy, searcher and scheduler from its own saved state, and the trials already
+    run were trained on the stored base config and space, so none of these can change on
+    resume. ``search.num_trials`` may grow (one study: ``PlannedTrials`` reads the new count
+    from the rewritten ``sweep.json``); the new count is written there and said.
     """
+    old_n, new_n = stored.sweep.search.num_trials, spec.sweep.search.num_trials
+    grow = new_n > old_n and not stored.sweep.objective.per_category
+    if grow:
+        search = dataclasses.replace(stored.sweep.search, num_trials=new_n)
+        grown = dataclasses.replace(stored, sweep=dataclasses.replace(stored.sweep, search=search))
+        _refuse_resume_changes(spec, grown)
+        atomic_write(stored.experiment_dir / SPEC_FILE, json.dumps(grown.to_dict(), indent=2))
+        if is_uri(stored.experiment_location):
+            push(stored.experiment_dir, stored.experiment_location)
+        write(f"search.num_trials: {old_n} -> {new_n} (the resumed sweep runs the new trials)")
+        return
+    _refuse_resume_changes(spec, stored)
+
+
+def _refuse_resume_changes(spec: SweepSpec, stored: SweepSpec) -> None:
+    """UserInputError naming every value of ``spec`` that differs from the stored sweep's
+    (only ``search.num_trials`` may grow, see ``_apply_resume_changes``)."""
     new, old = _flat(spec.to_dict()), _flat(stored.to_dict())
     changed = [
         # As the user sets them: search.num_trials, train.epochs (the base config's keys).
@@ -328,8 +350,9 @@ def _refuse_resume_changes(spec: SweepSpec, stored: SweepSpec) -> None:
         location = stored.experiment_location
         raise UserInputError(
             f"sweep --resume continues {location!r} with its stored configuration, which "
-            f"cannot change on resume (Tune restores the trial count, searcher and scheduler "
-            f"from its saved state), but these values differ: {', '.join(changed[:6])}"
+            f"cannot change on resume (Tune restores its searcher, scheduler and failure policy "
+            f"from its saved state; only search.num_trials may grow, for one study), but these "
+            f"values differ: {', '.join(changed[:6])}"
             + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
             + f": drop those --set/--config values to continue it as it is (`launch.py resume "
             f"{location}`), or start a new sweep under another --name (it may warm-start from "

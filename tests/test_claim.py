@@ -108,10 +108,44 @@ def test_sweep_resume_refuses_values_it_cannot_apply(synthetic_root: Path, tmp_p
     with pytest.raises(UserInputError) as err:
         sweep.run_sweep(changed, resume=True, export=False)  # refused before Ray starts
     message = str(err.value)
-    assert "these values differ: train.epochs (4 -> 5), search.num_trials (2 -> 3)" in message
+    # More trials would be applied; the changed training config cannot be.
+    assert "these values differ: train.epochs (4 -> 5)" in message
+    assert "search.num_trials" not in message.split("these values differ:")[1]
     assert (
         "another --name" in message and f"launch.py resume {stored.experiment_location}" in message
     )
     assert os.listdir(stored.experiment_dir) == [SPEC_FILE]  # nothing written, nothing claimed
     # The same values again: nothing to refuse.
     sweep._refuse_resume_changes(spec_for(tmp_path, synthetic_root, "search.num_trials=2"), stored)
+
+
+def test_sweep_resume_refuses_fewer_trials(synthetic_root: Path, tmp_path: Path) -> None:
+    from search.config import SPEC_FILE
+
+    stored = spec_for(tmp_path, synthetic_root, "search.num_trials=3")
+    stored.experiment_dir.mkdir(parents=True)
+    (stored.experiment_dir / SPEC_FILE).write_text(json.dumps(stored.to_dict()))
+    fewer = spec_for(tmp_path, synthetic_root, "search.num_trials=2")
+    with pytest.raises(UserInputError, match=r"search.num_trials \(3 -> 2\)"):
+        sweep.run_sweep(fewer, resume=True, export=False)
+
+
+@pytest.mark.slow
+def test_sweep_resume_with_more_trials_runs_them(
+    ray_session, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """`sweep --name X --resume --set search.num_trials=3` on a finished 2-trial sweep."""
+    from search.results import load_trials
+
+    fast = ["scheduler.type=fifo", "train.epochs=2", "train.lr_milestones=[2]"]
+    two = spec_for(tmp_path, synthetic_root, "search.num_trials=2", *fast)
+    sweep.run_sweep(two, write=lambda _: None, dashboard=False, export=False)
+    assert len(load_trials(two.experiment_dir)) == 2
+    lines: list[str] = []
+    three = spec_for(tmp_path, synthetic_root, "search.num_trials=3", *fast)
+    sweep.run_sweep(three, resume=True, write=lines.append, dashboard=False, export=False)
+    assert "search.num_trials: 2 -> 3 (the resumed sweep runs the new trials)" in lines
+    df = load_trials(two.experiment_dir)
+    assert len(df) == 3 and set(df["state"]) == {"done"}, df
+    stored = json.loads((two.experiment_dir / "sweep.json").read_text())
+    assert stored["sweep"]["search"]["num_trials"] == 3
