@@ -51,7 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Write = Callable[[str], None]
 SEED_STRIDE = 7919  # fresh seeds: the search's seed plus multiples of a prime (never equal)
 
 
@@ -85,7 +84,9 @@ def confirm_configs(spec: SweepSpec, trials: Sequence[Any], table: Any) -> list[
     return out
 
 
-def run_confirm(spec: SweepSpec, *, write: Write, trainable: Any, callbacks: list) -> bool:
+def run_confirm(
+    spec: SweepSpec, *, write: Callable[[str], None], trainable: Any, callbacks: list
+) -> bool:
     """Runs (or resumes) the confirmation trials and writes ``confirm.json``.
 
     Returns False when they were interrupted (Ctrl-C: ``resume`` continues them). With no
