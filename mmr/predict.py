@@ -63,6 +63,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("path", "category", "score", "normalised_score", "anomalous", "error")
+# mmr.data.IMAGE_SUFFIXES, repeated: importing mmr.data imports torch, which the ONNX path avoids.
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _SPLIT_DIRS = ("test", "train", "ground_truth", "validation")
 # Called as ``progress(total)``; returns a per-image callback and a close function.
