@@ -217,6 +217,20 @@ def summarize(traces: Sequence[SearchTrace], best: float) -> dict[str, Any]:
     # The exported configuration's seed-mean test value: its quality without its seed's luck.
     out["final_true_test_auroc"] = _quantiles([t.final_true_test for t in traces])
     out["epochs_total"] = _quantiles([t.epochs for t in traces])
+    gained = [t for t in traces if t.confirm_gain is not None]
+    if gained:
+        # The confirmation's 95% gain interval against the true gain (seed means of the table).
+        lows, highs = (np.array([t.confirm_gain[i] for t in gained]) for i in (1, 2))
+        truth = np.array([t.true_gain for t in gained])
+        covered = (lows - 1e-12 <= truth) & (truth <= highs + 1e-12)
+        out["confirm_interval"] = {
+            "intervals": len(gained),
+            "searches": len(traces),
+            "coverage": round(float(np.mean(covered)), 4),
+            "beyond_noise": round(float(np.mean(lows > 0)), 4),
+            "true_gain_positive": round(float(np.mean(truth > 0)), 4),
+            "width": _quantiles(highs - lows),
+        }
     gens = [t.cma_generations for t in traces if t.cma_generations is not None]
     if gens:
         out["cma_generations"] = _quantiles(gens)
@@ -445,12 +459,18 @@ def warm_start_replay(
 
 def load_table(path: str | Path = DEFAULT_TABLE, metric: str = "image_auroc") -> CurveTable:
     """The complete runs of a recorded curve table."""
-    from benchmarks.curves import load_curves
+    from benchmarks.curves import load_curves, load_scores
 
     frame = load_curves(path)
     if frame.empty:
         raise SystemExit(f"{path}: no complete run recorded yet (run python -m benchmarks.curves)")
-    return CurveTable.from_frame(frame, metric=metric)
+    table = CurveTable.from_frame(frame, metric=metric)
+    scores = Path(path).with_suffix(".scores.jsonl")  # the recorder's side file, when kept
+    if scores.is_file():
+        for key, (labels, values) in load_scores(scores).items():
+            if key in table.val and len(labels):
+                table.scores[key] = (np.asarray(labels), np.asarray(values, dtype=float))
+    return table
 
 
 def render_markdown(doc: Mapping[str, Any], command: str) -> str:
@@ -533,6 +553,24 @@ def render_markdown(doc: Mapping[str, Any], command: str) -> str:
             "CMA-ES generations completed per search (median [q25, q75]): "
             + "; ".join(f"`{n}` {fmt(q)}" for n, q in gens.items())
             + ".",
+        ]
+    intervals = {n: doc[n]["confirm_interval"] for n in names if doc[n].get("confirm_interval")}
+    if intervals:
+        lines += [
+            "",
+            "Confirmation's gain interval (the service's 95% bootstrap over seeds and test "
+            "images, from the recorded test scores) against the true gain (the difference of "
+            "the two configurations' seed-mean test AUROCs in the table), in the searches "
+            "whose export is not the baseline:",
+            "",
+            "| strategy | intervals / searches | coverage | above 0 (beyond noise) | true gain "
+            "> 0 | width: median [q25, q75] |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{n}` | {c['intervals']} / {c['searches']} | {c['coverage']} | "
+            f"{c['beyond_noise']} | {c['true_gain_positive']} | {fmt(c['width'])} |"
+            for n, c in intervals.items()
         ]
     if doc.get("best"):
         lines += [

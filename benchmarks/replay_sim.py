@@ -79,6 +79,9 @@ class CurveTable:
     test: dict[tuple[int, str, int], float]  # run -> test metric at the end (nan: diverged)
     epochs: int
     metric: str = "image_auroc"
+    # run -> (labels, scores) of its test images (the recorder's side file; may be empty):
+    # what the confirmation's bootstrap interval needs.
+    scores: dict[tuple[int, str, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, *, metric: str = "image_auroc") -> CurveTable:
@@ -296,6 +299,10 @@ class SearchTrace:
     cma_generations: int | None = None  # CMA-ES generations its studies completed (max)
     final_config: int | None = None  # the exported configuration (single study)
     final_true_test: float = float("nan")  # its seed-mean test value: its quality, not its luck
+    # Confirmation with recorded test scores: the service's gain interval over the baseline
+    # ``(mean, lo, hi)`` and the true gain (the table's seed means); None without.
+    confirm_gain: tuple[float, float, float] | None = None
+    true_gain: float | None = None
 
     def epochs_to(self, target: float) -> float:
         """Model-epochs spent when the incumbent's test value first reached ``target``."""
@@ -483,9 +490,11 @@ def confirm(
     rng = np.random.default_rng([search_seed, 7919])
     cats = list(categories)
     means: dict[int, float] = {}
+    seeds: dict[int, list[int]] = {}
     for i, t in enumerate(picked):
         fresh = [s for s in table.seeds(t.config, cats) if s != t.seed] or [t.seed]
         chosen = rng.choice(fresh, size=min(strategy.confirm_seeds, len(fresh)), replace=False)
+        seeds[i] = [int(s) for s in chosen]
         finals = []
         for s in chosen:
             curves = [table.val[(t.config, k, int(s))] for k in cats]
@@ -495,10 +504,41 @@ def confirm(
         means[i] = float(np.mean(finals))
     best = max(means, key=lambda i: (means[i], picked[i].baseline))
     pick = picked[best]
+    if baseline and not pick.baseline:
+        _gain(
+            trace, table, cats, pick, seeds[best], baseline[0], seeds[len(picked) - 1], search_seed
+        )
     value = float(np.mean([table.test[(pick.config, k, pick.seed)] for k in cats]))
     trace.incumbents = [(trace.epochs, value)]
     trace.final_test = value
     trace.final_config = pick.config
+
+
+def _gain(
+    trace: SearchTrace,
+    table: CurveTable,
+    cats: Sequence[str],
+    pick: TrialRecord,
+    pick_seeds: Sequence[int],
+    base: TrialRecord,
+    base_seeds: Sequence[int],
+    search_seed: int,
+) -> None:
+    """The service's gain interval (``search.confirm.gain_interval``) of the exported
+    configuration over the baseline, from the recorded test scores of their confirmation
+    runs (paired in draw order: the table has no common fresh seed), and the true gain it
+    estimates: the difference of the two configurations' seed-mean test values."""
+    from search.confirm import gain_interval
+
+    n = min(len(pick_seeds), len(base_seeds))
+    runs = []
+    for config, chosen in ((pick.config, pick_seeds), (base.config, base_seeds)):
+        keys = [[(config, k, s) for k in cats] for s in chosen[:n]]
+        if not all(key in table.scores for row in keys for key in row):
+            return  # no recorded scores (an older table, or a diverged run)
+        runs.append([{k[1]: table.scores[k] for k in row} for row in keys])
+    trace.confirm_gain = gain_interval(runs[0], runs[1], seed=search_seed)
+    trace.true_gain = table.final_test(pick.config, cats) - table.final_test(base.config, cats)
 
 
 def _loop(

@@ -627,3 +627,52 @@ def test_confirmation_picks_by_fresh_seeds_validation_and_counts_its_cost():
         np.mean([t.test[(pick.config, k, pick.seed)] for k in cats])
     )
     assert b.final_true_test == pytest.approx(t.final_test(pick.config, cats))
+
+
+def _with_scores(t: S.CurveTable, n: int = 20) -> S.CurveTable:
+    """Made-up test scores per run whose separation follows the run's test value."""
+    labels = np.array([1] * n + [0] * n)
+    for i, key in enumerate(sorted(t.test)):
+        rng = np.random.default_rng(i)
+        shift = 4 * (t.test[key] - 0.5)
+        t.scores[key] = (labels, rng.normal(0, 1, 2 * n) + shift * labels)
+    return t
+
+
+def test_confirmation_interval_is_the_services_over_fresh_seeds_scores():
+    from mmr.metrics import image_auroc
+    from search.confirm import gain_interval
+
+    t = _with_scores(table(epochs=12))
+    cats = t.categories
+    confirmed = R.STRATEGIES["fifo_random_confirm2x1"]
+    traces = [S.simulate(confirmed, t, seed=s, num_trials=8, max_concurrent=1) for s in range(6)]
+    gained = [tr for tr in traces if tr.confirm_gain is not None]
+    assert gained  # some searches export a configuration other than the baseline
+    for tr in traces:
+        base = next(x for x in tr.trials if x.baseline)
+        if tr.final_config == base.config:
+            assert tr.confirm_gain is None
+            continue
+        done = [x for x in tr.trials if x.state == "done" and not x.baseline]
+        pick = max((x for x in done if x.config == tr.final_config), key=lambda x: x.objective)
+        runs = []
+        for x in (pick, base):  # each configuration's one fresh seed (not its search seed)
+            (other,) = [s for s in t.seeds(x.config, cats) if s != x.seed]
+            runs.append([{k: t.scores[(x.config, k, other)] for k in cats}])
+        assert tr.confirm_gain == pytest.approx(gain_interval(*runs, seed=traces.index(tr)))
+        expected = np.mean([image_auroc(s, y) for y, s in runs[0][0].values()]) - np.mean(
+            [image_auroc(s, y) for y, s in runs[1][0].values()]
+        )
+        assert tr.confirm_gain[0] == pytest.approx(expected)
+        assert tr.true_gain == pytest.approx(
+            t.final_test(pick.config, cats) - t.final_test(base.config, cats)
+        )
+    doc = R.summarize(traces, t.best_test(cats))["confirm_interval"]
+    covered = [lo <= tr.true_gain <= hi for tr in gained for _, lo, hi in [tr.confirm_gain]]
+    assert doc["intervals"] == len(gained) and doc["searches"] == 6
+    assert doc["coverage"] == pytest.approx(np.mean(covered), abs=1e-4)
+    # Without recorded scores there is no interval (an older table).
+    t.scores.clear()
+    plain = S.simulate(confirmed, t, seed=0, num_trials=8, max_concurrent=1)
+    assert plain.confirm_gain is None and "confirm_interval" not in R.summarize([plain], 0.9)
