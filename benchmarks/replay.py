@@ -30,6 +30,7 @@ table, default ``benchmarks/data/curves.csv``; ``--only NAME,...`` a subset of s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -69,6 +70,22 @@ DEFAULT_TABLE = ROOT / "benchmarks" / "data" / "curves.csv"
 TARGET_GAPS = (0.01, 0.02)
 
 
+def shippable(strategy: Strategy) -> bool:
+    """Whether a sweep config can run ``strategy`` (``scheduler.type`` fifo, asha or median,
+    the last value as rung metric, one study for all categories, as the demo sweep)."""
+    return (
+        strategy.scheduler in SHIPPED
+        and strategy.rung_metric == "last"
+        and not strategy.per_category
+    )
+
+
+CONFIRM_TOP_K = (1, 2, 3)  # the confirmation sizes replayed: search.confirm.top_k
+CONFIRM_SEEDS = (1, 2)  # and search.confirm.seeds (the fixed table has 2 fresh seeds a config)
+MIN_CONFIRM_SEEDS = 2  # search.confirm.seeds below 2 is refused (no seed spread): not shipped
+COVERAGE = 0.9  # the issue's bar: the gain interval covers the true gain in >= 90% of seeds
+
+
 def _strategies() -> list[Strategy]:
     out = []
     for sampler in ("random", "tpe", "gp", "cmaes"):
@@ -79,21 +96,19 @@ def _strategies() -> list[Strategy]:
     # CMA-ES that learns from the trials early stopping ended (search.cmaes_consider_pruned).
     for scheduler in ("asha", "median"):
         out.append(Strategy(f"{scheduler}_cmaes_pruned", "cmaes", scheduler, cmaes_pruned=True))
-    # Confirmation runs (search.confirm: top_k x seeds) after the default and after FIFO +
-    # random search; their cost counts in every epoch figure.
-    for base in ("median_cmaes", "fifo_random"):
-        sampler, scheduler = base.split("_")[1], base.split("_")[0]
-        for k in (1, 2, 3):
-            for s in (1, 2):
-                out.append(
-                    Strategy(
-                        f"{base}_confirm{k}x{s}",
-                        sampler,
-                        scheduler,
-                        confirm_top_k=k,
-                        confirm_seeds=s,
-                    )
-                )
+    # A longer grace period (3 rounds: half the fixed-teacher table's 36 epochs), for curves
+    # that cross early.
+    for sampler in ("random", "tpe", "gp", "cmaes"):
+        for scheduler in ("median", "asha"):
+            out.append(Strategy(f"{scheduler}_{sampler}_g3", sampler, scheduler, grace_period=3))
+    # Confirmation runs (search.confirm: top_k x seeds) after every shippable base strategy;
+    # their cost counts in every epoch figure (``confirm_sizes`` picks a base's sizes).
+    bases = [s for s in out if shippable(s) and not s.cmaes_pruned]
+    for base in bases:
+        for k in CONFIRM_TOP_K:
+            for n in CONFIRM_SEEDS:
+                name = f"{base.name}_confirm{k}x{n}"
+                out.append(dataclasses.replace(base, name=name, confirm_top_k=k, confirm_seeds=n))
     for sampler in ("random", "tpe"):
         for every, grace, rf in ((6, 1, 2), (6, 2, 3), (3, 1, 3), (3, 2, 3), (1, 1, 3), (1, 3, 3)):
             out.append(
@@ -144,16 +159,6 @@ def decisive_target(doc: Mapping[str, Any], reference: str = "fifo_random") -> s
     return keys[-1]
 
 
-def shippable(strategy: Strategy) -> bool:
-    """Whether a sweep config can run ``strategy`` (``scheduler.type`` fifo, asha or median,
-    the last value as rung metric, one study for all categories, as the demo sweep)."""
-    return (
-        strategy.scheduler in SHIPPED
-        and strategy.rung_metric == "last"
-        and not strategy.per_category
-    )
-
-
 def evidence_best(doc: Mapping[str, Any], reference: str = "fifo_random") -> str:
     """The shippable strategy a replay document shows best, by a fixed rule.
 
@@ -183,7 +188,14 @@ def evidence_best(doc: Mapping[str, Any], reference: str = "fifo_random") -> str
             and final >= ref_final - FINAL_TOLERANCE
         )
 
-    names = [n for n in doc if n in STRATEGIES and shippable(STRATEGIES[n]) and eligible(n)]
+    names = [
+        n
+        for n in doc
+        if n in STRATEGIES
+        and shippable(STRATEGIES[n])
+        and not STRATEGIES[n].confirm_top_k  # the search; confirm_sizes sizes what follows it
+        and eligible(n)
+    ]
     return min(
         names,
         key=lambda n: (
@@ -193,6 +205,42 @@ def evidence_best(doc: Mapping[str, Any], reference: str = "fifo_random") -> str
             n,
         ),
     )
+
+
+def confirm_sizes(doc: Mapping[str, Any], base: str) -> str | None:
+    """The confirmation a replay document justifies after the search strategy ``base``.
+
+    Eligible: ``base``'s confirmation variants a sweep can run (``MIN_CONFIRM_SEEDS``) whose
+    gain interval covers the true gain in at least ``COVERAGE`` of the searches that have one,
+    and whose exported configuration's median final test AUROC is at least ``base``'s (the
+    unconfirmed incumbent's). Among them the fewest median epochs in all wins (then the
+    name). None: no size is justified.
+    """
+    ref = doc[base]["final_test_auroc"]["median"]
+
+    def eligible(name: str) -> bool:
+        e, interval = doc[name], doc[name].get("confirm_interval")
+        final = e["final_test_auroc"]["median"]
+        return (
+            interval is not None
+            and interval["coverage"] >= COVERAGE
+            and final is not None
+            and ref is not None
+            and final >= ref
+        )
+
+    names = [
+        n
+        for n in doc
+        if n in STRATEGIES
+        and STRATEGIES[n].confirm_top_k
+        and STRATEGIES[n].confirm_seeds >= MIN_CONFIRM_SEEDS
+        and n == f"{base}_confirm{STRATEGIES[n].confirm_top_k}x{STRATEGIES[n].confirm_seeds}"
+        and eligible(n)
+    ]
+    if not names:
+        return None
+    return min(names, key=lambda n: (doc[n]["epochs_total"]["median"] or math.inf, n))
 
 
 def _quantiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -310,6 +358,7 @@ def run_replay(
     out["default"] = DEFAULT_STRATEGY
     if "fifo_random" in out:
         out["best"] = evidence_best(out)
+        out["confirm_best"] = confirm_sizes(out, out["best"])
     out["meta"] = {
         "table": {
             "configs": len(table.configs(categories)),
@@ -581,6 +630,15 @@ def render_markdown(doc: Mapping[str, Any], command: str) -> str:
             f"{FINAL_TOLERANCE} below its, the fewest median epochs to that target); the "
             f"shipped default is `{doc.get('default')}`.",
         ]
+        if "confirm_best" in doc:
+            sizes = doc["confirm_best"]
+            lines.append(
+                f"Confirmation after `{doc['best']}` (`benchmarks.replay.confirm_sizes`: the "
+                f"variants whose gain interval covers the true gain in >= {COVERAGE:.0%} of "
+                "the searches and whose median final test AUROC is at least the unconfirmed "
+                "search's, the fewest epochs in all): "
+                + (f"`{sizes}`." if sizes else "none justified (among those replayed).")
+            )
     corr = doc.get("rank_correlation") or {}
     if corr:
         epochs = list(next(iter(corr.values())))

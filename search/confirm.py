@@ -43,6 +43,7 @@ __all__ = [
     "confirm_progress",
     "describe",
     "fresh_seeds",
+    "NO_FLOOR",
     "gain_interval",
     "read_confirm",
     "replicate_gains",
@@ -52,6 +53,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# What status and the report say when no confirmation ran: no measured floor.
+NO_FLOOR = (
+    "seed noise not measured (search.confirm is off): a difference between two single trials "
+    "may be seed noise; search.confirm: {top_k: 1, seeds: 2} measures it"
+)
 SEED_STRIDE = 7919  # fresh seeds: the search's seed plus multiples of a prime (never equal)
 
 

@@ -32,8 +32,8 @@ from mmr.fileio import atomic_path
 from mmr.outdir import check_replaceable, read_marker, staged
 from mmr.report import flatten_metrics, results_markdown, write_json
 from search.config import SweepSpec, load_spec
+from search.confirm import NO_FLOOR, read_confirm
 from search.confirm import describe as describe_confirm
-from search.confirm import read_confirm
 from search.contract import OBJECTIVE
 from search.pareto import write_pareto
 from search.report_page import write_report
@@ -194,7 +194,10 @@ def _export(
         rows, title=f"{spec.sweep.name}: held-out test half (never seen by the search)"
     ) + "".join(f"\n**Note:** {note}\n" for note in summary.get("notes", []))
     confirmed = read_confirm(spec.experiment_dir)
-    if confirmed is not None:
+    if confirmed is None:
+        summary["noise_floor"] = None
+        results += f"\n**Seed noise:** {NO_FLOOR}\n"
+    else:
         # top_k, seeds, best_trial, gain {mean, ci95}, beyond_noise, noise_floor, and each
         # confirmed configuration's seeds and values.
         summary["confirm"] = confirmed

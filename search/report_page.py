@@ -112,13 +112,13 @@ def write_report(out: Path, *, title: str, rows: Rows, params: list[str]) -> Pat
         parts.append(_table(front, table_id="pareto"))
         if (plots / "pareto_front.png").is_file():
             parts.append(_image(plots / "pareto_front.png", "Pareto front"))
-    confirm = summary.get("confirm")
-    if confirm is not None:
-        from search.confirm import describe
+    from search.confirm import NO_FLOOR, describe
 
-        parts.append("<h2 id='confirm'>Confirmation runs</h2><ul>")
-        parts += [f"<li>{html.escape(line)}</li>" for line in describe(confirm)]
-        parts.append("</ul>")
+    confirm = summary.get("confirm")
+    lines = describe(confirm) if confirm is not None else [NO_FLOOR]
+    parts.append("<h2 id='confirm'>Confirmation runs and seed noise</h2><ul>")
+    parts += [f"<li>{html.escape(line)}</li>" for line in lines]
+    parts.append("</ul>")
     parts.append("<h2 id='comparison'>Baseline vs best</h2>")
     parts.append(_table(_comparison(summary, trials, params), table_id="comparison"))
     parts.append(f"<h2 id='trials'>Trials ({len(trials)})</h2>")

@@ -292,9 +292,10 @@ def best_of_study(trials: pd.DataFrame) -> pd.Series | None:
 
 def _confirm_lines(spec: SweepSpec) -> list[str]:
     """The confirmation's verdict, or how far its trials got (``search.confirm``)."""
+    from search.confirm import NO_FLOOR, confirm_progress, describe, read_confirm
+
     if spec.sweep.search.confirm.top_k == 0:
-        return []
-    from search.confirm import confirm_progress, describe, read_confirm
+        return [NO_FLOOR]
 
     summary = read_confirm(spec.experiment_dir)
     if summary is not None:

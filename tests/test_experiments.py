@@ -4,6 +4,7 @@ once, exports replace only their own output, and a copied experiment works with 
 from __future__ import annotations
 
 import filecmp
+import html
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from test_search import _driver_env, _sweep_args, cli, interrupted_sweep, spec_f
 
 from mmr.errors import UserInputError
 from mmr.outdir import MARKER
+from search.confirm import NO_FLOOR
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +84,13 @@ def test_copied_experiment_works_with_status_export_and_resume(finished, tmp_pat
     proc = cli("status", str(copy), env=_driver_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 done" in proc.stdout
+    # No confirmation ran: status and the report say that seed noise was not measured.
+    assert NO_FLOOR in " ".join(proc.stdout.split())
     proc = cli("export", str(copy), "--out", str(tmp_path / "out"), env=_driver_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert NO_FLOOR in (tmp_path / "out" / "results.md").read_text()
+    assert html.escape(NO_FLOOR) in (tmp_path / "out" / "report.html").read_text()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["noise_floor"] is None
     assert (tmp_path / "out" / "best.yaml").is_file()
     # Its own export/ came along from the original, and is the copy's to replace.
     proc = cli("export", str(copy), "--out", str(copy / "export"), env=_driver_env())

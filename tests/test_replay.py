@@ -676,3 +676,39 @@ def test_confirmation_interval_is_the_services_over_fresh_seeds_scores():
     t.scores.clear()
     plain = S.simulate(confirmed, t, seed=0, num_trials=8, max_concurrent=1)
     assert plain.confirm_gain is None and "confirm_interval" not in R.summarize([plain], 0.9)
+
+
+def test_confirmation_sizes_need_coverage_and_no_worse_export_and_are_not_the_search():
+    def confirmed(total, final, coverage):
+        e = _entry(50.0, 1.0, final)  # reaches sooner than anything: must not win the search
+        e["epochs_total"] = {"median": total}
+        e["confirm_interval"] = {"coverage": coverage}
+        return e
+
+    doc = {
+        "fifo_random": _entry(900.0, 0.6, 0.80),
+        "fifo_tpe": _entry(600.0, 0.7, 0.80),
+        "fifo_tpe_confirm1x1": confirmed(700.0, 0.80, 0.99),  # one seed: a sweep refuses it
+        "fifo_tpe_confirm1x2": confirmed(800.0, 0.80, 0.95),
+        "fifo_tpe_confirm2x2": confirmed(900.0, 0.81, 0.97),
+        "fifo_tpe_confirm3x2": confirmed(750.0, 0.79, 0.99),  # exports worse than the search
+        "fifo_tpe_confirm2x1": confirmed(750.0, 0.80, 0.85),  # covers too rarely
+        "fifo_random_confirm1x1": confirmed(100.0, 0.9, 1.0),  # another base's
+    }
+    assert R.evidence_best(doc) == "fifo_tpe"  # confirmation variants never win the search
+    assert R.confirm_sizes(doc, "fifo_tpe") == "fifo_tpe_confirm1x2"  # cheapest eligible
+    with pytest.raises(ValueError, match="search.confirm.seeds"):  # why 1x1 is not eligible
+        S.sweep_spec(
+            R.STRATEGIES["fifo_tpe"],
+            table=table(epochs=12),
+            categories=["nut"],
+            num_trials=4,
+            max_concurrent=1,
+            seed=0,
+            n_startup_trials=2,
+            extra=["search.confirm.top_k=1", "search.confirm.seeds=1"],
+        )
+    doc["fifo_tpe_confirm1x2"]["confirm_interval"]["coverage"] = 0.89
+    assert R.confirm_sizes(doc, "fifo_tpe") == "fifo_tpe_confirm2x2"
+    doc["fifo_tpe_confirm2x2"]["final_test_auroc"]["median"] = 0.799
+    assert R.confirm_sizes(doc, "fifo_tpe") is None  # none justified
