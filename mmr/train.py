@@ -500,9 +500,7 @@ def _out_of_memory(
     )
 
 
-def _check_losses(
-    pending: list[tuple[int, float, torch.Tensor]], names: list[str]
-) -> list[float]:
+def _check_losses(pending: list[tuple[int, float, torch.Tensor]], names: list[str]) -> list[float]:
     """Reads the pending epochs' losses (one host sync) and fails at the first epoch whose loss
     is NaN or infinite; returns each epoch's mean loss over the tasks."""
     values = torch.stack([losses for _, _, losses in pending]).tolist()
