@@ -672,9 +672,7 @@ def test_bad_sweep_inputs_fail_before_ray_starts(synthetic_root, tmp_path):
         spec_for(tmp_path, synthetic_root, "objective.metric=accuracy")
 
 
-def test_sequential_category_order_is_refused_per_category_and_lists_all(
-    synthetic_root, tmp_path
-):
+def test_sequential_category_order_is_refused_per_category_and_lists_all(synthetic_root, tmp_path):
     seq = "train.category_order=sequential"
     with pytest.raises(ConfigError, match="objective.per_category=false"):
         spec_for(tmp_path, synthetic_root, seq, "objective.per_category=true")
