@@ -205,7 +205,8 @@ def _train(cfg: Any, out: Path, label: str) -> int:
     def bar() -> tqdm:
         if not bars:
             bars.append(
-                tqdm(total=cfg.train.epochs, unit="epoch", desc="train", dynamic_ncols=True)
+                # Sequential category order: every task's epochs, one task after another.
+                tqdm(total=cfg.total_epochs, unit="epoch", desc="train", dynamic_ncols=True)
             )
         return bars[0]
 

@@ -17,7 +17,11 @@ through a real ``Tuner`` for the cross-check.
 Simulated time: one epoch of one trial takes one time unit; ``max_concurrent`` trials run at
 once, so results arrive interleaved as in a real sweep (ties: the earlier-started trial
 first). Cost is counted in *model-epochs*: a trial that trains two categories in lockstep
-costs two per epoch, a per-category trial one.
+costs two per epoch, a per-category trial one, and so does a trial that trains its categories
+one after another (``Strategy.category_order: sequential``, ``train.category_order``): its
+global rounds go through the categories in the sweep's order, each round reporting the mean
+over the categories started so far (the finished ones at their last value), so a trial
+stopped after its first category has cost that category's epochs only.
 
 Mapping to the table: a trial's sampled parameters map to the nearest recorded configuration
 that has curves for the trial's categories, by distance in the space's unit cube (numbers
@@ -222,14 +226,20 @@ class Strategy:
     min_samples: int = 3  # median only: other trials at a round before it stops one
     brackets: int = 1  # hyperband only
     rung_metric: str = "last"  # last | best (best so far) | smoothed (EMA, weight 0.5)
-    eval_every: int = 6  # epochs per evaluation round (the tiny config's value)
+    eval_every: int = 6  # epochs per evaluation round (the tiny config's value; 0: the
+    # table's epochs, one round per category's training)
     per_category: bool = False
     cmaes_pruned: bool = False  # CMA-ES learns from stopped trials (search.cmaes_consider_pruned)
     confirm_top_k: int = 0  # search.confirm.top_k (0: no confirmation runs)
     confirm_seeds: int = 0  # search.confirm.seeds (at most the table's other seeds of a config)
+    category_order: str = "lockstep"  # train.category_order: lockstep | sequential
 
-    def overrides(self) -> list[str]:
-        """Sweep overrides of the project's own sampler/scheduler settings."""
+    def overrides(self, *, epochs: int | None = None) -> list[str]:
+        """Sweep overrides of the project's own sampler/scheduler settings (``epochs``: the
+        table's, which ``eval_every: 0`` stands for)."""
+        every = self.eval_every or epochs
+        if every is None:
+            raise ValueError(f"{self.name}: eval_every 0 needs the table's epochs")
         return [
             f"search.sampler={self.sampler}",
             f"search.cmaes_consider_pruned={str(self.cmaes_pruned).lower()}",
@@ -238,7 +248,8 @@ class Strategy:
             f"scheduler.reduction_factor={self.reduction_factor}",
             f"scheduler.min_samples={self.min_samples}",
             f"objective.per_category={str(self.per_category).lower()}",
-            f"train.eval_every={self.eval_every}",
+            f"train.eval_every={every}",
+            f"train.category_order={self.category_order}",
         ]
 
 
@@ -363,7 +374,7 @@ def sweep_spec(
     from search.resolve import resolve_sweep
 
     overrides = [
-        *strategy.overrides(),
+        *strategy.overrides(epochs=table.epochs),
         f"search.num_trials={num_trials}",
         f"search.max_concurrent={max_concurrent}",
         f"search.seed={seed}",
@@ -559,6 +570,11 @@ def _loop(
         else {None: Nearest(table, spec.space, categories)}
     )
     every, rounds_total = spec.base.train.eval_every, spec.base.num_rounds
+    sequential = strategy.category_order == "sequential"
+    schedule = round_schedule(
+        strategy.category_order, table.epochs, every, 1 if per_cat else len(categories)
+    )
+    assert len(schedule) == rounds_total, (len(schedule), rounds_total)
     num_samples = planned_trials(spec)
     incumbent = Incumbent(list(categories) if per_cat else [None])
     ctrl = SimController()
@@ -566,7 +582,7 @@ def _loop(
     heap: list[tuple[float, int, SimTrial]] = []
     state: dict[str, dict[str, Any]] = {}
     now, started, finished = 0.0, 0, False
-    cost_per_epoch = 1 if per_cat else len(categories)
+    cost_per_epoch = 1 if per_cat or sequential else len(categories)
 
     def complete(trial: SimTrial, result: dict[str, Any] | None, how: str) -> None:
         st = state[trial.trial_id]
@@ -620,7 +636,7 @@ def _loop(
             ctrl.live.append(trial)
             scheduler.on_trial_add(ctrl, trial)
             started += 1
-            heapq.heappush(heap, (now + min(every, table.epochs), started, trial))
+            heapq.heappush(heap, (now + schedule[0][1], started, trial))
         if not heap:
             break
         when, order, trial = heapq.heappop(heap)
@@ -629,11 +645,12 @@ def _loop(
         st = state[trial.trial_id]
         rec = st["record"]
         rec.rounds += 1
-        epoch = min(rec.rounds * every, table.epochs)
-        if any(len(c) < epoch for c in st["curves"]):  # the recorded run diverged here
+        reached, _ = schedule[rec.rounds - 1]
+        raw = round_value(st["curves"], reached)
+        if raw is None:  # the recorded run diverged here
             complete(trial, None, "failed")
             continue
-        raw = float(np.mean([c[epoch - 1] for c in st["curves"]]))
+        epoch = max(e for e in reached if e)  # the newest category's epoch
         value = _rung_value(strategy.rung_metric, raw, st)
         rec.objective = value
         result = {
@@ -653,8 +670,7 @@ def _loop(
         if rec.rounds >= rounds_total:
             complete(trial, result, "done")
             continue
-        next_epoch = min((rec.rounds + 1) * every, table.epochs)
-        heapq.heappush(heap, (now + next_epoch - epoch, order, trial))
+        heapq.heappush(heap, (now + schedule[rec.rounds][1], order, trial))
     trace.final_test = incumbent.test
     studies = searcher.studies.values() if hasattr(searcher, "studies") else [searcher.study]
     trials = [t for study in studies for t in study.get_trials(deepcopy=False)]
@@ -662,6 +678,44 @@ def _loop(
     if strategy.sampler == "cmaes":
         trace.cma_generations = cma_generations(trials)
     return trace
+
+
+def round_schedule(
+    order: str, epochs: int, every: int, num_categories: int
+) -> list[tuple[tuple[int, ...], int]]:
+    """A trial's evaluation rounds as ``mmr.train.fit`` runs them: per global round, the epoch
+    each category has reached (0: not started) and the epochs trained since the previous
+    round (simulated time).
+
+    Lockstep: every category at the same epoch; sequential (``train.category_order``): the
+    categories one after another, each for every epoch, with its own rounds.
+    """
+    local = sorted({min(r * every, epochs) for r in range(1, -(-epochs // every) + 1)})
+    out: list[tuple[tuple[int, ...], int]] = []
+    if order == "lockstep":
+        previous = 0
+        for epoch in local:
+            out.append(((epoch,) * num_categories, epoch - previous))
+            previous = epoch
+        return out
+    if order != "sequential":
+        raise ValueError(f"category_order must be lockstep or sequential, got {order!r}")
+    for i in range(num_categories):
+        previous = 0
+        for epoch in local:
+            reached = (epochs,) * i + (epoch,) + (0,) * (num_categories - i - 1)
+            out.append((reached, epoch - previous))
+            previous = epoch
+    return out
+
+
+def round_value(curves: Sequence[np.ndarray], reached: Sequence[int]) -> float | None:
+    """Mean over the started categories of their value at the epoch each reached (the
+    finished ones at their last); None when a recorded run diverged before it."""
+    started = [(c, e) for c, e in zip(curves, reached, strict=True) if e]
+    if any(len(c) < e for c, e in started):
+        return None
+    return float(np.mean([c[e - 1] for c, e in started]))
 
 
 def cma_generations(trials: Sequence[Any]) -> int:
@@ -716,13 +770,13 @@ def replay_trial(
     cid = Nearest(table, load_space(space_spec), cats)(params)
     run_seed = draw_seed(table, cid, cats, search_seed, config["study_trial"])
     curves = [table.val[(cid, k, run_seed)] for k in cats]
-    rounds_total = -(-table.epochs // eval_every)
+    schedule = round_schedule(strategy.category_order, table.epochs, eval_every, len(cats))
+    rounds_total = len(schedule)
     st: dict[str, Any] = {"smooth": None, "best": -math.inf}
-    for r in range(1, rounds_total + 1):
-        epoch = min(r * eval_every, table.epochs)
-        if any(len(c) < epoch for c in curves):
+    for reached, _ in schedule:
+        raw = round_value(curves, reached)
+        if raw is None:
             raise RuntimeError("the recorded run diverged")
-        raw = float(np.mean([c[epoch - 1] for c in curves]))
         value = _rung_value(strategy.rung_metric, raw, st)
         tune.report({OBJECTIVE: value, ROUNDS_KEY: rounds_total, "replay_config": cid})
 

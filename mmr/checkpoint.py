@@ -53,11 +53,15 @@ def save_checkpoint(
     generators: Mapping[str, torch.Generator],
     epoch: int,
     history: list[dict[str, float]],
+    *,
+    streams: Mapping[str, Mapping[str, torch.Tensor | None]] | None = None,
 ) -> None:
     """Writes a plain-dict checkpoint (loadable with ``weights_only=True``) atomically.
 
     ``optimizers`` None leaves out the optimiser state: such a checkpoint can be evaluated and
-    exported, not trained further.
+    exported, not trained further. ``epoch`` counts epoch steps: the epochs of a lockstep run,
+    the epochs of every task so far in a sequential one (``train.category_order``).
+    ``streams``: each task's RNG stream (``mmr.train.TaskStreams.states``).
     """
     teacher = next(iter(models.values())).teacher
     state = {
@@ -73,6 +77,10 @@ def save_checkpoint(
         "python_rng": list(random.getstate()[1]),
         "history": history,
     }
+    if streams is not None:
+        state["task_rng"] = {
+            name: {k: v for k, v in st.items() if v is not None} for name, st in streams.items()
+        }
     if optimizers is not None:
         state["optimizers"] = {name: o.state_dict() for name, o in optimizers.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,9 +116,15 @@ def restore_training(
     models: Mapping[str, MMR],
     optimizers: Mapping[str, torch.optim.Optimizer],
     generators: Mapping[str, torch.Generator],
+    *,
+    streams: Any = None,
 ) -> int:
     """Loads a checkpoint's weights, optimiser, generator and RNG states into a training run
-    built from ``cfg``; returns the epoch it continues after."""
+    built from ``cfg``; returns the epoch step it continues after (see ``save_checkpoint``).
+
+    ``streams``: the run's ``mmr.train.TaskStreams``; a checkpoint written before tasks had
+    their own streams continues the first task's from the saved global RNG state.
+    """
 
     if set(state["students"]) != set(models):
         raise UserInputError(
@@ -124,7 +138,14 @@ def restore_training(
             "with the config it was trained with"
         )
     epoch = int(state["epoch"])
-    if "optimizers" not in state and epoch < cfg.train.epochs:
+    saved_order = saved.train.category_order
+    if saved_order != cfg.train.category_order:
+        raise UserInputError(
+            f"checkpoint was written with train.category_order={saved_order}: resume with "
+            "the same order"
+        )
+    total = cfg.total_epochs if cfg.total_epochs is not None else cfg.train.epochs
+    if "optimizers" not in state and epoch < total:
         raise UserInputError(
             f"checkpoint holds no optimiser state (it was written after the last epoch, "
             f"{epoch}): it can be evaluated or exported, not trained to train.epochs="
@@ -141,6 +162,11 @@ def restore_training(
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate((3, tuple(state["python_rng"]), None))
+    if streams is not None:
+        if "task_rng" in state:
+            streams.load(state["task_rng"])
+        else:
+            streams.load({next(iter(models)): {"cpu": torch.get_rng_state()}})
     return epoch
 
 

@@ -46,6 +46,9 @@ MASK_BINARIZE = ("half", "official")
 VAL_SPLITS = ("test_half", "none")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+CATEGORY_ORDERS = ("lockstep", "sequential")
+# Datasets whose categories (domains/videos) are reporting units of one task (one model).
+ONE_TASK_DATASETS = ("aebad_s", "aebad_v")
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     threads: int | None = None  # torch CPU threads (None: $OMP_NUM_THREADS, which Ray sets)
     checkpoint_every: int = 1  # rounds between resumable checkpoints (the last round always)
+    category_order: str = "lockstep"  # lockstep: every epoch trains every task | sequential:
+    # all epochs of one task, then the next (data.categories order); see Config.num_rounds
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,11 @@ class Config(Schema):
         check(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
         check(t.threads is None or t.threads > 0, "train.threads", "must be > 0")
         check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1 round")
+        check(
+            t.category_order in CATEGORY_ORDERS,
+            "train.category_order",
+            f"must be one of {CATEGORY_ORDERS}, got {t.category_order!r}",
+        )
         check(e.blur_sigma >= 0, "eval.blur_sigma", "must be >= 0")
         check(e.batch_size > 0, "eval.batch_size", "must be > 0")
         check(0 < e.aupro_fpr_limit <= 1, "eval.aupro_fpr_limit", "must be in (0, 1]")
@@ -260,9 +270,48 @@ class Config(Schema):
         return self.override(updates)
 
     @property
-    def num_rounds(self) -> int:
-        """Evaluation rounds of a full run (the last epoch always ends with one)."""
+    def rounds_per_task(self) -> int:
+        """Evaluation rounds of one task's training (its last epoch always ends with one)."""
         return -(-self.train.epochs // self.train.eval_every)
+
+    @property
+    def num_tasks(self) -> int | None:
+        """Tasks (models) a run trains; None when ``data.categories`` is "all" (only a listing
+        of the dataset knows)."""
+        if self.data.dataset in ONE_TASK_DATASETS:
+            return 1
+        if isinstance(self.data.categories, str):
+            return None
+        return len(self.data.categories)
+
+    @property
+    def sequential(self) -> bool:
+        """Whether the tasks train one after another (``train.category_order``)."""
+        return self.train.category_order == "sequential"
+
+    @property
+    def num_rounds(self) -> int:
+        """Evaluation rounds of a full run: one task's rounds in lockstep, the tasks' rounds
+        one after another (tasks x rounds per task) in sequential order."""
+        if not self.sequential:
+            return self.rounds_per_task
+        tasks = self.num_tasks
+        if tasks is None:
+            raise ConfigError(
+                'train.category_order=sequential with data.categories="all": the number of '
+                "rounds depends on the categories found; list them (data.categories=[a, b]) or "
+                "resolve the config with mmr.train.with_listed_tasks first"
+            )
+        return self.rounds_per_task * tasks
+
+    @property
+    def total_epochs(self) -> int | None:
+        """Epoch steps of a full run (one per epoch in lockstep, one per task and epoch in
+        sequential order; None when sequential over unlisted categories)."""
+        if not self.sequential:
+            return self.train.epochs
+        tasks = self.num_tasks
+        return None if tasks is None else self.train.epochs * tasks
 
 
 # Keys holding file-system paths (resolved to absolute paths at launch).

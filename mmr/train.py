@@ -1,4 +1,5 @@
-"""Training loop: one MMR model per task, trained in lockstep, evaluated every few epochs.
+"""Training loop: one MMR model per task, trained in lockstep (or one task after another,
+``train.category_order: sequential``), evaluated every few epochs.
 
 ``fit`` is the single boundary between the search layer and the model: it calls
 ``report(round, metrics)`` after each validation round and can resume from its own checkpoint.
@@ -47,6 +48,7 @@ from mmr.report import flatten_metrics
 
 __all__ = [
     "EvalSet",
+    "TaskStreams",
     "TrainingDiverged",
     "fit",
     "run_training",
@@ -61,6 +63,7 @@ __all__ = [
     "score_maps",
     "resolve_device",
     "train_epoch",
+    "with_listed_tasks",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,64 @@ def lr_at(epoch: int, cfg: Config) -> float:
         return t.lr * epoch / t.warmup_epochs
     steps = sum(t.warmup_epochs <= m - 1 <= epoch for m in t.lr_milestones)
     return t.lr * 0.1**steps
+
+
+def with_listed_tasks(cfg: Config, tasks: list[Task]) -> Config:
+    """``cfg`` with ``data.categories: all`` replaced by the listed tasks' names when the tasks
+    train one after another: their number sets the rounds (``Config.num_rounds``) and their
+    order the training order, so a checkpoint must name them."""
+    if not cfg.sequential or cfg.num_tasks is not None:
+        return cfg
+    return cfg.override({"data.categories": [task.name for task in tasks]})
+
+
+class TaskStreams:
+    """Each task's own stream of torch's global RNG, which MAE masking draws from.
+
+    A task's masks then depend on its own epochs only, not on which tasks trained before it,
+    so lockstep and sequential training give the same models. The first task continues the
+    global stream (a one-task run draws exactly what it drew before the streams existed); the
+    others start from seeds of their own. ``states`` (``{task: {"cpu": ..., "cuda": ...}}``)
+    go into checkpoints.
+    """
+
+    def __init__(self, names: list[str], *, seed: int, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self.states: dict[str, dict[str, torch.Tensor | None]] = {}
+        for i, name in enumerate(names):
+            if i == 0:
+                self.states[name] = self._current()
+                continue
+            # A str seed hashes deterministically; distinct from the task's generator seed
+            # (seed * 1000 + i), whose stream the augmentation draws from.
+            draw = random.Random(f"masking-{seed}-{i}").getrandbits(63)
+            cpu = torch.Generator().manual_seed(draw).get_state()
+            cuda = None
+            if self._cuda:
+                cuda = torch.Generator(device=device).manual_seed(draw).get_state()
+            self.states[name] = {"cpu": cpu, "cuda": cuda}
+
+    def _current(self) -> dict[str, torch.Tensor | None]:
+        return {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if self._cuda else None,
+        }
+
+    def load(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """Takes the states a checkpoint saved (for the tasks it has)."""
+        for name, state in states.items():
+            if name in self.states:
+                self.states[name] = {"cpu": state["cpu"].clone(), "cuda": state.get("cuda")}
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Any:
+        """Draws from ``name``'s stream inside the block; its state advances."""
+        state = self.states[name]
+        torch.set_rng_state(state["cpu"])
+        if self._cuda and state["cuda"] is not None:
+            torch.cuda.set_rng_state(state["cuda"])
+        yield
+        self.states[name] = self._current()
 
 
 def build_models(cfg: Config, tasks: list[str], device: torch.device) -> dict[str, MMR]:
@@ -231,6 +292,7 @@ def fit(
     device = resolve_device(t.device)
     random.seed(t.seed)
     tasks = list_tasks(cfg.data)
+    cfg = with_listed_tasks(cfg, tasks)
     log.info("tasks: %s on %s", [task.name for task in tasks], device)
 
     train_images, val_sets, test_sets = {}, {}, {}
@@ -251,67 +313,86 @@ def fit(
     generators = {}
     for i, name in enumerate(models):
         generators[name] = torch.Generator().manual_seed(t.seed * 1000 + i)
+    streams = TaskStreams(list(models), seed=t.seed, device=device)
+    # Lockstep: one phase training every task; sequential: one phase per task, in order.
+    phases = [[name] for name in models] if cfg.sequential else [list(models)]
     history: list[dict[str, float]] = []
-    start_epoch = 0
+    start = 0  # epoch steps done: phase * train.epochs + the phase's epoch
     if resume_from is not None:
         state = load_checkpoint(resume_from)
-        start_epoch = restore_training(state, cfg, models, optimizers, generators)
+        start = restore_training(state, cfg, models, optimizers, generators, streams=streams)
         history = list(state["history"])
-        log.info("resumed at epoch %d (round %d)", start_epoch, len(history))
+        log.info("resumed at epoch step %d (round %d)", start, len(history))
 
     val_metrics: dict[str, dict[str, float]] = {}
+    if cfg.sequential and history:  # the finished tasks' metrics stay in every report
+        from mmr.report import unflatten_metrics
+
+        val_metrics = unflatten_metrics(history[-1])
     # Per-epoch mean losses stay on the device until the round ends: reading one is a host
     # sync, so the loss is read (and checked for NaN) once per round, not once per step.
     pending: list[tuple[int, float, torch.Tensor]] = []
     with cudnn_benchmark(device):
-        for epoch in range(start_epoch, t.epochs):
-            lr = lr_at(epoch, cfg)
-            losses = []
-            for name, model in models.items():
-                for group in optimizers[name].param_groups:
-                    group["lr"] = lr
-                try:
-                    losses.append(
-                        train_epoch(
-                            model, optimizers[name], train_images[name], generators[name], cfg
-                        )
+        for index, phase in enumerate(phases):
+            for epoch in range(max(start - index * t.epochs, 0), t.epochs):
+                lr = lr_at(epoch, cfg)  # the task's own epoch: each task has its schedule
+                losses = []
+                for name in phase:
+                    for group in optimizers[name].param_groups:
+                        group["lr"] = lr
+                    try:
+                        with streams.use(name):
+                            losses.append(
+                                train_epoch(
+                                    models[name],
+                                    optimizers[name],
+                                    train_images[name],
+                                    generators[name],
+                                    cfg,
+                                )
+                            )
+                    except torch.OutOfMemoryError as exc:
+                        raise _out_of_memory(exc, cfg, len(models), epoch) from exc
+                pending.append((epoch, lr, torch.stack(losses)))
+                if on_epoch is not None:  # a per-epoch callback needs the loss now: one sync
+                    loss = _check_losses(pending[-1:], phase)[-1]
+                    on_epoch(epoch, {"loss": loss, "lr": lr})
+                if (epoch + 1) % t.eval_every and epoch + 1 != t.epochs:
+                    continue
+                round_loss = _check_losses(pending, phase)[-1]
+                pending.clear()
+                if not cfg.sequential:
+                    val_metrics = {}
+                for name in phase:  # sequential: the tasks trained before keep their values
+                    maps = predict_maps(models[name], val_sets[name], cfg)
+                    val_metrics.update(score_maps(maps, val_sets[name], cfg))
+                flat = flatten_metrics(val_metrics)
+                flat.update(epoch=epoch + 1, loss=round_loss)
+                if cfg.sequential:
+                    flat["tasks_started"] = float(index + 1)
+                history.append(flat)
+                done = index + 1 == len(phases) and epoch + 1 == t.epochs
+                if checkpoint_dir is not None and checkpoint_due(cfg, len(history)):
+                    save_checkpoint(
+                        Path(checkpoint_dir) / CHECKPOINT_NAME,
+                        cfg,
+                        models,
+                        # Training is over after the last round: nothing resumes it, so its
+                        # checkpoint (what export reads) leaves out the AdamW state (2/3 of it).
+                        None if done else optimizers,
+                        generators,
+                        index * t.epochs + epoch + 1,
+                        history,
+                        streams=streams.states,
                     )
-                except torch.OutOfMemoryError as exc:
-                    raise _out_of_memory(exc, cfg, len(models), epoch) from exc
-            pending.append((epoch, lr, torch.stack(losses)))
-            if on_epoch is not None:  # a per-epoch callback needs the loss now: one sync
-                on_epoch(epoch, {"loss": _check_losses(pending[-1:], models)[-1], "lr": lr})
-            if (epoch + 1) % t.eval_every and epoch + 1 != t.epochs:
-                continue
-            round_loss = _check_losses(pending, models)[-1]
-            pending.clear()
-            val_metrics = {}
-            for name, model in models.items():
-                maps = predict_maps(model, val_sets[name], cfg)
-                val_metrics.update(score_maps(maps, val_sets[name], cfg))
-            flat = flatten_metrics(val_metrics)
-            flat.update(epoch=epoch + 1, loss=round_loss)
-            history.append(flat)
-            if checkpoint_dir is not None and checkpoint_due(cfg, len(history)):
-                save_checkpoint(
-                    Path(checkpoint_dir) / CHECKPOINT_NAME,
-                    cfg,
-                    models,
-                    # Training is over after the last round: nothing resumes it, so its
-                    # checkpoint (what export reads) leaves out the AdamW state (2/3 of it).
-                    optimizers if epoch + 1 < t.epochs else None,
-                    generators,
-                    epoch + 1,
-                    history,
-                )
-            if report is not None:
-                if epoch + 1 == t.epochs:
-                    # Once per run, with the final round: the deployment cost of the trained
-                    # model (every task's model has the same architecture: the first stands
-                    # for all). Kept out of the history, which must not depend on the
-                    # machine's speed.
-                    flat = {**flat, **_speed(next(iter(models.values())), cfg)}
-                report(len(history), flat)
+                if report is not None:
+                    if done:
+                        # Once per run, with the final round: the deployment cost of the
+                        # trained model (every task's model has the same architecture: the
+                        # first stands for all). Kept out of the history, which must not
+                        # depend on the machine's speed.
+                        flat = {**flat, **_speed(next(iter(models.values())), cfg)}
+                    report(len(history), flat)
 
     if not val_metrics and history:  # resumed after the last round: rebuild from history
         from mmr.report import unflatten_metrics
@@ -332,6 +413,7 @@ def fit(
         "test": test_metrics,
         "history": history,
         "epochs": t.epochs,
+        "epoch_steps": cfg.total_epochs,
         "seconds": time.perf_counter() - started,
         "models": models,
     }
@@ -418,17 +500,15 @@ def _out_of_memory(
     )
 
 
-def _check_losses(
-    pending: list[tuple[int, float, torch.Tensor]], models: Mapping[str, MMR]
-) -> list[float]:
+def _check_losses(pending: list[tuple[int, float, torch.Tensor]], names: list[str]) -> list[float]:
     """Reads the pending epochs' losses (one host sync) and fails at the first epoch whose loss
     is NaN or infinite; returns each epoch's mean loss over the tasks."""
     values = torch.stack([losses for _, _, losses in pending]).tolist()
     for (epoch, lr, _), per_task in zip(pending, values, strict=True):
-        bad = [name for name, v in zip(models, per_task, strict=True) if not math.isfinite(v)]
+        bad = [name for name, v in zip(names, per_task, strict=True) if not math.isfinite(v)]
         if bad:
             raise TrainingDiverged(
-                f"task {bad[0]!r}: loss is {per_task[list(models).index(bad[0])]} at epoch "
+                f"task {bad[0]!r}: loss is {per_task[names.index(bad[0])]} at epoch "
                 f"{epoch} (lr {lr:.3g}); lower train.lr or use train.precision=fp32"
             )
     return [sum(v) / len(v) for v in values]

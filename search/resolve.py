@@ -77,6 +77,7 @@ def resolve_sweep(
     base_path = _find(sweep.base, config_dir, "base")
     space_path = _find(sweep.space, config_dir, "space")
     base = load_config(base_path, train_over).resolve_paths()
+    base = _check_category_order(base, sweep.objective)
     storage_path = (
         sweep.storage if is_uri(sweep.storage) else str(Path(sweep.storage).expanduser().resolve())
     )
@@ -142,6 +143,30 @@ def _check_warm_start(spec: SweepSpec) -> SweepSpec:
     return dataclasses.replace(spec, sweep=sweep)
 
 
+def _check_category_order(base: Config, objective: ObjectiveConfig) -> Config:
+    """``train.category_order: sequential`` makes the categories a fidelity of one study's
+    trials: refused with per-category studies (one category per trial, nothing to order);
+    ``data.categories: all`` is listed into the base, since the rounds of a trial (and the
+    order its categories train in) depend on them."""
+    if not base.sequential:
+        return base
+    check(
+        not objective.per_category,
+        "train.category_order=sequential",
+        "orders the categories within a trial, but objective.per_category: true trains one "
+        "category per trial: set train.category_order=lockstep or objective.per_category=false",
+    )
+    if base.num_tasks is not None:
+        return base
+    from mmr.data import list_tasks
+    from mmr.train import with_listed_tasks
+
+    listed = with_listed_tasks(base, list_tasks(base.data))
+    log.info("data.categories: all -> %s (train.category_order=sequential)",
+             list(listed.data.categories))  # fmt: skip
+    return listed
+
+
 def _check_rungs(scheduler: SchedulerConfig, base: Config) -> SchedulerConfig:
     """ASHA and median stopping need a round below the last one to stop at, or they can never
     stop a trial early.
@@ -151,6 +176,9 @@ def _check_rungs(scheduler: SchedulerConfig, base: Config) -> SchedulerConfig:
     rounds a grace period at or above them is refused (it is most likely a mistake).
     """
     rounds, t = base.num_rounds, base.train
+    per_trial = f"train.epochs={t.epochs} / train.eval_every={t.eval_every}"
+    if base.sequential:
+        per_trial += f", x {base.num_tasks} categories in sequence"
     if rounds == 1 and scheduler.type != "fifo":
         log.warning(
             "1 evaluation round per trial (train.epochs=%d / train.eval_every=%d) is not "
@@ -165,8 +193,7 @@ def _check_rungs(scheduler: SchedulerConfig, base: Config) -> SchedulerConfig:
     check(
         scheduler.type == "fifo" or scheduler.grace_period < rounds,
         f"scheduler.grace_period={scheduler.grace_period}",
-        f"is not below the {rounds} evaluation round(s) of a trial (train.epochs={t.epochs} / "
-        f"train.eval_every={t.eval_every}), so "
+        f"is not below the {rounds} evaluation round(s) of a trial ({per_trial}), so "
         f"{'ASHA' if scheduler.type == 'asha' else 'median stopping'} could never stop a trial "
         f"early: set scheduler.grace_period below {rounds}, raise train.epochs or lower "
         "train.eval_every, or use scheduler.type=fifo",

@@ -166,3 +166,29 @@ def test_train_size_explicit_and_without_augmentation():
     assert DataConfig().train_size == 320  # 224-px crops: 300 KiB per cached image
     assert DataConfig(train_resize=512).train_size == 512
     assert DataConfig(train_resize=512, augment=False).train_size == 256  # center crops
+
+
+def test_readme_counts_the_rounds_of_sequential_categories_as_the_config_does():
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    para = text[text.index("**Categories as a fidelity**") :].split("\n- ")[0]
+    assert "`train.category_order: sequential`, default `lockstep`" in para
+    cats, epochs, every, rounds = map(
+        int,
+        re.search(
+            r"\((\d+)\s+categories, (\d+) epochs, `train.eval_every=(\d+)`: (\d+) rounds\)",
+            " ".join(para.split()),
+        ).groups(),
+    )
+    cfg = Config.from_dict(
+        {
+            "data.categories": [f"c{i}" for i in range(cats)],
+            "train.epochs": epochs,
+            "train.eval_every": every,
+            "train.warmup_epochs": 0,
+            "train.category_order": "sequential",
+        }
+    )
+    assert cfg.num_rounds == rounds
+    assert Config().train.category_order == "lockstep"

@@ -144,6 +144,43 @@ def test_asha_stops_trials_and_study_records_them_pruned():
     assert not trace.trials[0].state == "stopped"  # the baseline is never stopped
 
 
+def test_round_schedule_goes_through_the_categories_one_after_another():
+    assert S.round_schedule("lockstep", 12, 5, 2) == [((5, 5), 5), ((10, 10), 5), ((12, 12), 2)]
+    assert S.round_schedule("sequential", 12, 6, 2) == [
+        ((6, 0), 6),
+        ((12, 0), 6),
+        ((12, 6), 6),
+        ((12, 12), 6),
+    ]
+    curves = [np.array([0.1, 0.2, 0.3]), np.array([0.5, 0.7, 0.9])]
+    assert S.round_value(curves, (3, 0)) == pytest.approx(0.3)  # grid not started
+    assert S.round_value(curves, (3, 2)) == pytest.approx(0.5)  # nut at its last value
+    assert S.round_value([curves[0][:2], curves[1]], (3, 2)) is None  # diverged
+
+
+def test_sequential_trial_stopped_after_its_first_category_cost_that_category_only():
+    t = table(epochs=12)
+    cats = R.STRATEGIES["asha_random_cats"]  # one round per category, rf 2
+    trace = S.simulate(cats, t, seed=1, num_trials=10, max_concurrent=1)
+    stopped = [x for x in trace.trials if x.state == "stopped"]
+    assert stopped and {x.rounds for x in stopped} == {1}
+    assert {x.rounds for x in trace.trials if x.state == "done"} == {2}
+    # One trial at a time: each round cost one category's 12 epochs, whatever the trial.
+    assert trace.epochs == 12 * sum(x.rounds for x in trace.trials)
+    assert trace.study_states.get("PRUNED") == len(stopped)
+    assert trace.trials[0].state == "done"  # the baseline is never stopped
+    # Without stopping, the order changes the path, not the cost or the finished trials.
+    fifo = dataclasses.replace(R.STRATEGIES["fifo_random"], eval_every=6)
+    seq = S.simulate(
+        dataclasses.replace(fifo, category_order="sequential"), t, seed=1, num_trials=4
+    )
+    lock = S.simulate(fifo, t, seed=1, num_trials=4)
+    assert seq.epochs == lock.epochs == 4 * 12 * 2
+    assert seq.decisions() == [(c, 4, s) for c, _, s in lock.decisions()]
+    assert [x.objective for x in seq.trials] == [x.objective for x in lock.trials]
+    assert seq.final_test == lock.final_test
+
+
 def test_replay_finds_made_up_best_and_reports_epochs_to_target():
     t = table(epochs=12, configs=[12, 13, 14, 15])  # lr varies; 14 (lr 3e-3) is BEST
     best = t.best_test(["nut", "fabric"])
@@ -377,13 +414,20 @@ def test_real_tuner_makes_the_replayed_decisions(ray_session, tmp_path):
     t = table(epochs=4, configs=list(range(0, 48, 2)))
     states = {}
     # Lean: each Tune trial costs ~1 s of actor start and reports even when instant.
-    for name, trials in (("asha_tpe", 6), (R.DEFAULT_STRATEGY, 7), ("fifo_random", 3)):
-        strategy = dataclasses.replace(R.STRATEGIES[name], eval_every=1)
+    runs = (
+        ("asha_tpe", 6, 1),
+        (R.DEFAULT_STRATEGY, 7, 1),
+        ("fifo_random", 3, 1),
+        ("median_cmaes_seq", 7, 2),  # categories one after another: 2 x 2 rounds
+        ("asha_random_cats", 6, 0),  # one round per category
+    )
+    for name, trials, every in runs:
+        strategy = dataclasses.replace(R.STRATEGIES[name], eval_every=every)
         simulated = S.simulate(strategy, t, seed=3, num_trials=trials, max_concurrent=1)
         real = S.tuner_decisions(strategy, t, seed=3, num_trials=trials, storage=str(tmp_path))
         assert real == simulated.decisions(), name
         states[name] = {s for _, _, s in real}
-    for name in ("asha_tpe", R.DEFAULT_STRATEGY):
+    for name in ("asha_tpe", R.DEFAULT_STRATEGY, "median_cmaes_seq", "asha_random_cats"):
         assert "stopped" in states[name], name  # the comparison covered early stopping
 
 

@@ -143,6 +143,54 @@ def test_the_scheduler_stops_trials_and_the_study_records_them_pruned(
     )
 
 
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        ["scheduler.type=asha", "scheduler.reduction_factor=2"],
+        ["scheduler.type=median", "scheduler.min_samples=1"],
+    ],
+    ids=["asha", "median"],
+)
+def test_sequential_categories_stop_a_trial_after_its_first_category(
+    ray_session, synthetic_root, tmp_path, scheduler
+):
+    """train.category_order=sequential with one round per category: the scheduler stops by
+    category (successive halving over categories); a stopped trial trained disk only."""
+    from mmr.checkpoint import load_checkpoint
+    from search.results import load_trials
+    from search.sweep import run_sweep
+
+    spec = spec_for(
+        tmp_path,
+        synthetic_root,
+        "data.categories=[disk, grid]",
+        "train.category_order=sequential",
+        "train.eval_every=4",  # = train.epochs: one round per category
+        "search.num_trials=6",
+        "search.max_concurrent=1",
+        "scheduler.grace_period=1",
+        *scheduler,
+        name="seq",
+    )
+    assert spec.base.num_rounds == 2
+    run = run_sweep(spec, write=lambda _: None, dashboard=False, export=False)
+    df = load_trials(run.experiment_dir)
+    stopped, done = df[df["state"] == "stopped"], df[df["state"] == "done"]
+    assert len(stopped) >= 1 and len(done) >= 1, df[["trial", "state", "rounds"]]
+    assert not df[df["baseline"]]["state"].eq("stopped").any()
+    assert set(stopped["rounds"]) == {1} and set(done["rounds"]) == {2}
+    assert stopped["grid/image_auroc"].isna().all() and done["grid/image_auroc"].notna().all()
+    for _, row in df.iterrows():
+        with row["checkpoint"].as_directory() as d:
+            state = load_checkpoint(d)
+        # Epoch steps trained: one category's 4 epochs for a stopped trial, both for a done one.
+        assert state["epoch"] == 4 * row["rounds"], row["trial"]
+        assert [h["tasks_started"] for h in state["history"]] == [1.0, 2.0][: row["rounds"]]
+    trials = {t.number: t for t in study(run.experiment_dir, "seq").trials}
+    for _, row in stopped.iterrows():
+        assert trials[int(row["study_trial"])].state == optuna.trial.TrialState.PRUNED
+
+
 def test_failing_trial_does_not_stop_the_sweep_and_runs_again_with_retry_failed(
     ray_session, synthetic_root, tmp_path
 ):
@@ -622,6 +670,18 @@ def test_bad_sweep_inputs_fail_before_ray_starts(synthetic_root, tmp_path):
         )
     with pytest.raises(ConfigError, match="objective.metric"):
         spec_for(tmp_path, synthetic_root, "objective.metric=accuracy")
+
+
+def test_sequential_category_order_is_refused_per_category_and_lists_all(synthetic_root, tmp_path):
+    seq = "train.category_order=sequential"
+    with pytest.raises(ConfigError, match="objective.per_category=false"):
+        spec_for(tmp_path, synthetic_root, seq, "objective.per_category=true")
+    one = spec_for(tmp_path, synthetic_root, seq)  # one category: the same as lockstep
+    assert one.base.num_rounds == one.base.rounds_per_task == 4
+    every = spec_for(tmp_path, synthetic_root, seq, "data.categories=all")
+    assert every.base.data.categories == ("disk", "grid") and every.base.num_rounds == 8
+    with pytest.raises(ConfigError, match="categories in sequence"):
+        spec_for(tmp_path, synthetic_root, seq, "data.categories=all", "scheduler.grace_period=8")
 
 
 def test_gpu_request_on_a_cluster_without_gpus_fails_at_once(ray_session):

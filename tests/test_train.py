@@ -533,3 +533,82 @@ def test_an_epoch_leaves_no_gradients_held():
     after = list(model.student.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, after, strict=True))
     assert all(p.grad is None for p in model.student.parameters())
+
+
+# ----------------------------------------------------------------------------- category order
+
+
+def test_sequential_order_trains_the_same_models_as_lockstep(synthetic_root: Path):
+    """Each task has its own model, optimiser, generator and masking stream, so training the
+    tasks one after another gives the lockstep models exactly; the reports carry only the
+    tasks started so far, over tasks x rounds global rounds."""
+    cfg = tiny(synthetic_root, **{"data.categories": ["disk", "grid"]})
+    lockstep = fit(cfg)
+    seq_cfg = cfg.override({"train.category_order": "sequential"})
+    assert (cfg.num_rounds, seq_cfg.num_rounds) == (2, 4)
+    reports: list[tuple[int, dict]] = []
+    sequential = fit(seq_cfg, report=lambda r, m: reports.append((r, m)))
+    for name, model in lockstep["models"].items():
+        ours = sequential["models"][name].student.state_dict()
+        for key, value in model.student.state_dict().items():
+            assert torch.equal(value, ours[key]), (name, key)
+    assert sequential["val"] == lockstep["val"] and sequential["test"] == lockstep["test"]
+    assert [r for r, _ in reports] == [1, 2, 3, 4]
+    units = [sorted({k.split("/")[0] for k in m if "/" in k}) for _, m in reports]
+    assert units == [["disk"], ["disk"], ["disk", "grid"], ["disk", "grid"]]
+    assert [m["epoch"] for _, m in reports] == [2, 4, 2, 4]  # the task's own epoch
+    assert [m["tasks_started"] for _, m in reports] == [1, 1, 2, 2]
+    # Until grid starts the mean is disk's; then over both (disk keeps its last value).
+    assert reports[1][1]["image_auroc"] == lockstep["history"][-1]["disk/image_auroc"]
+    assert reports[2][1]["disk/image_auroc"] == reports[1][1]["disk/image_auroc"]
+    assert reports[-1][1]["image_auroc"] == lockstep["history"][-1]["image_auroc"]
+    assert "latency_ms" in reports[-1][1] and "latency_ms" not in reports[1][1]
+
+
+@pytest.mark.parametrize("killed_after", [1, 3])  # inside the first task, inside the second
+def test_sequential_restart_mid_task_continues_exactly(
+    synthetic_root: Path, tmp_path: Path, killed_after: int
+):
+    cfg = tiny(
+        synthetic_root,
+        **{
+            "data.categories": ["disk", "grid"],
+            "train.category_order": "sequential",
+            "train.epochs": 4,
+            "train.eval_every": 2,
+        },
+    )
+    full = fit(cfg, final_test=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop(round_: int, metrics: dict) -> None:
+        if round_ == killed_after:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(cfg, report=stop, checkpoint_dir=tmp_path, final_test=False)
+    saved = load_checkpoint(tmp_path)
+    assert saved["round"] == killed_after and saved["epoch"] == 2 * killed_after
+    resumed = fit(cfg, resume_from=tmp_path, final_test=False)
+    assert resumed["history"] == full["history"]
+    for name, model in full["models"].items():
+        ours = resumed["models"][name].student.state_dict()
+        assert all(torch.equal(v, ours[k]) for k, v in model.student.state_dict().items())
+    with pytest.raises(ValueError, match="category_order=sequential"):
+        fit(cfg.override({"train.category_order": "lockstep"}), resume_from=tmp_path)
+
+
+def test_category_order_is_checked_and_all_categories_are_listed(synthetic_root: Path):
+    from mmr.data import list_tasks
+    from mmr.train import with_listed_tasks
+
+    with pytest.raises(ConfigError, match="train.category_order.*lockstep"):
+        tiny(synthetic_root, **{"train.category_order": "one_by_one"})
+    cfg = tiny(synthetic_root, **{"data.categories": "all", "train.category_order": "sequential"})
+    with pytest.raises(ConfigError, match="list them"):
+        cfg.num_rounds  # noqa: B018
+    listed = with_listed_tasks(cfg, list_tasks(cfg.data))
+    assert listed.data.categories == ("disk", "grid") and listed.num_rounds == 4
+    assert cfg.override({"train.category_order": "lockstep"}).num_rounds == 2
