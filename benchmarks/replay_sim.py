@@ -250,6 +250,8 @@ class Strategy:
             f"objective.per_category={str(self.per_category).lower()}",
             f"train.eval_every={every}",
             f"train.category_order={self.category_order}",
+            # The replay runs confirmation itself (``confirm``), whatever the sweep config says.
+            "search.confirm.top_k=0",
         ]
 
 
