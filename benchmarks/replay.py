@@ -101,6 +101,26 @@ def _strategies() -> list[Strategy]:
     for sampler in ("random", "tpe", "gp", "cmaes"):
         for scheduler in ("median", "asha"):
             out.append(Strategy(f"{scheduler}_{sampler}_g3", sampler, scheduler, grace_period=3))
+    # Categories as a fidelity (train.category_order=sequential): a trial trains its categories
+    # one after another and reports the mean over those started; stopping by global round is
+    # then epoch and category stopping combined (_seq: a round every 6 epochs) or pure
+    # successive halving over categories (_cats: one round per category, the table's epochs).
+    seq = "sequential"
+    for sampler in ("random", "tpe", "gp", "cmaes"):
+        for scheduler in ("median", "asha"):
+            out.append(
+                Strategy(f"{scheduler}_{sampler}_seq", sampler, scheduler, category_order=seq)
+            )
+            out.append(
+                Strategy(
+                    f"{scheduler}_{sampler}_cats",
+                    sampler,
+                    scheduler,
+                    reduction_factor=2,
+                    eval_every=0,
+                    category_order=seq,
+                )
+            )
     # Confirmation runs (search.confirm: top_k x seeds) after every shippable base strategy;
     # their cost counts in every epoch figure (``confirm_sizes`` picks a base's sizes).
     bases = [s for s in out if shippable(s) and not s.cmaes_pruned]
@@ -125,26 +145,6 @@ def _strategies() -> list[Strategy]:
             out.append(Strategy(f"asha_{sampler}_{rung}", sampler, "asha", rung_metric=rung))
         out.append(Strategy(f"fifo_{sampler}/per_category", sampler, "fifo", per_category=True))
         out.append(Strategy(f"asha_{sampler}/per_category", sampler, "asha", per_category=True))
-    # Categories as a fidelity (train.category_order=sequential): a trial trains its categories
-    # one after another and reports the mean over those started; stopping by global round is
-    # then epoch and category stopping combined (_seq: a round every 6 epochs) or pure
-    # successive halving over categories (_cats: one round per category, the table's epochs).
-    seq = "sequential"
-    for sampler in ("cmaes", "random"):
-        for scheduler in ("median", "asha"):
-            out.append(
-                Strategy(f"{scheduler}_{sampler}_seq", sampler, scheduler, category_order=seq)
-            )
-            out.append(
-                Strategy(
-                    f"{scheduler}_{sampler}_cats",
-                    sampler,
-                    scheduler,
-                    reduction_factor=2,
-                    eval_every=0,
-                    category_order=seq,
-                )
-            )
     return out
 
 
