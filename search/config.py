@@ -139,7 +139,7 @@ class ConfirmConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    # tpe | gp | cmaes | random | grid | nsga2 (several objectives); None (not named): cmaes
+    # tpe | gp | cmaes | random | grid | nsga2 (several objectives); None (not named): gp
     # for one objective, tpe for several (resolved by SweepConfig.validated, so a stored spec
     # names it)
     sampler: str | None = None
@@ -212,7 +212,7 @@ class SweepConfig(Schema):
     def validated(self) -> SweepConfig:
         """The sweep rules, each error naming its key (run by ``from_dict``)."""
         if self.search.sampler is None:
-            default = "tpe" if self.objective.multi else "cmaes"
+            default = "tpe" if self.objective.multi else "gp"
             search = dataclasses.replace(self.search, sampler=default)
             return dataclasses.replace(self, search=search).validated()
         o, s, sc, r = self.objective, self.search, self.scheduler, self.resources

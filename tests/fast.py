@@ -19,6 +19,9 @@ FAST = [
     "train.lr_milestones=[3]",
     "train.batch_size=4",
     "eval.blur_sigma=0.5",
+    # The demo sweep confirms its best afterwards (4 more trials): tests opt in where they
+    # test confirmation.
+    "search.confirm.top_k=0",
 ]
 
 

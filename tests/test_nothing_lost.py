@@ -108,7 +108,12 @@ def test_export_out_inside_a_file_is_refused_before_writing(tmp_path, monkeypatc
 
 
 def test_a_one_round_sweep_runs_without_early_stopping_and_says_so(tmp_path, caplog) -> None:
-    over = ["train.epochs=1", "train.eval_every=1", "train.warmup_epochs=0"]
+    over = [
+        "train.epochs=1",
+        "train.eval_every=1",
+        "train.warmup_epochs=0",
+        "scheduler.type=median",
+    ]
     with caplog.at_level(logging.WARNING, logger="search.config"):
         spec = resolve_sweep(None, over, name="one", storage=str(tmp_path))
     assert spec.sweep.scheduler.type == "fifo"  # the stored spec says what runs
@@ -241,7 +246,7 @@ def test_the_default_sampler_follows_the_objective_count(tmp_path) -> None:
         assert spec.to_dict()["sweep"]["search"]["sampler"] == spec.sweep.search.sampler
         return spec.sweep.search.sampler
 
-    assert sampler() == "cmaes"  # the demo: one objective
+    assert sampler() == "gp"  # the demo: one objective
     assert sampler("objective.metrics=[image_auroc, aupro]") == "tpe"
     assert sampler("objective.metrics=[image_auroc, aupro]", "search.sampler=nsga2") == "nsga2"
     with pytest.raises(ConfigError, match="^search.sampler cmaes optimises one objective"):

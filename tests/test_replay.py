@@ -276,8 +276,8 @@ def test_cli_writes_interface_json(tmp_path):
         ]
     )
     doc = json.loads(out.read_text())
-    assert doc["default"] == R.DEFAULT_STRATEGY == "median_cmaes"
-    for name in ("fifo_random", "asha_tpe", "median_cmaes"):
+    assert doc["default"] == R.DEFAULT_STRATEGY == "fifo_gp_confirm1x2"
+    for name in ("fifo_random", "asha_tpe", R.DEFAULT_STRATEGY):
         assert set(doc[name]["epochs_to_target"]) == {"median", "q25", "q75"}
         assert set(doc[name]["final_test_auroc"]) == {"median", "q25", "q75"}
         assert 0 <= doc[name]["reached"] <= 1
@@ -286,7 +286,7 @@ def test_cli_writes_interface_json(tmp_path):
         assert set(doc["warm_start"]) >= {f"{name}/cold/all", f"{name}/warm/other_seed"}
     assert set(doc["oracle"]) == set(R.ORACLE_STRATEGIES)
     md = (tmp_path / "replay.md").read_text()
-    assert "`median_cmaes` (default)" in md and "`fifo_random`" in md and "Spearman" in md
+    assert f"`{R.DEFAULT_STRATEGY}` (default)" in md and "`fifo_random`" in md and "Spearman" in md
     assert "Ideal early stopping" in md
     assert doc["best"] in R.STRATEGIES and f"Evidence picks `{doc['best']}`" in md
 
@@ -351,10 +351,14 @@ def test_default_names_what_the_demo_sweep_runs():
     default = R.STRATEGIES[R.DEFAULT_STRATEGY]
     assert spec.sweep.search.sampler == default.sampler
     assert spec.sweep.scheduler.type == default.scheduler
-    assert spec.sweep.scheduler.grace_period == default.grace_period
-    assert spec.sweep.scheduler.reduction_factor == default.reduction_factor
-    assert spec.sweep.scheduler.min_samples == default.min_samples
+    if default.scheduler != "fifo":  # FIFO stops nothing: its stopping settings are unused
+        assert spec.sweep.scheduler.grace_period == default.grace_period
+        assert spec.sweep.scheduler.reduction_factor == default.reduction_factor
+        assert spec.sweep.scheduler.min_samples == default.min_samples
     assert spec.base.train.eval_every == default.eval_every
+    assert spec.base.train.category_order == default.category_order
+    confirm = spec.sweep.search.confirm
+    assert (confirm.top_k, confirm.seeds) == (default.confirm_top_k, default.confirm_seeds)
 
 
 def test_readme_quotes_the_committed_replay():
@@ -407,6 +411,9 @@ def test_production_sweeps_run_the_evidence_default(name):
     assert spec.sweep.scheduler.type == default.scheduler
     assert spec.sweep.scheduler.min_samples == default.min_samples
     assert spec.sweep.scheduler.grace_period < spec.base.num_rounds
+    assert spec.base.train.category_order == default.category_order
+    confirm = spec.sweep.search.confirm
+    assert (confirm.top_k, confirm.seeds) == (default.confirm_top_k, default.confirm_seeds)
 
 
 @pytest.mark.slow
@@ -416,7 +423,8 @@ def test_real_tuner_makes_the_replayed_decisions(ray_session, tmp_path):
     # Lean: each Tune trial costs ~1 s of actor start and reports even when instant.
     runs = (
         ("asha_tpe", 6, 1),
-        (R.DEFAULT_STRATEGY, 7, 1),
+        (R.DEFAULT_STRATEGY, 5, 1),  # its search (the confirmation is replayed after it)
+        ("median_cmaes", 7, 1),
         ("fifo_random", 3, 1),
         ("median_cmaes_seq", 7, 2),  # categories one after another: 2 x 2 rounds
         ("asha_random_cats", 6, 0),  # one round per category
@@ -427,7 +435,7 @@ def test_real_tuner_makes_the_replayed_decisions(ray_session, tmp_path):
         real = S.tuner_decisions(strategy, t, seed=3, num_trials=trials, storage=str(tmp_path))
         assert real == simulated.decisions(), name
         states[name] = {s for _, _, s in real}
-    for name in ("asha_tpe", R.DEFAULT_STRATEGY, "median_cmaes_seq", "asha_random_cats"):
+    for name in ("asha_tpe", "median_cmaes", "median_cmaes_seq", "asha_random_cats"):
         assert "stopped" in states[name], name  # the comparison covered early stopping
 
 
@@ -478,9 +486,10 @@ def test_committed_replay_evidence_is_from_the_full_recording_and_its_rule():
     assert not str(doc["meta"]["source"]).startswith("made up")
     assert doc["meta"]["seeds"] >= 30
     assert doc["meta"]["table"]["runs"] == len(curves.planned_runs())
-    assert doc["default"] == R.DEFAULT_STRATEGY  # what the shipped sweep configs run
+    # What the shipped sweep configs ran until the fixed-teacher curves (see the test below).
+    assert doc["default"] == R.FIRST_TABLE_DEFAULT
     assert R.evidence_best(doc) == doc["best"]  # the rule, rerun on the committed figures
-    assert doc["best"] == doc["default"]  # and the shipped configs run what it picked
+    assert doc["best"] == doc["default"]  # and the shipped configs ran what it picked
     assert set(doc["oracle"]) == set(R.ORACLE_STRATEGIES) and doc["warm_start"]
 
 
@@ -574,13 +583,14 @@ def test_replay_cli_takes_seed_offset_and_strategy_names_and_records_the_table(t
     R.main([*common, "--seed-offset", "40", "--strategies", "default,median_cmaes_pruned"])
     doc = json.loads(out.read_text())
     assert set(doc) >= {"fifo_random", R.DEFAULT_STRATEGY, "median_cmaes_pruned", "default"}
+    assert doc["default"] == R.DEFAULT_STRATEGY
     assert doc["meta"]["search_seeds"] == [40, 41]
     assert doc["meta"]["curves"]["path"] == str(path)
     assert doc["meta"]["curves"]["categories"] == ["fabric", "nut"]
     assert doc["meta"]["curves"]["seeds"] == sorted(curves.SEEDS)
     for name in (R.DEFAULT_STRATEGY, "median_cmaes_pruned"):
         assert set(doc[name]) >= {"epochs_to_target", "final_test_auroc", "reached"}
-        assert doc[name]["cma_generations"]["median"] is not None
+    assert doc["median_cmaes_pruned"]["cma_generations"]["median"] is not None
     with pytest.raises(SystemExit):
         R.main([*common, "--strategies", "no_such_strategy"])
 
@@ -618,15 +628,16 @@ def test_default_was_chosen_on_seeds_0_29_and_the_readme_reports_unseen_seeds():
     data = S.ROOT / "benchmarks" / "data"
     choose = json.loads((data / "replay_choose.json").read_text())
     unseen = json.loads((data / "replay_unseen.json").read_text())
-    assert choose["meta"]["search_seeds"] == [0, 29] and choose["best"] == R.DEFAULT_STRATEGY
+    # The first table's evidence: its rule's pick, the default until the fixed-teacher curves.
+    assert choose["meta"]["search_seeds"] == [0, 29] and choose["best"] == R.FIRST_TABLE_DEFAULT
     first, last = unseen["meta"]["search_seeds"]
     assert first > 29 and last - first + 1 >= 100  # reported on seeds nobody tuned on
-    assert unseen["default"] == R.DEFAULT_STRATEGY
+    assert unseen["default"] == R.FIRST_TABLE_DEFAULT
     assert unseen["meta"]["curves"]["path"] == choose["meta"]["curves"]["path"]
     section = _readme_section("Choosing the search strategy")
     n = last - first + 1
     d, ref, pruned = (
-        unseen[R.DEFAULT_STRATEGY],
+        unseen[R.FIRST_TABLE_DEFAULT],
         unseen["fifo_random"],
         unseen["median_cmaes_pruned"],
     )
@@ -635,9 +646,10 @@ def test_default_was_chosen_on_seeds_0_29_and_the_readme_reports_unseen_seeds():
         f"{round(d['reached'] * n)} of {n} against {round(ref['reached'] * n)}",
         f"{med(ref) / med(d):.2f}x fewer epochs ({med(d):.0f} against {med(ref):.0f})",
         f"did {med(ref) / med(pruned):.2f}x",
-        f"({med(choose['median_cmaes_pruned']):.0f} against {med(choose[R.DEFAULT_STRATEGY]):.0f}",
+        f"({med(choose['median_cmaes_pruned']):.0f} against "
+        f"{med(choose[R.FIRST_TABLE_DEFAULT]):.0f}",
         f"{round(choose['median_cmaes_pruned']['reached'] * 30)} against "
-        f"{round(choose[R.DEFAULT_STRATEGY]['reached'] * 30)} of 30",
+        f"{round(choose[R.FIRST_TABLE_DEFAULT]['reached'] * 30)} of 30",
         f"(median {d['cma_generations']['median']:.0f} per search)",
         f"({pruned['cma_generations']['median']:.0f} generations)",
     ]

@@ -301,7 +301,7 @@ def test_restore_falls_back_to_the_newest_surviving_round_checkpoint(tmp_path: P
     assert surviving_checkpoint(empty) is empty  # nothing to fall back to: Tune's own error
 
 
-def test_the_demo_cmaes_with_guards_prints_no_warning_per_trial(tmp_path):
+def test_cmaes_with_the_demo_guards_prints_no_warning_per_trial(tmp_path):
     """CMA-ES draws the categorical parameters at random and ignores the guards' constraints
     by design; Optuna warns about both after every trial unless told otherwise. Run in a fresh
     interpreter: the filter must hold outside pytest's warning capture."""
@@ -312,7 +312,7 @@ def test_the_demo_cmaes_with_guards_prints_no_warning_per_trial(tmp_path):
 import warnings, optuna
 from search.resolve import resolve_sweep
 from search.samplers import make_sampler
-spec = resolve_sweep(None, categories=["nut"])
+spec = resolve_sweep(None, ["search.sampler=cmaes"], categories=["nut"])
 assert spec.sweep.search.sampler == "cmaes" and spec.sweep.objective.guard
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # as make_searcher sets it
 with warnings.catch_warnings(record=True) as caught:
