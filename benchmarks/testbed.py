@@ -20,12 +20,15 @@ of configurations recorded with at least two seeds), on the final *test* image A
 Command (both tables side by side, markdown)::
 
     python -m benchmarks.testbed benchmarks/data/curves.csv benchmarks/data/curves_fixed.csv
+
+``--json OUT`` also writes the figures and each table's number of runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -117,8 +120,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("tables", nargs="+", type=Path, help="curve tables (CSV)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the figures (and each table's runs)"
+    )
     args = parser.parse_args(argv)
-    print(render({p.name: noise_stats(load_curves(p)) for p in args.tables}), end="")
+    frames = {p.name: load_curves(p) for p in args.tables}
+    stats = {name: noise_stats(frame) for name, frame in frames.items()}
+    if args.json is not None:
+        runs = {n: f.groupby(["config", "category", "seed"]).ngroups for n, f in frames.items()}
+        args.json.write_text(json.dumps({"stats": stats, "runs": runs}, indent=1) + "\n")
+    print(render(stats), end="")
 
 
 if __name__ == "__main__":

@@ -768,3 +768,68 @@ def test_confirmation_sizes_need_coverage_and_no_worse_export_and_are_not_the_se
     assert R.confirm_sizes(doc, "fifo_tpe") == "fifo_tpe_confirm2x2"
     doc["fifo_tpe_confirm2x2"]["final_test_auroc"]["median"] = 0.799
     assert R.confirm_sizes(doc, "fifo_tpe") is None  # none justified
+
+
+def _fixed(name: str) -> dict:
+    return json.loads((S.ROOT / "benchmarks" / "data" / f"replay_fixed_{name}.json").read_text())
+
+
+def test_the_default_is_the_rules_pick_on_fixed_teacher_seeds_0_29():
+    """The shipped default: the search strategy evidence_best picks on seeds 0-29 of the
+    fixed-teacher curves, then the confirmation sizes confirm_sizes picks after it."""
+    choose, confirm, unseen = _fixed("choose"), _fixed("confirm"), _fixed("unseen")
+    for doc in (choose, confirm, unseen):
+        assert doc["meta"]["curves"]["path"] == "benchmarks/data/curves_fixed.csv"
+        assert doc["meta"]["curves"]["runs"] == choose["meta"]["curves"]["runs"]
+        assert not str(doc["meta"]["source"]).startswith("made up")
+    assert choose["meta"]["search_seeds"] == confirm["meta"]["search_seeds"] == [0, 29]
+    # Every search strategy competed, and the rule, rerun, names the same pick.
+    searches = [n for n, s in R.STRATEGIES.items() if shippable_search(s)]
+    assert set(searches) <= set(choose)
+    assert R.evidence_best(choose) == choose["best"]
+    base = choose["best"]
+    assert R.confirm_sizes(confirm, base) == confirm["confirm_best"] == R.DEFAULT_STRATEGY
+    assert R.DEFAULT_STRATEGY.startswith(f"{base}_confirm")
+    first, last = unseen["meta"]["search_seeds"]
+    assert first > 29 and last - first + 1 >= 100  # reported on seeds nobody chose on
+    assert unseen["default"] == R.DEFAULT_STRATEGY and R.DEFAULT_STRATEGY in unseen
+
+
+def shippable_search(strategy: S.Strategy) -> bool:
+    return R.shippable(strategy) and not strategy.confirm_top_k
+
+
+def test_the_readme_reports_the_fixed_teacher_evidence():
+    choose, unseen = _fixed("choose"), _fixed("unseen")
+    section = _readme_section("Choosing the search strategy")
+    base = choose["best"]
+    d, ref, old = unseen[R.DEFAULT_STRATEGY], unseen["fifo_random"], unseen[R.FIRST_TABLE_DEFAULT]
+    search = unseen[base]
+    n = unseen["meta"]["seeds"]
+    med = lambda e: e["epochs_to_target"]["median"]  # noqa: E731
+    ci = d["confirm_interval"]
+    claims = [
+        f"{round(choose[base]['reached'] * 30)} of 30 searches against "
+        f"{round(choose['fifo_random']['reached'] * 30)}",
+        f"{med(choose['fifo_random']) / med(choose[base]):.2f}x fewer epochs "
+        f"({med(choose[base]):.0f} against {med(choose['fifo_random']):.0f})",
+        f"{round(d['reached'] * n)} of {n} against {round(ref['reached'] * n)}",
+        f"{med(ref) / med(search):.2f}x fewer epochs ({med(search):.0f} against {med(ref):.0f})",
+        f"{d['epochs_total']['median']:.0f} model-epochs in all against "
+        f"{ref['epochs_total']['median']:.0f}",
+        f"covered the true gain in {round(ci['coverage'] * ci['intervals'])} of {n}",
+        f"above zero in {round(ci['beyond_noise'] * ci['intervals'])}",
+        f"reached the target in {round(old['reached'] * n)} of {n}",
+    ]
+    tpe = "fifo_tpe"
+    claims.append(f"TPE did better there ({round(unseen[tpe]['reached'] * n)} of {n})")
+    claims.append(f"({round(choose[tpe]['reached'] * 30)} of 30)")
+    # "even early values that rank runs as the final ones do would save at most 2.4x"
+    oracle = unseen["oracle"]
+    ideal = max(med(oracle["fifo_random"]) / med(e) for e in oracle.values() if med(e))
+    claims.append(f"would save at most {ideal:.1f}x")
+    for claim in claims:
+        assert claim in section, claim
+    # "Stopping by category did better than by epoch but not as well as FIFO."
+    cats = max(unseen[n]["reached"] for n in unseen if n.endswith("_cats"))
+    assert old["reached"] < cats < ref["reached"]

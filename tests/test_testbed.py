@@ -102,3 +102,28 @@ def test_a_testbed_with_scores_records_each_runs_test_image_scores(tmp_path, mon
     curves._append_line(bed.scores_path(), {"config": 7, "category": "x", "seed": 1,
                                             "labels": [0], "scores": [0.5]})  # fmt: skip
     assert list(curves.load_scores(bed.scores_path())) == [(7, "x", 1)]
+
+
+def test_the_readme_quotes_the_committed_fixed_teacher_figures():
+    """The README's figures on the fixed-teacher curves are benchmarks/data/testbed.json's
+    (written with the replay's snapshot of the table), and that snapshot is the replay's."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    doc = json.loads((root / "benchmarks" / "data" / "testbed.json").read_text())
+    replay = json.loads((root / "benchmarks" / "data" / "replay_fixed_choose.json").read_text())
+    runs = doc["runs"]["curves_fixed.csv"]
+    assert runs == replay["meta"]["curves"]["runs"]
+    stats = doc["stats"]["curves_fixed.csv"]
+    iccs = [row["icc"] for row in stats.values()]
+    positive = [row["val_test_run"] for row in stats.values() if row["val_test_run"] > 0]
+    text = " ".join((root / "README.md").read_text().split())
+    claims = [
+        f"{runs} of {len(curves.planned_runs(curves.FIXED))} runs so far",
+        f"intra-class correlation {min(iccs):.2f}-{max(iccs):.2f} over its first "
+        f"{min(row['configs'] for row in stats.values())} configurations",
+        f"(Spearman {min(positive):.2f}-{max(positive):.2f} per run, pill in reverse)",
+    ]
+    for claim in claims:
+        assert claim in text, claim
+    assert stats["pill"]["val_test_run"] < 0
