@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,13 +157,24 @@ def test_confirm_configs_take_the_top_k_finished_feasible_trials_and_the_baselin
     assert all("study_trial" not in c and c["model.mask_ratio"] == 0.1 for c in configs)
 
 
-def test_confirm_settings_are_checked(tmp_path):
+def test_confirm_settings_are_checked(tmp_path, caplog):
     with pytest.raises(ConfigError, match=r"search.confirm.seeds must be >= 2"):
         _spec(tmp_path, "search.confirm.seeds=1")
     with pytest.raises(ConfigError, match=r"search.confirm.top_k must be >= 0"):
         _spec(tmp_path, "search.confirm.top_k=-1")
-    with pytest.raises(ConfigError, match=r"search.confirm confirms one single-objective"):
-        _spec(tmp_path, "objective.per_category=true", "data.categories=[disk,grid]")
+    # Per-category or several objectives: the sweep runs without confirmation, and says so.
+    for extra in (
+        ["objective.per_category=true", "data.categories=[disk,grid]"],
+        ["objective.metrics=[image_auroc, aupro]", "search.sampler=tpe"],
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="search.config"):
+            spec = _spec(tmp_path, *extra)
+        assert spec.sweep.search.confirm.top_k == 0, extra
+        assert spec.to_dict()["sweep"]["search"]["confirm"]["top_k"] == 0
+        assert "confirmation runs confirm one single-objective study" in caplog.text
+    # The demo config confirms (its sizes from the replay).
+    assert resolve_sweep(None, categories=["nut"]).sweep.search.confirm.top_k == 1
 
 
 @pytest.mark.slow

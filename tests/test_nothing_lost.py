@@ -203,7 +203,8 @@ def test_resume_of_a_finished_sweep_says_so_and_starts_nothing(tmp_path, monkeyp
     import search.sweep as sweep
     from mmr.fileio import atomic_write
 
-    spec = resolve_sweep(None, ["search.num_trials=3"], name="fin", storage=str(tmp_path))
+    over = ["search.num_trials=3", "search.confirm.top_k=0"]  # (with it: confirmation to run)
+    spec = resolve_sweep(None, over, name="fin", storage=str(tmp_path))
     spec.experiment_dir.mkdir(parents=True)
     atomic_write(spec.experiment_dir / "sweep.json", json.dumps(spec.to_dict()))
     monkeypatch.setattr(sweep.tune.Tuner, "can_restore", lambda location: True)
