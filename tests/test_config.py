@@ -192,3 +192,24 @@ def test_readme_counts_the_rounds_of_sequential_categories_as_the_config_does():
     )
     assert cfg.num_rounds == rounds
     assert Config().train.category_order == "lockstep"
+
+
+def test_the_readme_quickstart_describes_the_demo_sweep_config():
+    from search.resolve import resolve_sweep
+
+    root = Path(__file__).resolve().parent.parent
+    text = " ".join((root / "README.md").read_text().split())
+    start = text.index("The demo runs offline")
+    quick = text[start : text.index("## What it does", start)]
+    spec = resolve_sweep(None)
+    s = spec.sweep.search
+    assert (s.sampler, spec.sweep.scheduler.type) == (
+        "gp",
+        "fifo",
+    )  # "GP ... without early stopping"
+    assert f"{s.num_trials} trials of Optuna's GP sampler without early stopping" in quick
+    assert "two at a time" in quick and s.max_concurrent == 2
+    assert f"train again with {s.confirm.seeds} fresh seeds" in quick and s.confirm.top_k == 1
+    confirm_trials = (s.confirm.top_k + 1) * s.confirm.seeds
+    assert f"its {confirm_trials} confirmation trials" in quick
+    assert list(spec.base.data.categories) == ["nut"] and "on the `nut` category" in quick
