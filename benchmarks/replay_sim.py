@@ -518,9 +518,8 @@ def confirm(
     best = max(means, key=lambda i: (means[i], picked[i].baseline))
     pick = picked[best]
     if baseline and not pick.baseline:
-        _gain(
-            trace, table, cats, pick, seeds[best], baseline[0], seeds[len(picked) - 1], search_seed
-        )
+        base = picked.index(baseline[0])
+        _gain(trace, table, cats, pick, seeds[best], baseline[0], seeds[base], search_seed)
     value = float(np.mean([table.test[(pick.config, k, pick.seed)] for k in cats]))
     trace.incumbents = [(trace.epochs, value)]
     trace.final_test = value

@@ -19,10 +19,10 @@ FAST = [
     "train.lr_milestones=[3]",
     "train.batch_size=4",
     "eval.blur_sigma=0.5",
-    # The demo sweep confirms its best afterwards (4 more trials): tests opt in where they
-    # test confirmation.
-    "search.confirm.top_k=0",
 ]
+# A test sweep's: the demo sweep confirms its best afterwards (4 more trials), so tests opt in
+# where they test confirmation.
+FAST_SWEEP = [*FAST, "search.confirm.top_k=0"]
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from fast import FAST, cli
+from fast import FAST, FAST_SWEEP, cli
 from raycluster import (
     MARKER_VAR,
     LocalCluster,
@@ -775,7 +775,7 @@ def _wait_for(
 def _sweep_args(data_root: Path, storage: Path, name: str, *extra: str) -> list[str]:
     """`launch.py sweep/submit` options of a tiny demo sweep (fifo: every trial finishes)."""
     args = ["--name", name, "--storage", str(storage)]
-    for item in (f"data.root={data_root}", *FAST, "scheduler.type=fifo", *extra):
+    for item in (f"data.root={data_root}", *FAST_SWEEP, "scheduler.type=fifo", *extra):
         args += ["--set", item]
     return args
 

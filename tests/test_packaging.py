@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from fast import FAST
+from fast import FAST_SWEEP
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -182,7 +182,7 @@ def test_non_editable_install_runs_the_cli_and_a_demo_sweep(
     # The demo sweep (default config), as small as it gets: one trial of a few seconds.
     fast = [
         f"data.root={synthetic_root}",
-        *FAST,
+        *FAST_SWEEP,
         "train.epochs=2",
         "train.lr_milestones=[1]",
         "search.num_trials=1",

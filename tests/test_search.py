@@ -16,8 +16,7 @@ import pytest
 import timm
 import torch
 import yaml
-from fast import FAST as FAST_TRIAL
-from fast import cli
+from fast import FAST_SWEEP, cli
 
 from mmr.config import ConfigError, load_config
 from mmr.errors import UserInputError
@@ -28,7 +27,7 @@ from spaces import SpaceError
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-FAST = [*FAST_TRIAL, "search.n_startup_trials=2"]  # tests/fast.py
+FAST = [*FAST_SWEEP, "search.n_startup_trials=2"]  # tests/fast.py
 
 
 def spec_for(tmp: Path, root: Path, *extra: str, name: str = "t", space: dict | None = None):
@@ -122,6 +121,7 @@ def test_the_scheduler_stops_trials_and_the_study_records_them_pruned(
         "search.num_trials=6",
         "search.max_concurrent=1",
         "scheduler.grace_period=1",
+        "search.sampler=cmaes",  # the sampler these stopping decisions were written against
         *scheduler,
         name="asha",
     )
@@ -681,7 +681,14 @@ def test_sequential_category_order_is_refused_per_category_and_lists_all(synthet
     every = spec_for(tmp_path, synthetic_root, seq, "data.categories=all")
     assert every.base.data.categories == ("disk", "grid") and every.base.num_rounds == 8
     with pytest.raises(ConfigError, match="categories in sequence"):
-        spec_for(tmp_path, synthetic_root, seq, "data.categories=all", "scheduler.grace_period=8")
+        spec_for(
+            tmp_path,
+            synthetic_root,
+            seq,
+            "data.categories=all",
+            "scheduler.type=median",  # the demo's FIFO has no grace period to check
+            "scheduler.grace_period=8",
+        )
 
 
 def test_gpu_request_on_a_cluster_without_gpus_fails_at_once(ray_session):
