@@ -301,7 +301,9 @@ def _start_sweep(
         ),
         run_config=_run_config(spec, write, started),
     )
-    write(f"sweep {spec.sweep.name}: {num_samples} trials, experiment {location}")
+    c = spec.sweep.search.confirm
+    after = f" + {(c.top_k + 1) * c.seeds} confirmation trials after them" if c.top_k else ""
+    write(f"sweep {spec.sweep.name}: {num_samples} trials{after}, experiment {location}")
     _announce(spec, write)
     tuner.fit()
     return _finish(spec, started, write, export)

@@ -203,6 +203,8 @@ def test_a_sweep_confirms_its_best_and_exports_the_confirmed_one(
     lines: list[str] = []
     run = run_sweep(spec, write=lines.append, dashboard=False)
     exp = run.experiment_dir
+    # The budget says what the confirmation adds: (top 1 + the baseline) x 2 seeds.
+    assert any("3 trials + 4 confirmation trials after them" in line for line in lines), lines
     summary = json.loads((exp / "confirm.json").read_text())
     confirmed = summary["configurations"]
     assert len(confirmed) == 2 and all(len(v["seeds"]) == 2 for v in confirmed.values())

@@ -119,7 +119,7 @@ def test_the_readme_quotes_the_committed_fixed_teacher_figures():
     positive = [row["val_test_run"] for row in stats.values() if row["val_test_run"] > 0]
     text = " ".join((root / "README.md").read_text().split())
     claims = [
-        f"{runs} of {len(curves.planned_runs(curves.FIXED))} runs so far",
+        f"from its first {runs} of {len(curves.planned_runs(curves.FIXED))} runs",
         f"intra-class correlation {min(iccs):.2f}-{max(iccs):.2f} over its first "
         f"{min(row['configs'] for row in stats.values())} configurations",
         f"(Spearman {min(positive):.2f}-{max(positive):.2f} per run, pill in reverse)",
