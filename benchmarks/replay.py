@@ -3,8 +3,10 @@
 ``python -m benchmarks.replay --seeds 30 --json OUT.json`` replays every strategy in
 ``STRATEGIES`` (samplers random / TPE / GP / CMA-ES x FIFO / ASHA with grace period, reduction
 factor and validation interval swept / async Hyperband with 3 brackets / median stopping; the
-rung metric as the last value, best so far or smoothed; per-category routing) for 30 search
-seeds each over the curve table of ``benchmarks/curves.py``; how a search is simulated (and
+rung metric as the last value, best so far or smoothed; per-category routing; a grace period
+of 3 rounds (``_g3``); categories as a fidelity (``_seq``, ``_cats``); confirmation runs after
+every shippable search strategy (``_confirmKxS``)) for 30 search seeds each over the curve
+table of ``benchmarks/curves.py``; how a search is simulated (and
 how sampled points map to recorded configurations) is in ``benchmarks/replay_sim.py``.
 
 Outcome of a search: its incumbent is what ``search.results.best_trials`` would pick at that
