@@ -821,6 +821,8 @@ def test_the_readme_reports_the_fixed_teacher_evidence():
         f"above zero in {round(ci['beyond_noise'] * ci['intervals'])}",
         f"reached the target in {round(old['reached'] * n)} of {n}",
     ]
+    table = unseen["meta"]["table"]
+    claims.append(f"its first {table['runs']} runs, {table['configs']} of the 48 configurations")
     tpe = "fifo_tpe"
     claims.append(f"TPE did better there ({round(unseen[tpe]['reached'] * n)} of {n})")
     claims.append(f"({round(choose[tpe]['reached'] * 30)} of 30)")
