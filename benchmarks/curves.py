@@ -181,7 +181,10 @@ class Run:
         ``teacher``: a weights file every run loads (the fixed-teacher testbed).
         """
         layers = ",".join(str(x) for x in self.params["teacher_layers"])
+        # Both tables were recorded before model.teacher_seed: without a file, the random
+        # teacher is drawn from train.seed (the first table), whatever the tiny config says.
         fixed = [f"model.teacher_checkpoint={teacher}"] if teacher is not None else []
+        fixed.append("model.teacher_seed=null")
         return [
             *fixed,
             f"data.categories=[{self.category}]",

@@ -56,13 +56,13 @@ def _cache_dir() -> Path:
 
 def build(seed: int) -> Any:
     """The random-init teacher CNN of ``seed`` (timm ``features_only``, stages 1-3)."""
-    import torch
-
     from mmr.config import load_config
     from mmr.model import build_teacher
 
-    cfg = load_config(BASE_CONFIG, [f"model.teacher_layers=[{','.join(map(str, LAYERS))}]"])
-    torch.manual_seed(seed)
+    layers = ",".join(map(str, LAYERS))
+    cfg = load_config(
+        BASE_CONFIG, [f"model.teacher_layers=[{layers}]", f"model.teacher_seed={seed}"]
+    )
     return build_teacher(cfg.model)
 
 

@@ -102,6 +102,9 @@ class ModelConfig:
     pretrained: bool = True  # load hub weights (False: random init, e.g. tests/offline demo)
     teacher_checkpoint: str | None = None  # local teacher weight file (torchvision/timm keys)
     encoder_checkpoint: str | None = None  # local encoder weight file (MAE or timm format)
+    teacher_seed: int | None = None  # seed of a random-init teacher (pretrained: false, no
+    # teacher_checkpoint): one teacher for every training seed, as one pretrained teacher is;
+    # None: drawn from train.seed, so every seed also draws its own teacher
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,11 @@ class Config(Schema):
             f"{list(m.teacher_layers)}",
         )
         check(m.encoder_depth is None or m.encoder_depth > 0, "model.encoder_depth", "must be > 0")
+        check(
+            m.teacher_seed is None or 0 <= m.teacher_seed < 2**63,
+            "model.teacher_seed",
+            f"must be a seed in [0, 2**63) or null, got {m.teacher_seed}",
+        )
         check(t.epochs > 0, "train.epochs", "must be > 0")
         check(t.batch_size > 0, "train.batch_size", "must be > 0")
         check(t.lr > 0, "train.lr", "must be > 0")

@@ -90,8 +90,12 @@ def build_teacher(cfg: ModelConfig) -> Teacher:
         load_teacher_checkpoint(net, cfg.teacher_checkpoint)
     elif cfg.pretrained:
         net = create_hub_model(cfg.teacher, role="teacher", key="model.teacher", **kwargs)
-    else:
+    elif cfg.teacher_seed is None:
         net = _create_cnn(cfg.teacher, **kwargs)
+    else:  # one random teacher whatever the training seed; the global RNG stream is left alone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.teacher_seed)
+            net = _create_cnn(cfg.teacher, **kwargs)
     return Teacher(net, stages=cfg.teacher_layers)
 
 

@@ -175,7 +175,8 @@ class TaskStreams:
 
 
 def build_models(cfg: Config, tasks: list[str], device: torch.device) -> dict[str, MMR]:
-    """One MMR per task, sharing a single frozen teacher (built first, from the seed)."""
+    """One MMR per task, sharing a single frozen teacher (built first: from ``train.seed``
+    unless ``model.teacher_seed`` or its weights fix it)."""
     torch.manual_seed(cfg.train.seed)
     teacher = build_teacher(cfg.model)
     models = {}

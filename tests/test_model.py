@@ -307,6 +307,37 @@ def test_shared_teacher():
         build(tiny(teacher_layers=(2, 3)), teacher=teacher)
 
 
+def test_teacher_seed_fixes_the_random_teacher_whatever_the_training_seed(tmp_path):
+    def weights_of(model: MMR) -> list[torch.Tensor]:
+        return list(model.teacher.net.state_dict().values())
+
+    def same(a: MMR, b: MMR) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(weights_of(a), weights_of(b), strict=True))
+
+    def embed(model: MMR) -> torch.Tensor:  # a student weight, drawn from the global stream
+        return model.student.encoder.patch_embed.proj.weight
+
+    fixed = tiny(teacher_seed=13)
+    a, b = build(fixed, seed=0), build(fixed, seed=1)
+    assert same(a, b)  # one teacher for both training seeds ...
+    assert not torch.equal(embed(a), embed(b))
+    assert not same(build(tiny(), seed=0), build(tiny(), seed=1))  # ... unlike teacher_seed null
+    assert not same(a, build(tiny(teacher_seed=14), seed=0))
+    # Building it leaves the global stream alone: the student draws what it draws without it.
+    torch.manual_seed(5)
+    build_teacher(fixed)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after)
+    # Weights from a file win over the seed, and draw from the stream as they always did.
+    file = tmp_path / "t.pth"
+    torch.save(build(tiny(), seed=7).teacher.net.state_dict(), file)
+    loaded = build(tiny(teacher_checkpoint=str(file), teacher_seed=13), seed=3)
+    plain = build(tiny(teacher_checkpoint=str(file)), seed=3)
+    assert not same(loaded, a) and same(loaded, plain)
+    assert torch.equal(embed(loaded), embed(plain))
+
+
 # ----------------------------------------------------------------------------- bad geometry
 
 

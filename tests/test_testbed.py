@@ -55,8 +55,29 @@ def test_fixed_testbed_plan_is_configuration_major_with_every_seed_and_category(
         assert {(r.seed, r.category) for r in block} == {
             (s, c) for s in curves.FIXED.seeds for c in curves.FIXED.categories
         }
-    assert runs[0].overrides()[0].startswith("data.categories=")
-    assert runs[0].overrides(Path("/t.pt"))[0] == "model.teacher_checkpoint=/t.pt"
+    from mmr.config import load_config
+
+    # Both tables predate model.teacher_seed: without a file, a run draws its teacher from its
+    # training seed as the first table's runs did, whatever the tiny config fixes.
+    first = load_config(curves.BASE_CONFIG, runs[0].overrides())
+    assert first.model.teacher_seed is None and first.model.teacher_checkpoint is None
+    fixed = load_config(curves.BASE_CONFIG, runs[0].overrides(Path("/t.pt")))
+    assert fixed.model.teacher_checkpoint == "/t.pt"
+
+
+def test_the_tiny_configs_teacher_is_the_testbeds_chosen_teacher(tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks import teacher
+    from mmr.config import load_config
+    from mmr.model import build_teacher
+
+    monkeypatch.setenv("MMR_CACHE_DIR", str(tmp_path))
+    chosen = torch.load(teacher.teacher_file(), weights_only=True)
+    cfg = load_config(curves.BASE_CONFIG).model
+    assert cfg.teacher_seed == teacher.CHOSEN_SEED
+    tiny = build_teacher(cfg).net.state_dict()
+    assert tiny.keys() == chosen.keys() and all(torch.equal(tiny[k], chosen[k]) for k in tiny)
 
 
 def test_fixed_teacher_file_is_the_same_weights_wherever_it_is_built(tmp_path, monkeypatch):
