@@ -743,6 +743,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, default=24, help="trials per search (per study)")
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--categories", default="", help="comma-separated (default: all)")
+    parser.add_argument(
+        "--whole-configs",
+        action="store_true",
+        help="replay only configurations recorded with every seed on every category",
+    )
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument(
         "--warm-seeds",
@@ -776,6 +781,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         table = load_table(args.table)
         source = str(args.table)
+        if args.whole_configs:
+            table = table.whole()
     started = time.perf_counter()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     replay_kw = {
@@ -808,7 +815,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     doc["meta"].update(
         seconds=round(time.perf_counter() - started, 1),
         source=source,
-        curves={**doc["meta"]["curves"], "path": source},
+        curves={**doc["meta"]["curves"], "path": source, "whole_configs": args.whole_configs},
         workers=args.workers,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         load=" / ".join(f"{x:.1f}" for x in load) if load else None,

@@ -142,6 +142,21 @@ class CurveTable:
         val = {k: np.full(len(v), v[-1]) if len(v) else v for k, v in self.val.items()}
         return dataclasses.replace(self, val=val)
 
+    def whole(self) -> CurveTable:
+        """Only the configurations recorded with every seed on every category of the table.
+
+        A table still being recorded ends in a partly recorded configuration; replayed, it
+        would have fewer seeds than the rest (a confirmation without fresh seeds)."""
+        cats, seeds = self.categories, sorted({s for _, _, s in self.val})
+        keep = {c for c in self.params if all((c, k, s) in self.val for k in cats for s in seeds)}
+        return dataclasses.replace(
+            self,
+            params={c: p for c, p in self.params.items() if c in keep},
+            val={k: v for k, v in self.val.items() if k[0] in keep},
+            test={k: v for k, v in self.test.items() if k[0] in keep},
+            scores={k: v for k, v in self.scores.items() if k[0] in keep},
+        )
+
     def final_val(self, config: int, categories: Sequence[str]) -> float:
         """Mean over ``categories`` of the seed-mean final validation value."""
         return self._seed_mean(config, categories, lambda key: self.val[key][-1])

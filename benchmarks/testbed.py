@@ -102,6 +102,15 @@ def noise_stats(frame: pd.DataFrame, metric: str = "image_auroc") -> dict[str, d
     return out
 
 
+def whole_runs(frame: pd.DataFrame) -> int:
+    """Runs of the configurations recorded with every seed on every category: what
+    ``python -m benchmarks.replay --whole-configs`` replays of a table still being recorded."""
+    runs = frame.groupby(["config", "category", "seed"]).size().reset_index()
+    per_config = runs.groupby("config").size()
+    whole = runs["category"].nunique() * runs["seed"].nunique()
+    return int(per_config[per_config == whole].sum())
+
+
 def render(tables: dict[str, dict[str, dict[str, Any]]]) -> str:
     """A markdown table: one row per (table, category)."""
     lines = [
@@ -127,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     frames = {p.name: load_curves(p) for p in args.tables}
     stats = {name: noise_stats(frame) for name, frame in frames.items()}
     if args.json is not None:
-        runs = {n: f.groupby(["config", "category", "seed"]).ngroups for n, f in frames.items()}
+        runs = {n: whole_runs(f) for n, f in frames.items()}
         args.json.write_text(json.dumps({"stats": stats, "runs": runs}, indent=1) + "\n")
     print(render(stats), end="")
 

@@ -1,0 +1,201 @@
+"""The evidence behind the shipped search default, in one command: chosen on some search seeds,
+reported on others.
+
+``python -m benchmarks.evidence --table benchmarks/data/curves_fixed.csv --out
+benchmarks/data/replay_fixed`` runs, through ``benchmarks.replay`` (each step writes its
+``<out>_<step>.json`` and ``.md``):
+
+1. ``choose``: every search strategy (no confirmation) on search seeds ``0 .. C - 1``;
+   ``replay.evidence_best`` names the search strategy to ship.
+2. ``confirm``: that strategy and its confirmation variants on the same seeds;
+   ``replay.confirm_sizes`` names the confirmation after it. The pick is the search strategy
+   with those sizes (or without confirmation when none is justified).
+3. ``unseen``: the pick, the shipped default (``replay.DEFAULT_STRATEGY``, when another), the
+   pick's search alone, FIFO + random and ``REPORTED`` on the ``R`` search seeds after those,
+   which chose nothing, with the ideal early-stopping bound (``oracle``).
+4. ``unseen_<category>``: the same seeds with each category's curves alone as the objective.
+
+``--whole-configs`` (on by default) replays only configurations recorded with every seed on
+every category, so a table still being recorded can be replayed at any time; ``--testbed``
+also writes ``benchmarks.testbed``'s figures for the first table and this one. It prints the
+pick and whether it is the shipped default; ``--check`` exits with 1 when it is not. Choosing
+on seeds ``0 .. C - 1`` and reporting on the next ``R`` is the rule: a default picked on the
+seeds that report it proves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import replay
+from benchmarks.common import ROOT
+
+__all__ = ["REPORTED", "search_strategies", "run"]
+
+log = logging.getLogger(__name__)
+
+# Reported beside the pick on the unseen seeds (chosen before seeing them: every sampler
+# without early stopping, the first table's default and the early-stopping families).
+REPORTED = (
+    "fifo_random",
+    "fifo_tpe",
+    "fifo_gp",
+    "fifo_cmaes",
+    replay.FIRST_TABLE_DEFAULT,
+    "asha_gp_g3",
+    "median_random_cats",
+    "asha_random_cats",
+    "median_cmaes_cats",
+)
+
+
+def search_strategies() -> list[str]:
+    """Every replayed strategy that is a search alone (no confirmation runs after it)."""
+    return [n for n, s in replay.STRATEGIES.items() if not s.confirm_top_k]
+
+
+def _replay(out: Path, step: str, args: list[str]) -> dict[str, Any]:
+    path = out.with_name(f"{out.name}_{step}.json")
+    replay.main([*args, "--json", str(path), "--markdown", str(path.with_suffix(".md"))])
+    return json.loads(path.read_text())
+
+
+def run(
+    table: Path,
+    out: Path,
+    *,
+    choose_seeds: int = 30,
+    report_seeds: int = 100,
+    trials: int = 24,
+    workers: int = 2,
+    whole: bool = True,
+    choose: Sequence[str] | None = None,
+    reported: Sequence[str] = REPORTED,
+    per_category: bool = True,
+) -> dict[str, Any]:
+    """The four steps of the module doc; returns ``{"pick", "search", "sizes", "default"}``.
+
+    ``choose``: the search strategies step 1 compares (default: ``search_strategies()``).
+    """
+    common = ["--table", str(table), "--trials", str(trials), "--workers", str(workers)]
+    common += ["--warm-seeds", "0"] + (["--whole-configs"] if whole else [])
+    names = list(choose or search_strategies())
+    first = _replay(
+        out, "choose", [*common, "--seeds", str(choose_seeds), "--strategies", ",".join(names)]
+    )
+    base = first["best"]
+    sizes = [
+        n
+        for n, s in replay.STRATEGIES.items()
+        if s.confirm_top_k and n == f"{base}_confirm{s.confirm_top_k}x{s.confirm_seeds}"
+    ]
+    second = _replay(
+        out,
+        "confirm",
+        [
+            *common,
+            "--seeds",
+            str(choose_seeds),
+            "--oracle-seeds",
+            "0",
+            "--strategies",
+            ",".join([base, *sizes]),
+        ],
+    )
+    confirmed = replay.confirm_sizes(second, base)
+    pick = confirmed or base
+    # FIFO + random with the pick's confirmation too: the reference's whole budget alike.
+    alike = f"fifo_random{pick.removeprefix(base)}" if confirmed else "fifo_random"
+    report = [pick, replay.DEFAULT_STRATEGY, base, *reported, alike]
+    report = [n for n in dict.fromkeys(report) if n in replay.STRATEGIES]
+    offset = ["--seeds", str(report_seeds), "--seed-offset", str(choose_seeds)]
+    third = _replay(out, "unseen", [*common, *offset, "--strategies", ",".join(report)])
+    if per_category:
+        for category in third["meta"]["table"]["categories"]:
+            _replay(
+                out,
+                f"unseen_{category}",
+                [
+                    *common,
+                    *offset,
+                    "--oracle-seeds",
+                    "0",
+                    "--categories",
+                    category,
+                    "--strategies",
+                    ",".join(dict.fromkeys([pick, replay.DEFAULT_STRATEGY, base])),
+                ],
+            )
+    return {"pick": pick, "search": base, "sizes": confirmed, "default": replay.DEFAULT_STRATEGY}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks/data/curves_fixed.csv")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="prefix of the files (<out>_choose.json, ...)"
+    )
+    parser.add_argument("--choose-seeds", type=int, default=30, help="seeds 0 .. C - 1 choose")
+    parser.add_argument("--report-seeds", type=int, default=100, help="the next R report")
+    parser.add_argument("--trials", type=int, default=24, help="trials per search")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--all-configs",
+        action="store_true",
+        help="also replay configurations recorded with only some of their seeds",
+    )
+    parser.add_argument("--choose", default="", help="step 1's strategies (default: all)")
+    parser.add_argument(
+        "--reported", default=",".join(REPORTED), help="step 3's strategies beside the pick"
+    )
+    parser.add_argument("--no-per-category", action="store_true", help="skip step 4")
+    parser.add_argument(
+        "--testbed", type=Path, default=None, help="also write benchmarks.testbed's JSON here"
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 unless pick == default")
+    args = parser.parse_args(argv)
+    if not args.table.is_file():
+        parser.error(f"--table {args.table}: no such file (record one: benchmarks.curves)")
+    if args.choose_seeds < 1 or args.report_seeds < 1:
+        parser.error("--choose-seeds and --report-seeds must be >= 1")
+    unknown = [
+        n
+        for n in [*args.choose.split(","), *args.reported.split(",")]
+        if n and n not in replay.STRATEGIES
+    ]
+    if unknown:
+        parser.error(f"unknown strategy {unknown[0]!r} (see benchmarks.replay.STRATEGIES)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = run(
+        args.table,
+        args.out,
+        choose_seeds=args.choose_seeds,
+        report_seeds=args.report_seeds,
+        trials=args.trials,
+        workers=args.workers,
+        whole=not args.all_configs,
+        choose=[n for n in args.choose.split(",") if n] or None,
+        reported=[n for n in args.reported.split(",") if n],
+        per_category=not args.no_per_category,
+    )
+    if args.testbed is not None:
+        from benchmarks import testbed
+
+        testbed.main([str(replay.DEFAULT_TABLE), str(args.table), "--json", str(args.testbed)])
+    same = result["pick"] == result["default"]
+    print(
+        f"evidence (seeds 0-{args.choose_seeds - 1}): search {result['search']}, confirmation "
+        f"{result['sizes'] or 'none justified'} -> {result['pick']}; shipped default "
+        f"{result['default']}: {'the same' if same else 'DIFFERENT'}"
+    )
+    return 1 if args.check and not same else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
