@@ -14,6 +14,8 @@ benchmarks/data/replay_fixed`` runs, through ``benchmarks.replay`` (each step wr
    pick's search alone, FIFO + random and ``REPORTED`` on the ``R`` search seeds after those,
    which chose nothing, with the ideal early-stopping bound (``oracle``).
 4. ``unseen_<category>``: the same seeds with each category's curves alone as the objective.
+5. ``unseen_t<N>`` (``--budgets N,...``): the pick, its search and FIFO + random with N
+   trials per search on the same seeds: how reach grows with the budget (reported only).
 
 ``--whole-configs`` (on by default) replays only configurations recorded with every seed on
 every category, so a table still being recorded can be replayed at any time; ``--testbed``
@@ -78,13 +80,18 @@ def run(
     choose: Sequence[str] | None = None,
     reported: Sequence[str] = REPORTED,
     per_category: bool = True,
+    budgets: Sequence[int] = (),
 ) -> dict[str, Any]:
     """The four steps of the module doc; returns ``{"pick", "search", "sizes", "default"}``.
 
     ``choose``: the search strategies step 1 compares (default: ``search_strategies()``).
     """
-    common = ["--table", str(table), "--trials", str(trials), "--workers", str(workers)]
-    common += ["--warm-seeds", "0"] + (["--whole-configs"] if whole else [])
+
+    def with_trials(n: int) -> list[str]:
+        out = ["--table", str(table), "--trials", str(n), "--workers", str(workers)]
+        return out + ["--warm-seeds", "0"] + (["--whole-configs"] if whole else [])
+
+    common = with_trials(trials)
     names = list(choose or search_strategies())
     first = _replay(
         out, "choose", [*common, "--seeds", str(choose_seeds), "--strategies", ",".join(names)]
@@ -132,6 +139,19 @@ def run(
                     ",".join(dict.fromkeys([pick, replay.DEFAULT_STRATEGY, base])),
                 ],
             )
+    for budget in budgets:
+        _replay(
+            out,
+            f"unseen_t{budget}",
+            [
+                *with_trials(budget),
+                *offset,
+                "--oracle-seeds",
+                "0",
+                "--strategies",
+                ",".join(dict.fromkeys([pick, base, alike])),
+            ],
+        )
     return {"pick": pick, "search": base, "sizes": confirmed, "default": replay.DEFAULT_STRATEGY}
 
 
@@ -155,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--reported", default=",".join(REPORTED), help="step 3's strategies beside the pick"
     )
     parser.add_argument("--no-per-category", action="store_true", help="skip step 4")
+    parser.add_argument(
+        "--budgets", default="", help="step 5: trials per search to replay besides --trials"
+    )
     parser.add_argument(
         "--testbed", type=Path, default=None, help="also write benchmarks.testbed's JSON here"
     )
@@ -183,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         choose=[n for n in args.choose.split(",") if n] or None,
         reported=[n for n in args.reported.split(",") if n],
         per_category=not args.no_per_category,
+        budgets=[int(b) for b in args.budgets.split(",") if b],
     )
     if args.testbed is not None:
         from benchmarks import testbed

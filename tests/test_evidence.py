@@ -29,6 +29,7 @@ def test_evidence_chooses_on_the_first_seeds_and_reports_on_the_next(tmp_path, c
     argv = ["--table", str(path), "--out", str(out), "--choose-seeds", "2", "--report-seeds"]
     argv += ["2", "--trials", "4", "--workers", "1", "--choose", choose, "--reported"]
     argv += ["fifo_random,median_cmaes", "--testbed", str(tmp_path / "testbed.json")]
+    argv += ["--budgets", "6"]
     code = evidence.main(argv)
     first, second, third = _doc(out, "choose"), _doc(out, "confirm"), _doc(out, "unseen")
     assert first["meta"]["search_seeds"] == second["meta"]["search_seeds"] == [0, 1]
@@ -44,6 +45,9 @@ def test_evidence_chooses_on_the_first_seeds_and_reports_on_the_next(tmp_path, c
     for category in third["meta"]["table"]["categories"]:
         assert _doc(out, f"unseen_{category}")["meta"]["table"]["categories"] == [category]
     assert out.with_name(f"{out.name}_unseen.md").is_file()
+    budget = _doc(out, "unseen_t6")
+    assert budget["meta"]["num_trials"] == 6 and third["meta"]["num_trials"] == 4
+    assert budget["meta"]["search_seeds"] == [2, 3] and {pick, base} <= set(budget)
     testbed = json.loads((tmp_path / "testbed.json").read_text())
     assert testbed["runs"]["curves.csv"] == third["meta"]["curves"]["runs"]
     printed = capsys.readouterr().out.splitlines()[-1]
