@@ -109,6 +109,8 @@ def test_overrides_are_yaml_values_on_dotted_keys():
         ({"data.mask_binarize": "otsu"}, "data.mask_binarize must be one of"),
         ({"eval.official_pro": "yes"}, "'eval.official_pro' must be true or false"),
         ({"data.train_resize": 200}, r"data.train_resize must be >= data.image_size \(224\)"),
+        ({"model.teacher_seed": -1}, r"model.teacher_seed must be a seed in \[0, 2\*\*63\)"),
+        ({"model.teacher_seed": 1.5}, "'model.teacher_seed': 1.5 does not fit int"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(raw: dict, match: str):
