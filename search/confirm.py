@@ -28,15 +28,18 @@ import logging
 import math
 import pickle
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from mmr.fileio import atomic_write
 from search.config import SweepSpec
 from search.contract import CONFIRM_DIR, CONFIRM_FILE, CONFIRM_KEY, OBJECTIVE, TEST_SCORES_FILE
+from search.searcher import RelocatingGenerator
+from search.storage import resuming
 
 __all__ = [
     "confirm_configs",
@@ -106,7 +109,8 @@ def run_confirm(
 
     location = f"{spec.experiment_location}/{CONFIRM_DIR}"
     c = spec.sweep.search.confirm
-    if tune.Tuner.can_restore(location):
+    resumed = tune.Tuner.can_restore(location)
+    if resumed:
         write(f"resuming the confirmation runs in {location}")
         tuner = tune.Tuner.restore(
             location, trainable=trainable, resume_unfinished=True, restart_errored=False
@@ -128,9 +132,13 @@ def run_confirm(
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=ListedConfigs(configs),
+                # Its new trials follow the experiment when a copy of it is resumed.
+                search_alg=RelocatingGenerator(
+                    ConcurrencyLimiter(
+                        ListedConfigs(configs), max_concurrent=spec.sweep.search.max_concurrent
+                    )
+                ),
                 num_samples=len(configs),
-                max_concurrent_trials=spec.sweep.search.max_concurrent,
                 reuse_actors=False,
             ),
             run_config=tune.RunConfig(
@@ -142,7 +150,8 @@ def run_confirm(
                 verbose=0,
             ),
         )
-    tuner.fit()
+    with resuming(location, spec.experiment_dir / CONFIRM_DIR) if resumed else nullcontext():
+        tuner.fit()
     trials = ExperimentAnalysis(location).trials
     if any(t.status not in ("TERMINATED", "ERROR") for t in trials):
         return False

@@ -9,13 +9,16 @@ The samplers, the study journal and the warm-start trials are in ``search.sample
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import posixpath
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+import pyarrow.fs as pafs
 from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
@@ -36,6 +39,7 @@ from spaces import Space
 __all__ = [
     "StudySearch",
     "PerCategorySearch",
+    "RelocatingGenerator",
     "RetryingLimiter",
     "make_searcher",
 ]
@@ -383,7 +387,44 @@ class PerCategorySearch(Searcher):
         return {c: s.study for c, s in self._searchers.items()}
 
 
-class PlannedTrials(SearchGenerator):
+class RelocatingGenerator(SearchGenerator):
+    """Tune's ``SearchGenerator`` whose new trials write where the resumed experiment now is.
+
+    Tune restores the generator's experiment spec with the storage it was saved with, and
+    moves only the trials it restores to the experiment's new place (Ray 2.60): a trial that
+    a resumed copy (or a moved experiment) creates would write its results and checkpoints
+    into the original. On restore, within ``search.storage.resuming``, the spec's storage is
+    pointed at the experiment being resumed.
+    """
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        current = resumed_experiment()
+        if current is not None and self._experiment is not None:
+            self._experiment.spec["storage"] = relocated(
+                self._experiment.spec.get("storage"), current[0]
+            )
+
+
+def relocated(storage: Any, location: str) -> Any:
+    """A copy of Tune's ``StorageContext`` for the experiment at ``location`` (path or URI)."""
+    if storage is None:
+        return None
+    fs, path = pafs.FileSystem.from_uri(location)
+    path = path.rstrip("/")
+    if (storage.storage_fs_path, storage.experiment_dir_name) == (
+        posixpath.dirname(path),
+        posixpath.basename(path),
+    ):
+        return storage
+    moved = copy.copy(storage)
+    moved.storage_filesystem = fs
+    moved.storage_fs_path = posixpath.dirname(path)
+    moved.experiment_dir_name = posixpath.basename(path)
+    return moved
+
+
+class PlannedTrials(RelocatingGenerator):
     """Tune's ``SearchGenerator`` whose trial budget is the experiment's ``sweep.json``.
 
     Tune restores a resumed sweep's trial count from its own saved state, so a sweep could
@@ -408,6 +449,9 @@ class PlannedTrials(SearchGenerator):
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
+        current = resumed_experiment()
+        if current is not None:  # read the spec of the experiment resumed, not the original
+            self._location = current[0]
         self._follow_spec()
 
 

@@ -108,9 +108,15 @@ def test_resuming_a_copy_of_an_interrupted_sweep_leaves_the_original_alone(
     copy = tmp_path / "elsewhere" / "copy"
     shutil.copytree(exp, copy, symlinks=True)
     journal = (exp / "study.journal").read_bytes()
+    original_trials = sorted(p.name for p in exp.glob("trial_*"))
     proc = cli("resume", str(copy), "--address", ray_session, env=_driver_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(load_trials(copy)["state"]) == {"done"} and (copy / "export").is_dir()
+    # The trial the resumed copy created wrote into the copy, not into the original.
+    assert sorted(p.name for p in exp.glob("trial_*")) == original_trials
+    copied = sorted(p.name for p in copy.glob("trial_*"))
+    assert len(copied) == 2 and set(original_trials) < set(copied)
+    assert all((copy / name / "result.json").is_file() for name in copied)
     finished = [t for t in study(copy, "orig").trials if t.state.is_finished()]
     assert len(finished) == 2
     # Every study write went to the copy's journal, every trial to the copy's directory.
@@ -123,3 +129,22 @@ def test_resuming_a_copy_of_an_interrupted_sweep_leaves_the_original_alone(
         optuna.trial.TrialState.COMPLETE,
         optuna.trial.TrialState.FAIL,
     }
+
+
+def test_resuming_a_moved_interrupted_sweep_runs_and_writes_only_where_it_now_is(
+    ray_session, synthetic_root, tmp_path
+):
+    from search.results import load_trials
+
+    exp, returncode, out = interrupted_sweep(ray_session, tmp_path, synthetic_root, "moved")
+    assert returncode == 130, out[-3000:]
+    moved = tmp_path / "archive" / "moved"
+    moved.parent.mkdir()
+    shutil.move(exp, moved)
+    proc = cli("resume", str(moved), "--address", ray_session, env=_driver_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = load_trials(moved)
+    assert set(trials["state"]) == {"done"} and len(trials) == 2
+    assert all((moved / f"trial_{t}" / "result.json").is_file() for t in trials["trial"])
+    assert (moved / "export" / "summary.json").is_file()
+    assert not exp.exists()  # nothing written back at the old place

@@ -93,10 +93,13 @@ def test_sweep_end_to_end_with_export_that_reproduces_the_best_trial(
     best = df[df["trial"] == summary["best_trial"]].iloc[0]
     again = fit(load_config(out / "best.yaml"), final_test=False)
     assert again["history"][-1]["image_auroc"] == pytest.approx(best["image_auroc"], abs=1e-9)
-    # The exported best is the highest validation objective of the (all fully trained) trials,
-    # and the baseline is the base-config trial, whatever their values.
-    assert summary["best_trial"] == df.loc[df["objective"].idxmax(), "trial"]
-    assert summary["best_val_objective"] == pytest.approx(df["objective"].max())
+    # The exported best is the highest validation objective of the (all fully trained) trials
+    # that keep the demo's guards (AUPRO, pixel AUROC), and the baseline is the base-config
+    # trial, whatever their values.
+    assert summary["guarded"] and df["feasible"].astype(bool)[df["baseline"]].all()
+    kept = df[df["feasible"].astype(bool)]
+    assert summary["best_trial"] == kept.loc[kept["objective"].idxmax(), "trial"]
+    assert summary["best_val_objective"] == pytest.approx(kept["objective"].max())
     assert summary["baseline_trial"] == base["trial"]
     assert summary["baseline_val_objective"] == pytest.approx(base["objective"])
 
@@ -1094,3 +1097,35 @@ def test_ctrl_c_stops_without_exporting_and_says_how_to_resume(
     proc = cli("resume", str(exp), "--address", ray_session, env=_driver_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(load_trials(exp)["state"]) == {"done"} and (exp / "export").is_dir()
+
+
+def test_a_restored_generator_creates_its_trials_where_the_resumed_experiment_is(tmp_path):
+    """Tune restores a search generator with the storage it was saved with; resumed (within
+    ``resuming``), the generator of a copied or moved experiment points it at the new place."""
+    from types import SimpleNamespace
+
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.search import ConcurrencyLimiter
+
+    from search.confirm import ListedConfigs
+    from search.searcher import RelocatingGenerator, relocated
+    from search.storage import resuming
+
+    saved = StorageContext(storage_path=str(tmp_path / "runs"), experiment_dir_name="orig")
+    state = {"counter": 1, "total_samples": 2, "finished": False}
+
+    def restored(**kw) -> StorageContext:
+        gen = RelocatingGenerator(ConcurrencyLimiter(ListedConfigs([{}]), max_concurrent=1))
+        gen.set_state({**state, "experiment": SimpleNamespace(spec={"storage": saved})})
+        return gen._experiment.spec["storage"]
+
+    assert restored() is saved  # a sweep resumed where it was: as saved
+    copy = tmp_path / "elsewhere" / "copy"
+    with resuming(str(copy), copy):
+        moved = restored()
+    assert moved.experiment_fs_path == str(copy) and moved.experiment_dir_name == "copy"
+    assert saved.experiment_fs_path == str(tmp_path / "runs" / "orig")  # the saved one intact
+    with resuming(str(tmp_path / "runs" / "orig"), tmp_path / "runs" / "orig"):
+        assert restored() is saved
+    uri = relocated(saved, f"file://{tmp_path}/sweeps/copy/")  # a storage URI alike
+    assert (uri.storage_fs_path, uri.experiment_dir_name) == (f"{tmp_path}/sweeps", "copy")
