@@ -241,13 +241,16 @@ def test_a_misspelt_sweep_section_suggests_the_sweep_key(tmp_path) -> None:
 # ----------------------------------------------------------------------------- 14: sampler
 
 
-def test_the_default_sampler_follows_the_objective_count(tmp_path) -> None:
+def test_the_default_sampler_is_the_evidences_and_named_in_the_spec(tmp_path) -> None:
     def sampler(*over: str) -> str:
         spec = resolve_sweep(None, list(over), name="s", storage=str(tmp_path))
         assert spec.to_dict()["sweep"]["search"]["sampler"] == spec.sweep.search.sampler
         return spec.sweep.search.sampler
 
-    assert sampler() == "gp"  # the demo: one objective
+    from benchmarks.replay import DEFAULT_STRATEGY, STRATEGIES
+
+    # One objective: the evidence's pick (the demo's default); several: TPE.
+    assert sampler() == STRATEGIES[DEFAULT_STRATEGY].sampler == "tpe"
     assert sampler("objective.metrics=[image_auroc, aupro]") == "tpe"
     assert sampler("objective.metrics=[image_auroc, aupro]", "search.sampler=nsga2") == "nsga2"
     with pytest.raises(ConfigError, match="^search.sampler cmaes optimises one objective"):
