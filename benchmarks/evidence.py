@@ -28,6 +28,8 @@ seeds that report it proves nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import sys
@@ -63,8 +65,12 @@ def search_strategies() -> list[str]:
 
 
 def _replay(out: Path, step: str, args: list[str]) -> dict[str, Any]:
+    """One ``benchmarks.replay`` run writing ``<out>_<step>.json`` and ``.md`` (its JSON on
+    stdout, which the files hold, is dropped; its progress log stays)."""
     path = out.with_name(f"{out.name}_{step}.json")
-    replay.main([*args, "--json", str(path), "--markdown", str(path.with_suffix(".md"))])
+    with contextlib.redirect_stdout(io.StringIO()):
+        replay.main([*args, "--json", str(path), "--markdown", str(path.with_suffix(".md"))])
+    log.info("%s: %s", step, path)
     return json.loads(path.read_text())
 
 
