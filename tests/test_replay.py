@@ -276,7 +276,7 @@ def test_cli_writes_interface_json(tmp_path):
         ]
     )
     doc = json.loads(out.read_text())
-    assert doc["default"] == R.DEFAULT_STRATEGY == "fifo_gp_confirm1x2"
+    assert doc["default"] == R.DEFAULT_STRATEGY == "fifo_tpe_confirm1x2"
     for name in ("fifo_random", "asha_tpe", R.DEFAULT_STRATEGY):
         assert set(doc[name]["epochs_to_target"]) == {"median", "q25", "q75"}
         assert set(doc[name]["final_test_auroc"]) == {"median", "q25", "q75"}
@@ -806,7 +806,7 @@ def test_the_readme_reports_the_fixed_teacher_evidence():
     d, ref, old = unseen[R.DEFAULT_STRATEGY], unseen["fifo_random"], unseen[R.FIRST_TABLE_DEFAULT]
     search = unseen[base]
     n = unseen["meta"]["seeds"]
-    med = lambda e: e["epochs_to_target"]["median"]  # noqa: E731
+    med = lambda e, key="epochs_to_target": e[key]["median"]  # noqa: E731
     ci = d["confirm_interval"]
     claims = [
         f"{round(choose[base]['reached'] * 30)} of 30 searches against "
@@ -814,21 +814,34 @@ def test_the_readme_reports_the_fixed_teacher_evidence():
         f"{med(choose['fifo_random']) / med(choose[base]):.2f}x fewer epochs "
         f"({med(choose[base]):.0f} against {med(choose['fifo_random']):.0f})",
         f"{round(d['reached'] * n)} of {n} against {round(ref['reached'] * n)}",
-        f"{med(ref) / med(search):.2f}x fewer epochs ({med(search):.0f} against {med(ref):.0f})",
         f"{d['epochs_total']['median']:.0f} model-epochs in all against "
         f"{ref['epochs_total']['median']:.0f}",
         f"covered the true gain in {round(ci['coverage'] * ci['intervals'])} of {n}",
         f"above zero in {round(ci['beyond_noise'] * ci['intervals'])}",
         f"reached the target in {round(old['reached'] * n)} of {n}",
     ]
+    # On the unseen seeds FIFO + random reaches best - 0.01 in fewer than half of the searches
+    # (no median), and the comparison moves to best - 0.02.
+    key = R.decisive_target(unseen)
+    assert med(ref) is None and key == "epochs_to_target_0.02"
+    claims.append(
+        f"to best - 0.02, the search needed {med(search, key):.0f} epochs against "
+        f"{med(ref, key):.0f}, and reached it in {round(search['reached_0.02'] * n)} against "
+        f"{round(ref['reached_0.02'] * n)}"
+    )
     table = unseen["meta"]["table"]
     claims.append(f"its first {table['runs']} runs, {table['configs']} of the 48 configurations")
-    tpe = "fifo_tpe"
-    claims.append(f"TPE did better there ({round(unseen[tpe]['reached'] * n)} of {n})")
-    claims.append(f"({round(choose[tpe]['reached'] * 30)} of 30)")
-    # "even early values that rank runs as the final ones do would save at most 2.4x"
+    # The first 14 configurations' pick, the better one on the unseen seeds, not on 0-29.
+    gp = "fifo_gp"
+    assert gp != base and unseen[gp]["reached"] > search["reached"]
+    claims.append("GP, which the same rule had picked on the first 14")
+    claims.append(f"did better there ({round(unseen[gp]['reached'] * n)} of {n})")
+    claims.append(f"({round(choose[gp]['reached'] * 30)} of 30)")
+    # "even early values that rank runs as the final ones do would save at most 1.9x"
     oracle = unseen["oracle"]
-    ideal = max(med(oracle["fifo_random"]) / med(e) for e in oracle.values() if med(e))
+    ideal = max(
+        med(oracle["fifo_random"], key) / med(e, key) for e in oracle.values() if med(e, key)
+    )
     claims.append(f"would save at most {ideal:.1f}x")
     for claim in claims:
         assert claim in section, claim
