@@ -17,8 +17,9 @@ benchmarks/data/replay_fixed`` runs, through ``benchmarks.replay`` (each step wr
 5. ``unseen_t<N>`` (``--budgets N,...``): the pick, its search and FIFO + random with N
    trials per search on the same seeds: how reach grows with the budget (reported only).
 
-``--whole-configs`` (on by default) replays only configurations recorded with every seed on
-every category, so a table still being recorded can be replayed at any time; ``--testbed``
+Only configurations recorded with every seed on every category are replayed (``replay
+--whole-configs``; ``--all-configs`` replays the others too), so a table still being recorded
+can be replayed at any time; ``--testbed``
 also writes ``benchmarks.testbed``'s figures for the first table and this one. It prints the
 pick and whether it is the shipped default; ``--check`` exits with 1 when it is not. Choosing
 on seeds ``0 .. C - 1`` and reporting on the next ``R`` is the rule: a default picked on the
@@ -88,7 +89,7 @@ def run(
     per_category: bool = True,
     budgets: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """The four steps of the module doc; returns ``{"pick", "search", "sizes", "default"}``.
+    """The steps of the module doc; returns ``{"pick", "search", "sizes", "default"}``.
 
     ``choose``: the search strategies step 1 compares (default: ``search_strategies()``).
     """

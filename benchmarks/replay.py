@@ -154,7 +154,7 @@ def _strategies() -> list[Strategy]:
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _strategies()}
 # What configs/demo_sweep.yaml runs: TPE, no early stopping, then the best configuration and
 # the baseline again with 2 fresh seeds: `python -m benchmarks.evidence` on the fixed-teacher
-# curves' 25 whole configurations, seeds 0-29 (on their first 14 it had picked GP,
+# curves' 26 whole configurations, seeds 0-29 (on their first 14 it had picked GP,
 # "fifo_gp_confirm1x2": BENCHMARKS.md section 11).
 DEFAULT_STRATEGY = "fifo_tpe_confirm1x2"
 # The rule's pick on the first table (benchmarks/data/curves.csv), the default until the
