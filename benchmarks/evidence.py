@@ -162,6 +162,28 @@ def run(
     return {"pick": pick, "search": base, "sizes": confirmed, "default": replay.DEFAULT_STRATEGY}
 
 
+def _foreign(out: Path, testbed: Path | None) -> list[Path]:
+    """Files at the output paths that no earlier evidence or testbed run wrote: refused, as
+    the project never overwrites what it did not write."""
+
+    def ours(path: Path, keys: set[str]) -> bool:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(doc, dict) and keys <= set(doc)
+
+    bad = []
+    for path in sorted(out.parent.glob(f"{out.name}_*")):
+        if path.suffix == ".json" and not ours(path, {"meta", "fifo_random"}):
+            bad.append(path)
+        elif path.suffix == ".md" and not ours(path.with_suffix(".json"), {"meta"}):
+            bad.append(path)
+    if testbed is not None and testbed.exists() and not ours(testbed, {"stats", "runs"}):
+        bad.append(testbed)
+    return bad
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks/data/curves_fixed.csv")
@@ -201,6 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if unknown:
         parser.error(f"unknown strategy {unknown[0]!r} (see benchmarks.replay.STRATEGIES)")
+    foreign = _foreign(args.out, args.testbed)
+    if foreign:
+        parser.error(
+            f"{foreign[0]} exists and is not a replay or testbed output: "
+            "pick another --out / --testbed (nothing is overwritten)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = run(
         args.table,

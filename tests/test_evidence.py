@@ -79,3 +79,18 @@ def test_evidence_refuses_unknown_strategies_and_missing_tables(tmp_path):
     with pytest.raises(SystemExit):
         evidence.main(["--table", str(path), "--out", str(tmp_path / "x"), "--choose", "nope"])
     assert not list(tmp_path.glob("x_*"))
+
+
+def test_evidence_never_overwrites_files_it_did_not_write(tmp_path):
+    path = tmp_path / "c.csv"
+    curves.made_up_rows(epochs=4, configs=[0, 6]).to_csv(path, index=False)
+    notes = tmp_path / "x_choose.md"
+    notes.write_text("my notes\n")
+    with pytest.raises(SystemExit):
+        evidence.main(["--table", str(path), "--out", str(tmp_path / "x")])
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"a": 1}\n')
+    with pytest.raises(SystemExit):
+        evidence.main(["--table", str(path), "--out", str(tmp_path / "y"), "--testbed", str(mine)])
+    assert notes.read_text() == "my notes\n" and mine.read_text() == '{"a": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "mine.json", "x_choose.md"]
