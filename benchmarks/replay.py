@@ -291,6 +291,14 @@ def summarize(traces: Sequence[SearchTrace], best: float) -> dict[str, Any]:
         suffix = "" if gap == TARGET_GAPS[0] else f"_{gap:g}"
         out[f"epochs_to_target{suffix}"] = _quantiles(spent)
         out[f"reached{suffix}"] = round(float(np.mean([not math.isinf(s) for s in spent])), 4)
+        if traces and all(r.category is None for t in traces for r in t.trials):
+            # Searches that trained a run at the target to the end at all: the most any pick
+            # among their trials could reach (per-category searches have no single run).
+            hit = [
+                any(r.state == "done" and r.test >= best - gap - 1e-12 for r in t.trials)
+                for t in traces
+            ]
+            out[f"trained{suffix}"] = round(float(np.mean(hit)), 4)
     out["final_test_auroc"] = _quantiles([t.final_test for t in traces])
     # The exported configuration's seed-mean test value: its quality without its seed's luck.
     out["final_true_test_auroc"] = _quantiles([t.final_true_test for t in traces])
@@ -625,6 +633,14 @@ def render_markdown(doc: Mapping[str, Any], command: str) -> str:
         lines.append(
             f"| `{name}`{mark} | {cells(e, ref)} | {total} | {e.get('cpu_seconds', '-')} |"
         )
+    trained = {n: doc[n][f"trained{suffix}"] for n in names if f"trained{suffix}" in doc[n]}
+    if trained:
+        lines += [
+            "",
+            f"Searches that trained a run at best - {gap} to the end at all (the most any pick "
+            "among their trials could reach; reached / trained: how often validation picked "
+            "it): " + "; ".join(f"`{n}` {v}" for n, v in trained.items()) + ".",
+        ]
     gens = {n: doc[n]["cma_generations"] for n in names if doc[n].get("cma_generations")}
     if gens:
         lines += [

@@ -312,6 +312,7 @@ class TrialRecord:
     state: str = "running"  # running | done | stopped | failed
     objective: float | None = None  # last reported (possibly smoothed) objective
     baseline: bool = False
+    test: float = math.nan  # the replayed run's test value (mean over its categories)
 
 
 @dataclass
@@ -639,7 +640,13 @@ def _loop(
             curves = [table.val[(cid, k, run_seed)] for k in cats]
             test = float(np.mean([table.test[(cid, k, run_seed)] for k in cats]))
             record = TrialRecord(
-                trial_id, cid, run_seed, category, now, baseline=bool(config.get("baseline"))
+                trial_id,
+                cid,
+                run_seed,
+                category,
+                now,
+                baseline=bool(config.get("baseline")),
+                test=test,
             )
             trace.trials.append(record)
             state[trial_id] = {

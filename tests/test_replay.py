@@ -496,6 +496,33 @@ def test_committed_replay_evidence_is_from_the_full_recording_and_its_rule():
 # ----------------------------------------------------------------------------- fairness
 
 
+def test_trained_counts_searches_that_finished_a_run_at_the_target_whatever_they_picked():
+    def trace(*trials):
+        t = S.SearchTrace()
+        t.trials = [
+            S.TrialRecord(f"t{i}", i, 1, None, 0.0, state=state, test=test)
+            for i, (state, test) in enumerate(trials)
+        ]
+        t.incumbents = [(10.0, 0.5)]  # none reached the target: validation picked a poor run
+        return t
+
+    hit = trace(("done", 0.5), ("done", 0.95))  # trained a run at the target, did not pick it
+    stopped = trace(("done", 0.5), ("stopped", 0.95))  # the good run never finished
+    missed = trace(("done", 0.5), ("done", 0.6))
+    doc = R.summarize([hit, stopped, missed], best=0.955)
+    assert doc["reached"] == 0
+    assert doc["trained"] == pytest.approx(1 / 3, abs=1e-3)
+    assert doc["trained_0.02"] == pytest.approx(1 / 3, abs=1e-3)  # 0.6 < 0.935 as well
+    per_category = trace(("done", 0.95))
+    per_category.trials[0].category = "nut"  # one run is not the objective: no figure
+    assert "trained" not in R.summarize([per_category], best=0.955)
+    # A replayed search: what it trained bounds what it reached.
+    t = table(epochs=6, configs=[12, 13, 14, 15])
+    traces = [S.simulate(R.STRATEGIES["fifo_random"], t, seed=s, num_trials=3) for s in range(4)]
+    doc = R.summarize(traces, t.best_test(t.categories))
+    assert doc["reached"] <= doc["trained"] and doc["trained"] > 0
+
+
 def test_incumbent_is_chosen_by_validation_never_by_test():
     inc = S.Incumbent([None])
     assert inc.offer(None, state="done", objective=0.90, test=0.60)
