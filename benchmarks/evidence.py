@@ -11,8 +11,9 @@ benchmarks/data/replay_fixed`` runs, through ``benchmarks.replay`` (each step wr
    ``replay.confirm_sizes`` names the confirmation after it. The pick is the search strategy
    with those sizes (or without confirmation when none is justified).
 3. ``unseen``: the pick, the shipped default (``replay.DEFAULT_STRATEGY``, when another), the
-   pick's search alone, FIFO + random and ``REPORTED`` on the ``R`` search seeds after those,
-   which chose nothing, with the ideal early-stopping bound (``oracle``).
+   pick's search alone, FIFO + random and ``REPORTED`` on the ``R`` search seeds after those
+   (or from ``--report-offset`` on: seeds of someone else's choosing), which chose nothing,
+   with the ideal early-stopping bound (``oracle``).
 4. ``unseen_<category>``: the same seeds with each category's curves alone as the objective.
 5. ``unseen_t<N>`` (``--budgets N,...``): the pick, its search and FIFO + random with N
    trials per search on the same seeds: how reach grows with the budget (reported only).
@@ -81,6 +82,7 @@ def run(
     *,
     choose_seeds: int = 30,
     report_seeds: int = 100,
+    report_offset: int | None = None,
     trials: int = 24,
     workers: int = 2,
     whole: bool = True,
@@ -91,7 +93,8 @@ def run(
 ) -> dict[str, Any]:
     """The steps of the module doc; returns ``{"pick", "search", "sizes", "default"}``.
 
-    ``choose``: the search strategies step 1 compares (default: ``search_strategies()``).
+    ``choose``: the search strategies step 1 compares (default: ``search_strategies()``);
+    ``report_offset``: the first reporting seed (default: ``choose_seeds``, right after them).
     """
 
     def with_trials(n: int) -> list[str]:
@@ -128,7 +131,8 @@ def run(
     alike = f"fifo_random{pick.removeprefix(base)}" if confirmed else "fifo_random"
     report = [pick, replay.DEFAULT_STRATEGY, base, *reported, alike]
     report = [n for n in dict.fromkeys(report) if n in replay.STRATEGIES]
-    offset = ["--seeds", str(report_seeds), "--seed-offset", str(choose_seeds)]
+    first_report = choose_seeds if report_offset is None else report_offset
+    offset = ["--seeds", str(report_seeds), "--seed-offset", str(first_report)]
     third = _replay(out, "unseen", [*common, *offset, "--strategies", ",".join(report)])
     if per_category:
         for category in third["meta"]["table"]["categories"]:
@@ -192,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--choose-seeds", type=int, default=30, help="seeds 0 .. C - 1 choose")
     parser.add_argument("--report-seeds", type=int, default=100, help="the next R report")
+    parser.add_argument(
+        "--report-offset",
+        type=int,
+        default=None,
+        help="first reporting seed (default: right after the choosing ones; any seeds >= C)",
+    )
     parser.add_argument("--trials", type=int, default=24, help="trials per search")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
@@ -216,6 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--table {args.table}: no such file (record one: benchmarks.curves)")
     if args.choose_seeds < 1 or args.report_seeds < 1:
         parser.error("--choose-seeds and --report-seeds must be >= 1")
+    if args.report_offset is not None and args.report_offset < args.choose_seeds:
+        parser.error(
+            f"--report-offset {args.report_offset} reports on seeds that chose "
+            f"(0-{args.choose_seeds - 1}): give {args.choose_seeds} or more"
+        )
     unknown = [
         n
         for n in [*args.choose.split(","), *args.reported.split(",")]
@@ -235,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out,
         choose_seeds=args.choose_seeds,
         report_seeds=args.report_seeds,
+        report_offset=args.report_offset,
         trials=args.trials,
         workers=args.workers,
         whole=not args.all_configs,

@@ -94,3 +94,18 @@ def test_evidence_never_overwrites_files_it_did_not_write(tmp_path):
         evidence.main(["--table", str(path), "--out", str(tmp_path / "y"), "--testbed", str(mine)])
     assert notes.read_text() == "my notes\n" and mine.read_text() == '{"a": 1}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "mine.json", "x_choose.md"]
+
+
+def test_evidence_reports_on_seeds_of_someone_elses_choosing(tmp_path):
+    path = tmp_path / "c.csv"
+    curves.made_up_rows(epochs=8, configs=[0, 6, 12]).to_csv(path, index=False)
+    argv = ["--table", str(path), "--choose-seeds", "2", "--report-seeds", "2", "--trials", "3"]
+    argv += ["--workers", "1", "--choose", "fifo_random,fifo_tpe", "--reported", "fifo_random"]
+    argv += ["--no-per-category"]
+    # Reporting on seeds that chose is refused before anything is written.
+    with pytest.raises(SystemExit):
+        evidence.main([*argv, "--out", str(tmp_path / "a"), "--report-offset", "1"])
+    assert not list(tmp_path.glob("a_*"))
+    evidence.main([*argv, "--out", str(tmp_path / "b"), "--report-offset", "1000"])
+    assert _doc(tmp_path / "b", "choose")["meta"]["search_seeds"] == [0, 1]
+    assert _doc(tmp_path / "b", "unseen")["meta"]["search_seeds"] == [1000, 1001]
