@@ -152,11 +152,13 @@ def _strategies() -> list[Strategy]:
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _strategies()}
-# What configs/demo_sweep.yaml runs: TPE, no early stopping, then the best configuration and
-# the baseline again with 2 fresh seeds: `python -m benchmarks.evidence` on the fixed-teacher
-# curves' 26 whole configurations, seeds 0-29 (on their first 14 it had picked GP,
-# "fifo_gp_confirm1x2": BENCHMARKS.md section 11).
-DEFAULT_STRATEGY = "fifo_tpe_confirm1x2"
+# What the production sweep configs run: TPE with median stopping by category (the categories
+# trained one after another, one round each), then the best configuration and the baseline
+# again with 2 fresh seeds: `python -m benchmarks.evidence` on all 48 configurations of the
+# fixed-teacher curves, seeds 0-29 (on their first 26 it had picked "fifo_tpe_confirm1x2", on
+# the first 14 "fifo_gp_confirm1x2": BENCHMARKS.md section 11). The demo trains one category,
+# where this resolves to TPE without early stopping.
+DEFAULT_STRATEGY = "median_tpe_cats_confirm1x2"
 # The rule's pick on the first table (benchmarks/data/curves.csv), the default until the
 # fixed-teacher curves; the evidence files of that table name it as their default.
 FIRST_TABLE_DEFAULT = "median_cmaes"

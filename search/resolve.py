@@ -77,7 +77,7 @@ def resolve_sweep(
     base_path = _find(sweep.base, config_dir, "base")
     space_path = _find(sweep.space, config_dir, "space")
     base = load_config(base_path, train_over).resolve_paths()
-    base = _check_category_order(base, sweep.objective)
+    base = _check_category_order(base, sweep.objective, categories)
     storage_path = (
         sweep.storage if is_uri(sweep.storage) else str(Path(sweep.storage).expanduser().resolve())
     )
@@ -143,11 +143,14 @@ def _check_warm_start(spec: SweepSpec) -> SweepSpec:
     return dataclasses.replace(spec, sweep=sweep)
 
 
-def _check_category_order(base: Config, objective: ObjectiveConfig) -> Config:
+def _check_category_order(
+    base: Config, objective: ObjectiveConfig, categories: Sequence[str] | None = None
+) -> Config:
     """``train.category_order: sequential`` makes the categories a fidelity of one study's
     trials: refused with per-category studies (one category per trial, nothing to order);
-    ``data.categories: all`` is listed into the base, since the rounds of a trial (and the
-    order its categories train in) depend on them."""
+    ``data.categories: all`` is listed into the base (or replaced by the ``categories`` the
+    caller names), since the rounds of a trial (and the order its categories train in)
+    depend on them."""
     if not base.sequential:
         return base
     check(
@@ -158,6 +161,10 @@ def _check_category_order(base: Config, objective: ObjectiveConfig) -> Config:
     )
     if base.num_tasks is not None:
         return base
+    if categories:
+        return dataclasses.replace(
+            base, data=dataclasses.replace(base.data, categories=tuple(categories))
+        )
     from mmr.data import list_tasks
     from mmr.train import with_listed_tasks
 

@@ -276,7 +276,7 @@ def test_cli_writes_interface_json(tmp_path):
         ]
     )
     doc = json.loads(out.read_text())
-    assert doc["default"] == R.DEFAULT_STRATEGY == "fifo_tpe_confirm1x2"
+    assert doc["default"] == R.DEFAULT_STRATEGY == "median_tpe_cats_confirm1x2"
     for name in ("fifo_random", "asha_tpe", R.DEFAULT_STRATEGY):
         assert set(doc[name]["epochs_to_target"]) == {"median", "q25", "q75"}
         assert set(doc[name]["final_test_auroc"]) == {"median", "q25", "q75"}
@@ -345,18 +345,21 @@ def test_best_by_validation_is_what_picking_by_validation_ships():
 
 
 def test_default_names_what_the_demo_sweep_runs():
+    """The demo runs what the default resolves to on the demo's base config: with its one
+    category, stopping by category (one round per category) has no round to stop at."""
     from search.resolve import resolve_sweep
 
     spec = resolve_sweep(S.SWEEP)
     default = R.STRATEGIES[R.DEFAULT_STRATEGY]
+    as_default = resolve_sweep(S.SWEEP, default.overrides(epochs=spec.base.train.epochs))
     assert spec.sweep.search.sampler == default.sampler
-    assert spec.sweep.scheduler.type == default.scheduler
-    if default.scheduler != "fifo":  # FIFO stops nothing: its stopping settings are unused
+    assert spec.sweep.scheduler.type == as_default.sweep.scheduler.type
+    if spec.sweep.scheduler.type != "fifo":  # FIFO stops nothing: its settings are unused
         assert spec.sweep.scheduler.grace_period == default.grace_period
         assert spec.sweep.scheduler.reduction_factor == default.reduction_factor
         assert spec.sweep.scheduler.min_samples == default.min_samples
-    assert spec.base.train.eval_every == default.eval_every
-    assert spec.base.train.category_order == default.category_order
+        assert spec.base.train.eval_every == as_default.base.train.eval_every
+        assert spec.base.train.category_order == default.category_order
     confirm = spec.sweep.search.confirm
     assert (confirm.top_k, confirm.seeds) == (default.confirm_top_k, default.confirm_seeds)
 
@@ -405,13 +408,22 @@ def test_production_sweeps_run_the_evidence_default(name):
     scheduler (their rounds and grace period are their own)."""
     from search.resolve import resolve_sweep
 
-    spec = resolve_sweep(S.ROOT / "configs" / f"{name}.yaml", categories=["any"])
+    path, cats = S.ROOT / "configs" / f"{name}.yaml", ["a", "b", "c"]
+    spec = resolve_sweep(path, categories=cats)
     default = R.STRATEGIES[R.DEFAULT_STRATEGY]
+    as_default = resolve_sweep(
+        path, default.overrides(epochs=spec.base.train.epochs), categories=cats
+    )
     assert spec.sweep.search.sampler == default.sampler
-    assert spec.sweep.scheduler.type == default.scheduler
-    assert spec.sweep.scheduler.min_samples == default.min_samples
-    assert spec.sweep.scheduler.grace_period < spec.base.num_rounds
-    assert spec.base.train.category_order == default.category_order
+    # What the default resolves to on this base (AeBAD-S trains one model: no category to
+    # stop by, FIFO); MVTec AD's 15 categories stop by category.
+    assert spec.sweep.scheduler.type == as_default.sweep.scheduler.type
+    assert (name == "sweep_mvtec") == (spec.sweep.scheduler.type == default.scheduler)
+    if spec.sweep.scheduler.type != "fifo":
+        assert spec.sweep.scheduler.min_samples == default.min_samples
+        assert spec.sweep.scheduler.grace_period == default.grace_period < spec.base.num_rounds
+        assert spec.base.train.category_order == default.category_order
+        assert spec.base.num_rounds == as_default.base.num_rounds
     confirm = spec.sweep.search.confirm
     assert (confirm.top_k, confirm.seeds) == (default.confirm_top_k, default.confirm_seeds)
 
