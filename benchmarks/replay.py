@@ -16,7 +16,9 @@ configuration's test AUROC in the table (mean over its seeds) minus 0.01 (and 0.
 ``epochs_to_target`` is the cost spent when the incumbent first reaches it (model-epochs; an
 unreached search seed counts as infinitely many; quantiles are empirical, no interpolation,
 and an infinite one prints as null). Per-category strategies have their own target: the mean
-over categories of each category's best.
+over categories of each category's best. ``trained`` (and ``trained_0.02``): the fraction of
+searches that trained a run at the target to the end at all, the most any pick among their
+trials could reach (``reached`` below it: validation picked another run).
 
 Also written: ``oracle`` (the early-stopping strategies replayed on ``CurveTable.oracle``,
 whose early values rank runs as the final ones do: the ideal bound of early stopping with
