@@ -404,8 +404,8 @@ def test_readme_quotes_the_committed_replay():
 
 @pytest.mark.parametrize("name", ["sweep_mvtec", "sweep_aebad_s"])
 def test_production_sweeps_run_the_evidence_default(name):
-    """The production sweeps' comments quote the replay: they run its pick's sampler and
-    scheduler (their rounds and grace period are their own)."""
+    """The production sweeps run what the replay's pick resolves to on their base config:
+    its sampler, and its scheduler where the base has categories to stop a trial between."""
     from search.resolve import resolve_sweep
 
     path, cats = S.ROOT / "configs" / f"{name}.yaml", ["a", "b", "c"]
