@@ -290,14 +290,16 @@ def _quantiles(values: Sequence[float]) -> dict[str, float | None]:
 def summarize(traces: Sequence[SearchTrace], best: float) -> dict[str, Any]:
     """The per-strategy entry of the JSON output (see ``INTERFACE.md``)."""
     out: dict[str, Any] = {}
+    # One run per trial is the objective (per-category searches have no single run).
+    single = bool(traces) and all(r.category is None for t in traces for r in t.trials)
     for gap in TARGET_GAPS:
         spent = [t.epochs_to(best - gap) for t in traces]
         suffix = "" if gap == TARGET_GAPS[0] else f"_{gap:g}"
         out[f"epochs_to_target{suffix}"] = _quantiles(spent)
         out[f"reached{suffix}"] = round(float(np.mean([not math.isinf(s) for s in spent])), 4)
-        if traces and all(r.category is None for t in traces for r in t.trials):
+        if single:
             # Searches that trained a run at the target to the end at all: the most any pick
-            # among their trials could reach (per-category searches have no single run).
+            # among their trials could reach.
             hit = [
                 any(r.state == "done" and r.test >= best - gap - 1e-12 for r in t.trials)
                 for t in traces
