@@ -90,16 +90,19 @@ def run(
     reported: Sequence[str] = REPORTED,
     per_category: bool = True,
     budgets: Sequence[int] = (),
+    rule: str = replay.RULES[0],
 ) -> dict[str, Any]:
     """The steps of the module doc; returns ``{"pick", "search", "sizes", "default"}``.
 
     ``choose``: the search strategies step 1 compares (default: ``search_strategies()``);
-    ``report_offset``: the first reporting seed (default: ``choose_seeds``, right after them).
+    ``report_offset``: the first reporting seed (default: ``choose_seeds``, right after them);
+    ``rule``: ``replay.evidence_best``'s rule for step 1's pick.
     """
 
     def with_trials(n: int) -> list[str]:
         out = ["--table", str(table), "--trials", str(n), "--workers", str(workers)]
-        return out + ["--warm-seeds", "0"] + (["--whole-configs"] if whole else [])
+        out += ["--rule", rule, "--warm-seeds", "0"]
+        return out + (["--whole-configs"] if whole else [])
 
     common = with_trials(trials)
     names = list(choose or search_strategies())
@@ -220,6 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--testbed", type=Path, default=None, help="also write benchmarks.testbed's JSON here"
     )
+    parser.add_argument(
+        "--rule",
+        choices=replay.RULES,
+        default=replay.RULES[0],
+        help="replay.evidence_best's rule (epochs: the first, which chose until 2026-12-06)",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 unless pick == default")
     args = parser.parse_args(argv)
     if not args.table.is_file():
@@ -258,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reported=[n for n in args.reported.split(",") if n],
         per_category=not args.no_per_category,
         budgets=[int(b) for b in args.budgets.split(",") if b],
+        rule=args.rule,
     )
     if args.testbed is not None:
         from benchmarks import testbed
@@ -265,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         testbed.main([str(replay.DEFAULT_TABLE), str(args.table), "--json", str(args.testbed)])
     same = result["pick"] == result["default"]
     print(
-        f"evidence (seeds 0-{args.choose_seeds - 1}): search {result['search']}, confirmation "
+        f"evidence (seeds 0-{args.choose_seeds - 1}, rule {args.rule}): search {result['search']}, confirmation "
         f"{result['sizes'] or 'none justified'} -> {result['pick']}; shipped default "
         f"{result['default']}: {'the same' if same else 'DIFFERENT'}"
     )

@@ -139,9 +139,9 @@ class ConfirmConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    # tpe | gp | cmaes | random | grid | nsga2 (several objectives); None (not named): tpe,
-    # the evidence's pick for one objective (benchmarks.replay.DEFAULT_STRATEGY) and the one
-    # for several (resolved by SweepConfig.validated, so a stored spec names it)
+    # tpe | gp | cmaes | random | grid | nsga2 (several objectives); None (not named): gp,
+    # the evidence's pick for one objective (benchmarks.replay.DEFAULT_STRATEGY), tpe for
+    # several (resolved by SweepConfig.validated, so a stored spec names it)
     sampler: str | None = None
     num_trials: int = 64  # trials per study (the baseline trial included)
     max_concurrent: int = 8  # trials running at once (per sweep)
@@ -212,7 +212,7 @@ class SweepConfig(Schema):
     def validated(self) -> SweepConfig:
         """The sweep rules, each error naming its key (run by ``from_dict``)."""
         if self.search.sampler is None:
-            default = "tpe"
+            default = "tpe" if self.objective.multi else "gp"
             search = dataclasses.replace(self.search, sampler=default)
             return dataclasses.replace(self, search=search).validated()
         if self.search.confirm.top_k > 0 and (self.objective.per_category or self.objective.multi):

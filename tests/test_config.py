@@ -205,11 +205,9 @@ def test_the_readme_quickstart_describes_the_demo_sweep_config():
     quick = text[start : text.index("## What it does", start)]
     spec = resolve_sweep(None)
     s = spec.sweep.search
-    assert (s.sampler, spec.sweep.scheduler.type) == (
-        "tpe",
-        "fifo",
-    )  # "TPE ... without early stopping"
-    assert f"{s.num_trials} trials of Optuna's TPE sampler without early stopping" in quick
+    # "GP ... without early stopping"
+    assert (s.sampler, spec.sweep.scheduler.type) == ("gp", "fifo")
+    assert f"{s.num_trials} trials of Optuna's GP sampler without early stopping" in quick
     assert "two at a time" in quick and s.max_concurrent == 2
     assert f"train again with {s.confirm.seeds} fresh seeds" in quick and s.confirm.top_k == 1
     confirm_trials = (s.confirm.top_k + 1) * s.confirm.seeds

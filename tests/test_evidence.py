@@ -35,6 +35,7 @@ def test_evidence_chooses_on_the_first_seeds_and_reports_on_the_next(tmp_path, c
     assert first["meta"]["search_seeds"] == second["meta"]["search_seeds"] == [0, 1]
     assert third["meta"]["search_seeds"] == [2, 3]  # reported on seeds that chose nothing
     assert set(choose.split(",")) <= set(first) and R.evidence_best(first) == first["best"]
+    assert first["rule"] == "reach"  # the current rule (--rule epochs: the first)
     base = first["best"]
     assert set(second) >= {base, f"{base}_confirm1x2"}
     pick = R.confirm_sizes(second, base) or base  # made-up curves have no test scores: None

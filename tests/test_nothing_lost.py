@@ -250,7 +250,7 @@ def test_the_default_sampler_is_the_evidences_and_named_in_the_spec(tmp_path) ->
     from benchmarks.replay import DEFAULT_STRATEGY, STRATEGIES
 
     # One objective: the evidence's pick (the demo's default); several: TPE.
-    assert sampler() == STRATEGIES[DEFAULT_STRATEGY].sampler == "tpe"
+    assert sampler() == STRATEGIES[DEFAULT_STRATEGY].sampler == "gp"
     assert sampler("objective.metrics=[image_auroc, aupro]") == "tpe"
     assert sampler("objective.metrics=[image_auroc, aupro]", "search.sampler=nsga2") == "nsga2"
     with pytest.raises(ConfigError, match="^search.sampler cmaes optimises one objective"):

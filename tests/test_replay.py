@@ -276,7 +276,8 @@ def test_cli_writes_interface_json(tmp_path):
         ]
     )
     doc = json.loads(out.read_text())
-    assert doc["default"] == R.DEFAULT_STRATEGY == "median_tpe_cats_confirm1x2"
+    assert doc["default"] == R.DEFAULT_STRATEGY == "fifo_gp_confirm1x2"
+    assert doc["rule"] == "reach" and doc["best"] == R.evidence_best(doc, rule="reach")
     for name in ("fifo_random", "asha_tpe", R.DEFAULT_STRATEGY):
         assert set(doc[name]["epochs_to_target"]) == {"median", "q25", "q75"}
         assert set(doc[name]["final_test_auroc"]) == {"median", "q25", "q75"}
@@ -332,6 +333,50 @@ def test_evidence_uses_best_minus_002_when_the_reference_rarely_reaches_best_min
     doc["fifo_random"]["epochs_to_target"]["median"] = 900.0
     assert R.decisive_target(doc) == "epochs_to_target"
     assert R.evidence_best(doc) == "fifo_random"  # asha_tpe's median is unreached
+
+
+def test_the_reach_rule_puts_reach_of_best_minus_001_before_epochs():
+    doc = {
+        "fifo_random": _entry(900.0, 0.6, 0.80),
+        "asha_random": _entry(300.0, 0.6, 0.80),  # cheapest at the same reach
+        "fifo_gp": _entry(700.0, 0.9, 0.80),  # reaches best - 0.01 most often
+        "fifo_tpe": _entry(800.0, 0.86, 0.80),  # within REACH_SLACK of it, dearer
+        "fifo_cmaes": _entry(None, 1.0, 0.79),  # reaches most, but final 0.01 worse
+        "asha_tpe_best": _entry(100.0, 1.0, 0.9),  # replay-only rung metric: not shippable
+    }
+    assert R.evidence_best(doc, rule="epochs") == "asha_random"
+    assert R.evidence_best(doc, rule="reach") == "fifo_gp"
+    doc["fifo_tpe"]["epochs_to_target"]["median"] = 600.0  # tied on reach, now cheaper
+    assert R.evidence_best(doc, rule="reach") == "fifo_tpe"
+    doc["fifo_tpe"]["reached"] = 0.84  # no longer within 0.05 of fifo_gp's reach
+    assert R.evidence_best(doc, rule="reach") == "fifo_gp"
+    # A document names its rule; one without a name was written under the first rule.
+    assert R.evidence_best(doc) == "asha_random"
+    assert R.evidence_best({**doc, "rule": "reach"}) == "fifo_gp"
+    with pytest.raises(ValueError, match="unknown rule 'fast'"):
+        R.evidence_best(doc, rule="fast")
+
+
+def test_the_reach_rule_needs_the_references_reach_of_best_minus_001_too():
+    doc = {
+        "fifo_random": _entry(None, 0.3, 0.80),
+        "asha_tpe": _entry(None, 0.28, 0.80),  # fewer at best - 0.01 than the reference
+        "fifo_tpe": _entry(None, 0.3, 0.80),
+    }
+    for name, epochs, reached in (("fifo_random", 900.0, 0.6), ("asha_tpe", 300.0, 0.9),
+                                  ("fifo_tpe", 600.0, 0.7)):  # fmt: skip
+        doc[name].update({"epochs_to_target_0.02": {"median": epochs, "q75": None},
+                          "reached_0.02": reached})  # fmt: skip
+    assert R.decisive_target(doc) == "epochs_to_target_0.02"
+    assert R.evidence_best(doc, rule="epochs") == "asha_tpe"
+    assert R.evidence_best(doc, rule="reach") == "fifo_tpe"  # unreached -0.01 medians tie
+    # Two reach best - 0.01 in most searches: the fewer epochs to best - 0.01 wins, not to
+    # the decisive best - 0.02.
+    for name, e1, r1, e2 in (("fifo_gp", 1000.0, 0.6, 800.0), ("median_gp", 900.0, 0.58, 850.0)):
+        doc[name] = _entry(e1, r1, 0.80)
+        doc[name].update({"epochs_to_target_0.02": {"median": e2, "q75": e2},
+                          "reached_0.02": 0.9})  # fmt: skip
+    assert R.evidence_best(doc, rule="reach") == "median_gp"
 
 
 def test_best_by_validation_is_what_picking_by_validation_ships():
@@ -405,7 +450,7 @@ def test_readme_quotes_the_committed_replay():
 @pytest.mark.parametrize("name", ["sweep_mvtec", "sweep_aebad_s"])
 def test_production_sweeps_run_the_evidence_default(name):
     """The production sweeps run what the replay's pick resolves to on their base config:
-    its sampler, and its scheduler where the base has categories to stop a trial between."""
+    its sampler, its scheduler (and, with early stopping, its rounds), its confirmation."""
     from search.resolve import resolve_sweep
 
     path, cats = S.ROOT / "configs" / f"{name}.yaml", ["a", "b", "c"]
@@ -415,10 +460,9 @@ def test_production_sweeps_run_the_evidence_default(name):
         path, default.overrides(epochs=spec.base.train.epochs), categories=cats
     )
     assert spec.sweep.search.sampler == default.sampler
-    # What the default resolves to on this base (AeBAD-S trains one model: no category to
-    # stop by, FIFO); MVTec AD's 15 categories stop by category.
+    # What the default resolves to on this base (stopping by category resolves to FIFO where
+    # a base trains one model, as AeBAD-S does).
     assert spec.sweep.scheduler.type == as_default.sweep.scheduler.type
-    assert (name == "sweep_mvtec") == (spec.sweep.scheduler.type == default.scheduler)
     if spec.sweep.scheduler.type != "fifo":
         assert spec.sweep.scheduler.min_samples == default.min_samples
         assert spec.sweep.scheduler.grace_period == default.grace_period < spec.base.num_rounds
