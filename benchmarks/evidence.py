@@ -275,8 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         testbed.main([str(replay.DEFAULT_TABLE), str(args.table), "--json", str(args.testbed)])
     same = result["pick"] == result["default"]
     print(
-        f"evidence (seeds 0-{args.choose_seeds - 1}, rule {args.rule}): search {result['search']}, confirmation "
-        f"{result['sizes'] or 'none justified'} -> {result['pick']}; shipped default "
+        f"evidence (seeds 0-{args.choose_seeds - 1}, rule {args.rule}): search "
+        f"{result['search']}, confirmation {result['sizes'] or 'none justified'} -> "
+        f"{result['pick']}; shipped default "
         f"{result['default']}: {'the same' if same else 'DIFFERENT'}"
     )
     return 1 if args.check and not same else 0

@@ -90,7 +90,12 @@ def make_sampler(
             seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True
         )
     if s.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        # GP models the parameters every trial has; conditional ones (`when:` branches) are
+        # sampled at random by design, which Optuna would otherwise warn about every trial.
+        # It has no constant liar: trials running at once may be sampled close together.
+        return optuna.samplers.GPSampler(
+            seed=seed, n_startup_trials=startup, warn_independent_sampling=False
+        )
     if s.sampler == "cmaes":
         # CMA-ES models the numeric parameters; categorical ones (patch size, stages) are
         # sampled at random by design, which Optuna would otherwise warn about every trial.

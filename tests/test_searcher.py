@@ -301,28 +301,43 @@ def test_restore_falls_back_to_the_newest_surviving_round_checkpoint(tmp_path: P
     assert surviving_checkpoint(empty) is empty  # nothing to fall back to: Tune's own error
 
 
-def test_cmaes_with_the_demo_guards_prints_no_warning_per_trial(tmp_path):
+CONDITIONAL_SPACE = """
+mask_ratio: {type: float, low: 0.1, high: 0.8}
+patch_size: {type: categorical, choices: [8, 16]}
+lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+train.warmup_epochs:
+  - {type: int, low: 0, high: 2, when: {patch_size: 8}}
+  - {type: int, low: 3, high: 5, when: {patch_size: 16}}
+"""
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "gp"])
+def test_a_sampler_with_the_demo_guards_prints_no_warning_per_trial(tmp_path, sampler):
     """CMA-ES draws the categorical parameters at random and ignores the guards' constraints
-    by design; Optuna warns about both after every trial unless told otherwise. Run in a fresh
-    interpreter: the filter must hold outside pytest's warning capture."""
+    by design, GP draws the conditional ones (here: `when:` branches) at random; Optuna warns
+    about that after every trial unless told otherwise. Run in a fresh interpreter: the filter
+    must hold outside pytest's warning capture."""
     import subprocess
     import sys
 
-    script = """
+    space = tmp_path / "space.yaml"
+    space.write_text(CONDITIONAL_SPACE)
+    over = [f"search.sampler={sampler}"] + ([f"space={space}"] if sampler == "gp" else [])
+    script = f"""
 import warnings, optuna
 from search.resolve import resolve_sweep
 from search.samplers import make_sampler
-spec = resolve_sweep(None, ["search.sampler=cmaes"], categories=["nut"])
-assert spec.sweep.search.sampler == "cmaes" and spec.sweep.objective.guard
+spec = resolve_sweep(None, {over!r}, categories=["nut"])
+assert spec.sweep.search.sampler == {sampler!r} and spec.sweep.objective.guard
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # as make_searcher sets it
 with warnings.catch_warnings(record=True) as caught:
     study = optuna.create_study(direction="maximize", sampler=make_sampler(spec, spec.space))
-    for i in range(8):
+    for i in range(12):
         trial = study.ask()
         spec.space.define(trial)
         trial.set_constraint("guard_aupro", 0.1 * (i % 2))
         study.tell(trial, 0.5 + 0.01 * i)
-print(sorted({str(w.message)[:60] for w in caught if issubclass(w.category, UserWarning)}))
+print(sorted({{str(w.message)[:60] for w in caught if issubclass(w.category, UserWarning)}}))
 """
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(
