@@ -200,6 +200,11 @@ RULES = ("reach", "epochs")  # evidence_best's rules: the current one first
 REACH_SLACK = 0.05
 
 
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}")
+
+
 def evidence_best(
     doc: Mapping[str, Any], reference: str = "fifo_random", rule: str | None = None
 ) -> str:
@@ -227,8 +232,7 @@ def evidence_best(
     before rules were named were written under "epochs").
     """
     rule = rule or doc.get("rule", "epochs")
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}")
+    _check_rule(rule)
     key = decisive_target(doc, reference)
     suffix = key.removeprefix("epochs_to_target")
     ref = doc[reference]
@@ -413,8 +417,7 @@ def run_replay(
     in that many processes (each search is sequential). ``rule``: ``evidence_best``'s rule
     for the document's ``best``.
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}")
+    _check_rule(rule)
     search_seeds = range(seed_offset, seed_offset + seeds)
     categories = list(categories or table.categories)
     out: dict[str, Any] = {}

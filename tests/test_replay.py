@@ -355,6 +355,9 @@ def test_the_reach_rule_puts_reach_of_best_minus_001_before_epochs():
     assert R.evidence_best({**doc, "rule": "reach"}) == "fifo_gp"
     with pytest.raises(ValueError, match="unknown rule 'fast'"):
         R.evidence_best(doc, rule="fast")
+    with pytest.raises(ValueError, match="unknown rule 'fast'"):  # before any replay
+        R.run_replay(table(epochs=2, configs=[0]), [R.STRATEGIES["fifo_random"]], seeds=1,
+                     rule="fast")  # fmt: skip
 
 
 def test_the_reach_rule_needs_the_references_reach_of_best_minus_001_too():
