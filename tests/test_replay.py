@@ -393,8 +393,8 @@ def test_best_by_validation_is_what_picking_by_validation_ships():
 
 
 def test_default_names_what_the_demo_sweep_runs():
-    """The demo runs what the default resolves to on the demo's base config: with its one
-    category, stopping by category (one round per category) has no round to stop at."""
+    """The demo runs what the default resolves to on the demo's base config (a default that
+    stops by category would resolve to FIFO there: the demo trains one category)."""
     from search.resolve import resolve_sweep
 
     spec = resolve_sweep(S.SWEEP)
