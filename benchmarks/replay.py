@@ -42,6 +42,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -348,6 +349,17 @@ def summarize(traces: Sequence[SearchTrace], best: float) -> dict[str, Any]:
                 for t in traces
             ]
             out[f"trained{suffix}"] = round(float(np.mean(hit)), 4)
+    if single:
+        # Which configurations the searches trained to the end, and exported: per
+        # configuration the number of searches (what a sampler explores, and what validation
+        # then picks among those).
+        done = [{r.config for r in t.trials if r.state == "done"} for t in traces]
+        trained = Counter(c for configs in done for c in configs)
+        exported = Counter(t.final_config for t in traces if t.final_config is not None)
+        out["configs"] = {
+            "trained": {str(c): n for c, n in sorted(trained.items())},
+            "exported": {str(c): n for c, n in sorted(exported.items())},
+        }
     out["final_test_auroc"] = _quantiles([t.final_test for t in traces])
     # The exported configuration's seed-mean test value: its quality without its seed's luck.
     out["final_true_test_auroc"] = _quantiles([t.final_true_test for t in traces])
