@@ -92,7 +92,8 @@ def make_sampler(
     if s.sampler == "gp":
         # GP models the parameters every trial has; conditional ones (`when:` branches) are
         # sampled at random by design, which Optuna would otherwise warn about every trial.
-        # It has no constant liar: trials running at once may be sampled close together.
+        # Trials still running are taken into account (Optuna 5's q-batch log EI over them),
+        # the part TPE's constant liar plays.
         return optuna.samplers.GPSampler(
             seed=seed, n_startup_trials=startup, warn_independent_sampling=False
         )
