@@ -183,8 +183,7 @@ def ray_session() -> Iterator[str]:
     GCS address so that driver subprocesses can join it."""
     import os
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["MMR_DASHBOARD"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # MMR_DASHBOARD=0: _no_embedded_dashboard
     import ray
 
     from cluster.auth import _refresh_ray_auth_config
