@@ -1145,3 +1145,66 @@ def test_gp_samples_with_the_running_trials_and_fewer_trials_when_more_run_at_on
     assert f"so it samples {sampled[8]} of the 24 trials with 8 at once ({sampled[2]} with 2)" in (
         _benchmarks_text()
     )
+
+
+def test_benchmarks_sizes_the_best_configurations_cell_of_the_space():
+    """BENCHMARKS section 11: the points that map to the only configuration at best - 0.01
+    are 1.76% of the space, and 23 random trials train it with probability 34%."""
+    from spaces import load_space
+
+    unseen = _reach("unseen")
+    t = R.load_table(S.ROOT / "benchmarks" / "data" / "curves_fixed.csv")
+    cats = t.categories
+    target = unseen["meta"]["targets"]["best-0.01"]
+    (best,) = [c for c in t.configs(cats) if t.final_test(c, cats) >= target - 1e-9]
+    space = load_space(S.ROOT / "spaces" / "demo.yaml")
+    params = t.params[best]
+    # The cell: per numeric parameter the stretch nearer its value than any other recorded one
+    # (log scale for log: true), per categorical one choice of several.
+    share = 1.0
+    bounds = {}
+    for p in space.params:
+        name = p.key.rsplit(".", 1)[-1]
+        if p.type == "categorical":
+            share /= len(p.choices)
+            continue
+        scale = math.log if p.log else float
+        values = sorted({scale(t.params[c][name]) for c in t.configs(cats)})
+        i = values.index(scale(params[name]))
+        lo = (values[i - 1] + values[i]) / 2 if i > 0 else scale(p.low)
+        hi = (values[i] + values[i + 1]) / 2 if i + 1 < len(values) else scale(p.high)
+        share *= (hi - lo) / (scale(p.high) - scale(p.low))
+        bounds[name] = (math.exp(lo), math.exp(hi)) if p.log else (lo, hi)
+    # The replay's own mapping agrees (uniform points through Nearest; 4 sigma).
+    near = S.Nearest(t, space, cats)
+    rng = np.random.default_rng(0)
+    n = 8000
+    hits = 0
+    for _ in range(n):
+        point = {}
+        for p in space.params:
+            if p.type == "categorical":
+                point[p.key] = p.choices[rng.integers(len(p.choices))]
+            elif p.log:
+                point[p.key] = math.exp(rng.uniform(math.log(p.low), math.log(p.high)))
+            else:
+                point[p.key] = rng.uniform(p.low, p.high)
+        hits += near(point) == best
+    assert abs(hits / n - share) < 4 * math.sqrt(share * (1 - share) / n)
+    random_trials = unseen["meta"]["num_trials"] - 1  # the first trial is the baseline
+    p_hit = 1 - (1 - share) ** random_trials
+    ref = unseen["fifo_random"]
+    assert abs(ref["trained"] - p_hit) < 0.1  # what FIFO + random search trained, near it
+    text = _benchmarks_text()
+    lo, hi = bounds["lr"]
+    claims = [
+        f"only configuration {best} reaches best - 0.01 over the four categories",
+        f"(mask ratio below {bounds['mask_ratio'][1]:.2f}, patch {params['patch_size']}, "
+        f"stages 1-2-3, lr between {lo:.4f} and {hi:.4f}) are {share:.2%} of the space",
+        f"A search of {random_trials} random trials (the 24th is the baseline) trains it with "
+        f"probability 1 - (1 - {share:.4f})^{random_trials} = {p_hit:.0%}",
+        f"GP trains it in {round(unseen['fifo_gp']['trained'] * 100)} of 100",
+    ]
+    for claim in claims:
+        assert claim in text, claim
+    assert params["teacher_layers"] in ((1, 2, 3), [1, 2, 3])
