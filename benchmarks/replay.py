@@ -261,28 +261,18 @@ def evidence_best(
         and not STRATEGIES[n].confirm_top_k  # the search; confirm_sizes sizes what follows it
         and eligible(n)
     ]
-    if rule == "epochs":
-        return min(
-            names,
-            key=lambda n: (
-                value(doc[n][key]["median"]),
-                -doc[n][reached],
-                value(doc[n][key]["q75"]),
-                n,
-            ),
-        )
-    top = max(doc[n]["reached"] for n in names)
-    leaders = [n for n in names if doc[n]["reached"] >= top - REACH_SLACK]
-    return min(
-        leaders,
-        key=lambda n: (
-            value(doc[n]["epochs_to_target"]["median"]),
-            value(doc[n][key]["median"]),
-            -doc[n]["reached"],
-            value(doc[n][key]["q75"]),
-            n,
-        ),
-    )
+    by_reach = rule == "reach"
+    if by_reach:
+        top = max(doc[n]["reached"] for n in names)
+        names = [n for n in names if doc[n]["reached"] >= top - REACH_SLACK]
+    tally = "reached" if by_reach else reached  # the reach that breaks ties on epochs
+
+    def order(n: str) -> tuple:
+        first = (value(doc[n]["epochs_to_target"]["median"]),) if by_reach else ()
+        e = doc[n][key]
+        return (*first, value(e["median"]), -doc[n][tally], value(e["q75"]), n)
+
+    return min(names, key=order)
 
 
 def confirm_sizes(doc: Mapping[str, Any], base: str) -> str | None:

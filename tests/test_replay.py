@@ -380,6 +380,14 @@ def test_the_reach_rule_needs_the_references_reach_of_best_minus_001_too():
         doc[name].update({"epochs_to_target_0.02": {"median": e2, "q75": e2},
                           "reached_0.02": 0.9})  # fmt: skip
     assert R.evidence_best(doc, rule="reach") == "median_gp"
+    # Tied on both targets' epochs: the higher reach of best - 0.01 wins, not of the decisive
+    # best - 0.02.
+    doc["fifo_gp"] = _entry(900.0, 0.6, 0.80)
+    doc["fifo_gp"].update({"epochs_to_target_0.02": {"median": 850.0, "q75": 850.0},
+                           "reached_0.02": 0.95})  # fmt: skip
+    assert R.evidence_best(doc, rule="reach") == "fifo_gp"
+    doc["fifo_gp"]["reached"] = 0.57
+    assert R.evidence_best(doc, rule="reach") == "median_gp"
 
 
 def test_best_by_validation_is_what_picking_by_validation_ships():
