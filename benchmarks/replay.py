@@ -477,6 +477,7 @@ def run_replay(
         },
         "num_trials": num_trials,
         "max_concurrent": max_concurrent,
+        "n_startup_trials": n_startup_trials,
         "cost_unit": "model-epochs",
     }
     # The last epoch's test@E: how well the final validation value itself ranks runs by test.
@@ -641,7 +642,7 @@ def render_markdown(doc: Mapping[str, Any], command: str) -> str:
         f"Table: {t['runs']} recorded runs, {t['configs']} configurations with curves on "
         f"{', '.join(t['categories'])}, {t['epochs']} epochs ({meta.get('source', '')}). "
         f"{meta['seeds']} search seeds ({_seed_range(meta)}), {meta['num_trials']} trials per "
-        "study, "
+        f"study (the first {meta.get('n_startup_trials', 4)} random for a model sampler), "
         f"{meta['max_concurrent']} at a time. Targets: the best configuration's test image "
         f"AUROC {meta.get('best_test', '?')} minus 0.01 ({meta['targets']['best-0.01']}) and "
         f"minus 0.02 ({meta['targets']['best-0.02']}); per-category strategies "
@@ -825,6 +826,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--trials", type=int, default=24, help="trials per search (per study)")
     parser.add_argument("--concurrent", type=int, default=2)
+    parser.add_argument(
+        "--n-startup-trials",
+        type=int,
+        default=4,
+        help="search.n_startup_trials (random trials before a model samples; sweeps use 10)",
+    )
     parser.add_argument("--categories", default="", help="comma-separated (default: all)")
     parser.add_argument(
         "--whole-configs",
@@ -877,6 +884,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     replay_kw = {
         "num_trials": args.trials,
         "max_concurrent": args.concurrent,
+        "n_startup_trials": args.n_startup_trials,
         "workers": args.workers,
         "categories": [c for c in args.categories.split(",") if c] or None,
         "seed_offset": args.seed_offset,

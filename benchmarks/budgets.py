@@ -1,0 +1,298 @@
+"""Reach against budget: how many trials the shipped default needs, and what no budget buys.
+
+``python -m benchmarks.budgets`` replays, through ``benchmarks.replay`` on the fixed-teacher
+curves and search seeds nobody chose on (``--seed-offset``, 230 by default), the shipped
+default, its search alone, FIFO + TPE and FIFO + random with each of ``BUDGETS`` trials per
+search (2 at a time, with the ideal early-stopping bound); then once with the production sweep's
+search shape (trials, trials at once and start-up trials read from ``configs/sweep_mvtec.yaml``);
+then each of ``--categories`` alone at the largest budget. Each replay writes
+``<out>_t<N>.json`` (``_production``, ``_<category>_t<N>``) and its ``.md``; one already
+written is reused, so an interrupted run resumes. The table and the bound are printed and
+written to ``<out>.md``. Nothing is chosen here: it reports the default already chosen on
+seeds 0-29 (``benchmarks.evidence``).
+
+The bound: a search's confirmed export exists only after the search stops and its confirmation
+trials have trained. Even a search that stopped at the very moment its incumbent first reached
+the target (which no search can know) costs its median epochs to the target plus the
+confirmation, so FIFO + random's median epochs to the target over the fewest such median of
+any strategy replayed, early stopping at its ideal (the oracle table) included, is the most any
+of them can save at that budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks import replay
+from benchmarks.common import ROOT
+
+__all__ = ["BUDGETS", "NAMES", "production_shape", "bound", "render", "run"]
+
+log = logging.getLogger(__name__)
+
+BUDGETS = (8, 12, 16, 24, 32, 48)
+# The shipped default, its search alone, the runner-up sampler and the reference.
+NAMES = ("default", "fifo_gp", "fifo_tpe", "fifo_random")
+PRODUCTION = ROOT / "configs" / "sweep_mvtec.yaml"
+TABLE = ROOT / "benchmarks" / "data" / "curves_fixed.csv"
+KEY = "epochs_to_target"  # best - 0.01
+KEY2 = "epochs_to_target_0.02"
+
+
+def production_shape(path: Path = PRODUCTION) -> dict[str, int]:
+    """The production sweep's ``search.num_trials``, ``max_concurrent`` and
+    ``n_startup_trials``."""
+    search = yaml.safe_load(Path(path).read_text())["search"]
+    return {k: int(search[k]) for k in ("num_trials", "max_concurrent", "n_startup_trials")}
+
+
+def replay_argv(
+    out: Path,
+    *,
+    table: Path,
+    seeds: int,
+    offset: int,
+    trials: int,
+    concurrent: int = 2,
+    n_startup_trials: int = 4,
+    oracle: bool = True,
+    category: str | None = None,
+    workers: int | None = None,
+) -> list[str]:
+    """``benchmarks.replay``'s arguments for one budget."""
+    argv = ["--table", str(table), "--whole-configs", "--warm-seeds", "0"]
+    argv += ["--seeds", str(seeds), "--seed-offset", str(offset), "--trials", str(trials)]
+    argv += ["--concurrent", str(concurrent), "--n-startup-trials", str(n_startup_trials)]
+    argv += [] if oracle else ["--oracle-seeds", "0"]
+    argv += ["--categories", category] if category else []
+    argv += ["--workers", str(workers)] if workers else []
+    argv += ["--strategies", ",".join(NAMES)]
+    return argv + ["--json", f"{out}.json", "--markdown", f"{out}.md"]
+
+
+def _replay(out: Path, argv: list[str]) -> dict[str, Any]:
+    path = Path(f"{out}.json")
+    if not path.exists():
+        log.info("replaying %s", path.name)
+        with contextlib.redirect_stdout(io.StringIO()):
+            replay.main(argv)
+    return json.loads(path.read_text())
+
+
+def _median(entry: Mapping[str, Any], key: str = KEY) -> float:
+    value = entry[key]["median"]
+    return math.inf if value is None else float(value)
+
+
+def _confirm_epochs(doc: Mapping[str, Any]) -> int:
+    """Model-epochs of the default's confirmation: (top-k + the baseline) x seeds x epochs x
+    categories."""
+    strategy = replay.STRATEGIES[doc["default"]]
+    table = doc["meta"]["table"]
+    per = (strategy.confirm_top_k + 1) * strategy.confirm_seeds
+    return per * table["epochs"] * len(table["categories"])
+
+
+def bound(
+    docs: Mapping[int, Mapping[str, Any]], key: str = KEY, *, oracle: bool = True
+) -> dict[str, Any]:
+    """The most any replayed strategy saves against FIFO + random at the target ``key``,
+    confirmation included, if it stopped the moment its incumbent first reached the target.
+
+    ``docs``: replay documents by trials per search. The reference is FIFO + random's median at
+    the largest budget where it has one (None when it never has). ``oracle``: count the ideal
+    early-stopping replays too (False: only the strategies as they run on the real curves)."""
+    with_ref = [n for n in sorted(docs) if math.isfinite(_median(docs[n]["fifo_random"], key))]
+    fewest: tuple[float, str, int] = (math.inf, "", 0)
+    for n, doc in docs.items():
+        searches = [(k, v) for k, v in doc.items() if k in replay.STRATEGIES]
+        if oracle:
+            searches += [(f"{k} (oracle)", v) for k, v in (doc.get("oracle") or {}).items()]
+        for name, entry in searches:
+            if replay.STRATEGIES[name.removesuffix(" (oracle)")].confirm_top_k:
+                continue  # the search alone counts: the confirmation is added below
+            fewest = min(fewest, (_median(entry, key), name, n))
+    any_doc = next(iter(docs.values()))
+    confirm = _confirm_epochs(any_doc)
+    out: dict[str, Any] = {
+        "fewest": fewest[0],
+        "strategy": fewest[1],
+        "trials": fewest[2],
+        "confirm": confirm,
+        "reference": None,
+        "reference_trials": None,
+        "ratio": None,
+    }
+    if with_ref:
+        n = with_ref[-1]
+        out["reference"] = _median(docs[n]["fifo_random"], key)
+        out["reference_trials"] = n
+        out["ratio"] = out["reference"] / (fewest[0] + confirm)
+    return out
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.0f}"
+
+
+def _of(entry: Mapping[str, Any], seeds: int, key: str = "reached") -> str:
+    return f"{round(entry[key] * seeds)}/{seeds}"
+
+
+def render(
+    docs: Mapping[int, Mapping[str, Any]],
+    production: Mapping[str, Any] | None = None,
+    categories: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    """The budget table (one row per budget, then the production shape) and the bounds."""
+    first = next(iter(docs.values()))
+    meta = first["meta"]
+    seeds = meta["seeds"]
+    lo, hi = meta["search_seeds"]
+    default = first["default"]
+    lines = [
+        f"Search seeds {lo}-{hi} ({seeds} searches per row), the mean over "
+        f"{', '.join(meta['table']['categories'])} as the objective; target best - 0.01 "
+        f"({meta['targets']['best-0.01']}) and best - 0.02 ({meta['targets']['best-0.02']}).",
+        "",
+        "| trials (at once, start-up) | default `" + default + "`: best - 0.01 reached "
+        "| epochs in all (median) | its search: epochs to best - 0.01, median [q25, q75] "
+        "| `fifo_tpe`: reached | FIFO + random: reached | epochs to best - 0.01 / best - 0.02 "
+        "(median) | ideal early stopping: fewest epochs to best - 0.01 (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [(n, docs[n]) for n in sorted(docs)]
+    if production is not None:
+        rows.append((production["meta"]["num_trials"], production))
+    for n, doc in rows:
+        m = doc["meta"]
+        shape = f"{n} ({m['max_concurrent']}, {m.get('n_startup_trials', 4)})"
+        if doc is production:
+            shape += " production"
+        d, gp, ref = doc[default], doc["fifo_gp"], doc["fifo_random"]
+        e = gp[KEY]
+        oracle = {k: v for k, v in (doc.get("oracle") or {}).items() if k != "fifo_random"}
+        if oracle:
+            name = min(oracle, key=lambda k: _median(oracle[k]))
+            best = _median(oracle[name])
+            ideal = f"{_num(best)} (`{name}`)" if math.isfinite(best) else "-"
+        else:
+            ideal = "not replayed"
+        lines.append(
+            f"| {shape} | {_of(d, seeds)} | {_num(d['epochs_total']['median'])} "
+            f"| {_num(e['median'])} [{_num(e['q25'])}, {_num(e['q75'])}] "
+            f"| {_of(doc['fifo_tpe'], seeds)} | {_of(ref, seeds)} "
+            f"| {_num(_median(ref))} / {_num(_median(ref, KEY2))} | {ideal} |"
+        )
+    lines.append("")
+    for key, label in ((KEY, "best - 0.01"), (KEY2, "best - 0.02")):
+        lines.append(_bound_sentence(docs, key, label, "the four categories"))
+    for category, doc in (categories or {}).items():
+        what = (
+            f"{category} alone ({doc['meta']['num_trials']} trials; the default reaches "
+            f"best - 0.01 in {_of(doc[default], seeds)}, FIFO + random in "
+            f"{_of(doc['fifo_random'], seeds)})"
+        )
+        lines.append(_bound_sentence({doc["meta"]["num_trials"]: doc}, KEY, "best - 0.01", what))
+    return "\n".join(lines) + "\n"
+
+
+def _bound_sentence(docs: Mapping[int, Mapping[str, Any]], key: str, label: str, what: str) -> str:
+    b, real = bound(docs, key), bound(docs, key, oracle=False)
+    head = (
+        f"- {what}, {label}: the fewest median epochs to the target is "
+        f"{_num(b['fewest'])} (`{b['strategy']}`, {b['trials']} trials); with the "
+        f"confirmation's {b['confirm']} that is {_num(b['fewest'] + b['confirm'])}"
+    )
+    if b["ratio"] is None:
+        return (
+            head + ", and FIFO + random reaches the target in under half of the searches at "
+            "every budget replayed, so no ratio exists."
+        )
+    return (
+        head + f" against FIFO + random's {_num(b['reference'])} ({b['reference_trials']} "
+        f"trials): at most {b['ratio']:.2f}x ({b['reference'] / b['fewest']:.2f}x without the "
+        "confirmation; on the real curves, of the strategies above, "
+        f"`{real['strategy']}`'s {_num(real['fewest'])}: {real['ratio']:.2f}x with it)."
+    )
+
+
+def run(
+    out: Path,
+    *,
+    table: Path = TABLE,
+    seeds: int = 100,
+    offset: int = 230,
+    budgets: Sequence[int] = BUDGETS,
+    categories: Sequence[str] = (),
+    production: Path | None = PRODUCTION,
+    workers: int | None = None,
+) -> str:
+    """Replays what is missing, then renders the table (also to ``<out>.md``)."""
+    kw = {"table": table, "seeds": seeds, "offset": offset, "workers": workers}
+    docs = {}
+    for n in budgets:
+        path = Path(f"{out}_t{n}")
+        docs[n] = _replay(path, replay_argv(path, trials=n, **kw))
+    prod = None
+    if production is not None:
+        shape = production_shape(production)
+        path = Path(f"{out}_production")
+        argv = replay_argv(
+            path,
+            trials=shape["num_trials"],
+            concurrent=shape["max_concurrent"],
+            n_startup_trials=shape["n_startup_trials"],
+            oracle=False,
+            **kw,
+        )
+        prod = _replay(path, argv)
+    largest = max(budgets)
+    per_category = {}
+    for category in categories:
+        path = Path(f"{out}_{category}_t{largest}")
+        per_category[category] = _replay(
+            path, replay_argv(path, trials=largest, category=category, **kw)
+        )
+    text = render(docs, prod, per_category)
+    Path(f"{out}.md").write_text(text)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--table", type=Path, default=TABLE)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "data" / "replay_budget")
+    parser.add_argument("--seeds", type=int, default=100)
+    parser.add_argument("--seed-offset", type=int, default=230)
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument("--categories", default="fabric,nut", help="each alone, largest budget")
+    parser.add_argument("--workers", type=int, default=None, help="replay processes (default 2)")
+    parser.add_argument("--no-production", action="store_true", help="skip the production shape")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    text = run(
+        args.out,
+        table=args.table,
+        seeds=args.seeds,
+        offset=args.seed_offset,
+        budgets=[int(b) for b in args.budgets.split(",") if b],
+        categories=[c for c in args.categories.split(",") if c],
+        production=None if args.no_production else PRODUCTION,
+        workers=args.workers,
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
