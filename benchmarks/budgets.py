@@ -7,9 +7,10 @@ search (2 at a time, with the ideal early-stopping bound); then once with the pr
 search shape (trials, trials at once and start-up trials read from ``configs/sweep_mvtec.yaml``);
 then each of ``--categories`` alone at the largest budget. Each replay writes
 ``<out>_t<N>.json`` (``_production``, ``_<category>_t<N>``) and its ``.md``; one already
-written is reused, so an interrupted run resumes. The table and the bound are printed and
-written to ``<out>.md``. Nothing is chosen here: it reports the default already chosen on
-seeds 0-29 (``benchmarks.evidence``).
+written with the same settings is reused, so an interrupted run resumes (one replayed with
+other settings, or a file this command did not write, is refused before anything runs). The
+table and the bound are printed and written to ``<out>.md``. Nothing is chosen here: it
+reports the default already chosen on seeds 0-29 (``benchmarks.evidence``).
 
 The bound: a search's confirmed export exists only after the search stops and its confirmation
 trials have trained. Even a search that stopped at the very moment its incumbent first reached
@@ -27,6 +28,8 @@ import io
 import json
 import logging
 import math
+import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,17 +39,21 @@ import yaml
 from benchmarks import replay
 from benchmarks.common import ROOT
 
-__all__ = ["BUDGETS", "NAMES", "production_shape", "bound", "render", "run"]
+__all__ = ["BUDGETS", "NAMES", "production_shape", "bound", "render", "plan", "check", "run"]
 
 log = logging.getLogger(__name__)
 
 BUDGETS = (8, 12, 16, 24, 32, 48)
 # The shipped default, its search alone, the runner-up sampler and the reference.
 NAMES = ("default", "fifo_gp", "fifo_tpe", "fifo_random")
+# Also replayed on one category's real curves: the early-stopping strategies the oracle table
+# bounds, so that the real-curves bound there covers early stopping too.
+STOPPING = tuple(n for n in replay.ORACLE_STRATEGIES if n not in NAMES)
 PRODUCTION = ROOT / "configs" / "sweep_mvtec.yaml"
 TABLE = ROOT / "benchmarks" / "data" / "curves_fixed.csv"
 KEY = "epochs_to_target"  # best - 0.01
 KEY2 = "epochs_to_target_0.02"
+SUMMARY_HEAD = "Search seeds "  # how render's text begins: <out>.md is ours to rewrite
 
 
 def production_shape(path: Path = PRODUCTION) -> dict[str, int]:
@@ -68,15 +75,18 @@ def replay_argv(
     oracle: bool = True,
     category: str | None = None,
     workers: int | None = None,
+    strategies: Sequence[str] = NAMES,
 ) -> list[str]:
     """``benchmarks.replay``'s arguments for one budget."""
-    argv = ["--table", str(table), "--whole-configs", "--warm-seeds", "0"]
+    # Relative to the working directory where it lies below it: the documents name no machine.
+    shown = os.path.relpath(table) if Path(table).resolve().is_relative_to(Path.cwd()) else table
+    argv = ["--table", str(shown), "--whole-configs", "--warm-seeds", "0"]
     argv += ["--seeds", str(seeds), "--seed-offset", str(offset), "--trials", str(trials)]
     argv += ["--concurrent", str(concurrent), "--n-startup-trials", str(n_startup_trials)]
     argv += [] if oracle else ["--oracle-seeds", "0"]
     argv += ["--categories", category] if category else []
     argv += ["--workers", str(workers)] if workers else []
-    argv += ["--strategies", ",".join(NAMES)]
+    argv += ["--strategies", ",".join(strategies)]
     return argv + ["--json", f"{out}.json", "--markdown", f"{out}.md"]
 
 
@@ -87,6 +97,42 @@ def _replay(out: Path, argv: list[str]) -> dict[str, Any]:
         with contextlib.redirect_stdout(io.StringIO()):
             replay.main(argv)
     return json.loads(path.read_text())
+
+
+def _settings(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What a replay document was replayed with, as ``plan`` states it."""
+    return {
+        "search_seeds": list(meta.get("search_seeds", [])),
+        "num_trials": meta.get("num_trials"),
+        "max_concurrent": meta.get("max_concurrent"),
+        "n_startup_trials": meta.get("n_startup_trials", 4),
+        "categories": (meta.get("table") or {}).get("categories"),
+        "table": Path(str((meta.get("curves") or {}).get("path"))).name,
+    }
+
+
+def _strategies(names: Sequence[str]) -> list[str]:
+    return sorted({replay.DEFAULT_STRATEGY if n == "default" else n for n in names})
+
+
+def _mismatch(path: Path, want: Mapping[str, Any]) -> str | None:
+    """Why the replay already at ``path`` cannot be reused for ``want`` (None: it can)."""
+    try:
+        doc = json.loads(path.read_text())
+        have = {
+            **_settings(doc["meta"]),
+            "strategies": _strategies(doc.keys() & replay.STRATEGIES.keys()),
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "is not a benchmarks.replay output"
+    diff = [k for k, v in want.items() if v is not None and have[k] != v]
+    if diff:
+        return (
+            "was replayed with other settings ("
+            + ", ".join(f"{k} {have[k]} instead of {want[k]}" for k in diff)
+            + ")"
+        )
+    return None
 
 
 def _median(entry: Mapping[str, Any], key: str = KEY) -> float:
@@ -222,12 +268,12 @@ def _bound_sentence(docs: Mapping[int, Mapping[str, Any]], key: str, label: str,
     return (
         head + f" against FIFO + random's {_num(b['reference'])} ({b['reference_trials']} "
         f"trials): at most {b['ratio']:.2f}x ({b['reference'] / b['fewest']:.2f}x without the "
-        "confirmation; on the real curves, of the strategies above, "
+        "confirmation; on the real curves, of the strategies replayed, "
         f"`{real['strategy']}`'s {_num(real['fewest'])}: {real['ratio']:.2f}x with it)."
     )
 
 
-def run(
+def plan(
     out: Path,
     *,
     table: Path = TABLE,
@@ -237,34 +283,86 @@ def run(
     categories: Sequence[str] = (),
     production: Path | None = PRODUCTION,
     workers: int | None = None,
-) -> str:
-    """Replays what is missing, then renders the table (also to ``<out>.md``)."""
+) -> list[tuple[str, Path, list[str], dict[str, Any]]]:
+    """``(role, path prefix, benchmarks.replay arguments, settings)`` of every replay; role is
+    ``t<N>``, ``production`` or a category."""
     kw = {"table": table, "seeds": seeds, "offset": offset, "workers": workers}
-    docs = {}
-    for n in budgets:
-        path = Path(f"{out}_t{n}")
-        docs[n] = _replay(path, replay_argv(path, trials=n, **kw))
-    prod = None
+    seeds_range = [offset, offset + seeds - 1]
+    every = replay.load_table(table).categories  # what a replay of all of them records
+
+    def one(role: str, trials: int, concurrent: int = 2, startup: int = 4, **extra: Any):
+        path = Path(f"{out}_{role}")
+        argv = replay_argv(
+            path, trials=trials, concurrent=concurrent, n_startup_trials=startup, **extra, **kw
+        )
+        want = {
+            "strategies": _strategies(extra.get("strategies", NAMES)),
+            "search_seeds": seeds_range,
+            "num_trials": trials,
+            "max_concurrent": concurrent,
+            "n_startup_trials": startup,
+            "categories": [extra["category"]] if extra.get("category") else every,
+            "table": Path(table).name,
+        }
+        return role, path, argv, want
+
+    steps = [one(f"t{n}", n) for n in budgets]
     if production is not None:
         shape = production_shape(production)
-        path = Path(f"{out}_production")
-        argv = replay_argv(
-            path,
-            trials=shape["num_trials"],
-            concurrent=shape["max_concurrent"],
-            n_startup_trials=shape["n_startup_trials"],
-            oracle=False,
-            **kw,
+        steps.append(
+            one(
+                "production",
+                shape["num_trials"],
+                shape["max_concurrent"],
+                shape["n_startup_trials"],
+                oracle=False,
+            )
         )
-        prod = _replay(path, argv)
-    largest = max(budgets)
-    per_category = {}
-    for category in categories:
-        path = Path(f"{out}_{category}_t{largest}")
-        per_category[category] = _replay(
-            path, replay_argv(path, trials=largest, category=category, **kw)
+    steps += [
+        one(f"{c}_t{max(budgets)}", max(budgets), category=c, strategies=NAMES + STOPPING)
+        for c in categories
+    ]
+    return steps
+
+
+def check(out: Path, steps: Sequence[tuple[str, Path, list[str], dict[str, Any]]]) -> None:
+    """Raises ValueError, before anything is replayed or written, when an output path holds
+    something this command did not write or a replay with other settings."""
+    from benchmarks.evidence import foreign_outputs
+
+    foreign = foreign_outputs(out)
+    if foreign:
+        raise ValueError(
+            f"{foreign[0]} exists and is not a replay output: pick another --out "
+            "(nothing is overwritten)"
         )
-    text = render(docs, prod, per_category)
+    summary = Path(f"{out}.md")
+    if summary.exists() and not summary.read_text().startswith(SUMMARY_HEAD):
+        raise ValueError(
+            f"{summary} exists and was not written by benchmarks.budgets: pick another --out"
+        )
+    for _, path, _, want in steps:
+        json_path = Path(f"{path}.json")
+        why = _mismatch(json_path, want) if json_path.exists() else None
+        if why:
+            raise ValueError(
+                f"{json_path} {why}: remove it to replay it again, or pick another --out"
+            )
+
+
+def run(out: Path, **kw: Any) -> str:
+    """Replays what is missing (``plan``'s keywords), then renders the table (also to
+    ``<out>.md``)."""
+    steps = plan(out, **kw)
+    check(out, steps)
+    done = {role: _replay(path, argv) for role, path, argv, _ in steps}
+    docs = {int(role[1:]): done[role] for role in done if re.fullmatch(r"t\d+", role)}
+    categories = {
+        role.rsplit("_t", 1)[0]: doc
+        for role, doc in done.items()
+        if role != "production" and not re.fullmatch(r"t\d+", role)
+    }
+    text = render(docs, done.get("production"), categories)
     Path(f"{out}.md").write_text(text)
     return text
 
@@ -280,17 +378,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None, help="replay processes (default 2)")
     parser.add_argument("--no-production", action="store_true", help="skip the production shape")
     args = parser.parse_args(argv)
+    try:
+        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--budgets {args.budgets!r}: give trials per search, e.g. 8,16,24")
+    if not budgets or min(budgets) < 1 or args.seeds < 1:
+        parser.error(
+            "--budgets and --seeds take positive numbers (e.g. --budgets 8,16 --seeds 100)"
+        )
+    if not args.table.is_file():
+        parser.error(
+            f"--table {args.table}: no such file (python -m benchmarks.curves records one)"
+        )
+    categories = [c for c in args.categories.split(",") if c]
+    recorded = replay.load_table(args.table).categories
+    unknown = [c for c in categories if c not in recorded]
+    if unknown:
+        parser.error(
+            f"--categories: {unknown[0]!r} is not in {args.table} ({', '.join(recorded)})"
+        )
+    kw = {
+        "table": args.table,
+        "seeds": args.seeds,
+        "offset": args.seed_offset,
+        "budgets": budgets,
+        "categories": categories,
+        "production": None if args.no_production else PRODUCTION,
+        "workers": args.workers,
+    }
+    try:
+        check(args.out, plan(args.out, **kw))
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    text = run(
-        args.out,
-        table=args.table,
-        seeds=args.seeds,
-        offset=args.seed_offset,
-        budgets=[int(b) for b in args.budgets.split(",") if b],
-        categories=[c for c in args.categories.split(",") if c],
-        production=None if args.no_production else PRODUCTION,
-        workers=args.workers,
-    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = run(args.out, **kw)
     print(text)
 
 

@@ -42,7 +42,7 @@ from typing import Any
 from benchmarks import replay
 from benchmarks.common import ROOT
 
-__all__ = ["REPORTED", "search_strategies", "run"]
+__all__ = ["REPORTED", "foreign_outputs", "search_strategies", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def run(
     return {"pick": pick, "search": base, "sizes": confirmed, "default": replay.DEFAULT_STRATEGY}
 
 
-def _foreign(out: Path, testbed: Path | None) -> list[Path]:
+def foreign_outputs(out: Path, testbed: Path | None = None) -> list[Path]:
     """Files at the output paths that no earlier evidence or testbed run wrote: refused, as
     the project never overwrites what it did not write."""
 
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if unknown:
         parser.error(f"unknown strategy {unknown[0]!r} (see benchmarks.replay.STRATEGIES)")
-    foreign = _foreign(args.out, args.testbed)
+    foreign = foreign_outputs(args.out, args.testbed)
     if foreign:
         parser.error(
             f"{foreign[0]} exists and is not a replay or testbed output: "

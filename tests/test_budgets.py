@@ -181,13 +181,15 @@ def test_benchmarks_budget_prose_follows_from_the_committed_replays():
         f"impossible on fabric** ({fabric['ratio']:.2f}x)",
         f"({of(d(cats['fabric']))} against {of(cats['fabric']['fifo_random'])} of 100;",
         f"the ideal allows {nut['ratio']:.2f}x",
-        f"at most {nut_real['ratio']:.2f}x there even so",
+        f"gets more than {nut_real['ratio']:.2f}x there even so (early stopping reaches the "
+        f"target in at most {max(of(cats['nut'][n]) for n in B.STOPPING)} of 100 searches",
         f"pays {d(cats['nut'])['epochs_total']['median']:.0f} epochs against FIFO + random's "
         f"{med(cats['nut']['fifo_random']):.0f} "
         f"({med(cats['nut']['fifo_random']) / d(cats['nut'])['epochs_total']['median']:.2f}x)",
     ]
     assert b["ratio"] < 3 and b2["ratio"] < 3 and b["reference"] / b["fewest"] < 3
     assert fabric["ratio"] < 2 < nut["ratio"] and nut_real["ratio"] < 2
+    assert set(B.STOPPING) <= set(cats["nut"]) and set(B.STOPPING) <= set(cats["fabric"])
     for claim in claims:
         assert claim in text, claim
 
@@ -208,7 +210,60 @@ def test_the_readme_summarises_the_budget_evidence():
         f"would save at most {B.bound(docs)['ratio']:.2f}x with them",
         f"(at most {B.bound({48: cats['fabric']})['ratio']:.2f}x at any budget replayed)",
         f"would allow {B.bound({48: cats['nut']})['ratio']:.2f}x",
-        f"get at most {B.bound({48: cats['nut']}, oracle=False)['ratio']:.2f}x",
+        "replayed on the real curves, early stopping included, even stopped at that moment, "
+        f"gets more than {B.bound({48: cats['nut']}, oracle=False)['ratio']:.2f}x",
     ]
     for claim in claims:
         assert claim in section, claim
+
+
+def _small_table(tmp_path):
+    path = tmp_path / "curves.csv"
+    curves.made_up_rows(epochs=6, configs=list(range(0, 48, 6))).to_csv(path, index=False)
+    return path
+
+
+def test_budgets_refuses_what_it_did_not_write_or_replayed_otherwise(tmp_path, monkeypatch):
+    table = _small_table(tmp_path)
+    calls = []
+    real_main = R.main
+    monkeypatch.setattr(R, "main", lambda argv: calls.append(argv) or real_main(argv))
+    out = tmp_path / "b"
+    kw = {"table": table, "seeds": 1, "offset": 230, "budgets": (3,), "production": None}
+    kw["workers"] = 1
+    B.run(out, **kw)
+    assert len(calls) == 1
+    # the same replay asked for on other seeds: refused, not silently reused
+    with pytest.raises(ValueError, match=r"b_t3.json was replayed with other settings \("):
+        B.run(out, **{**kw, "offset": 231})
+    with pytest.raises(ValueError, match=r"num_trials 3 instead of 4"):
+        B.check(out, [("t3", tmp_path / "b_t3", [], {"num_trials": 4})])
+    # a file of someone else's at an output path: refused before anything is replayed
+    (tmp_path / "b_t5.json").write_text('{"mine": true}')
+    with pytest.raises(ValueError, match="b_t5.json exists and is not a replay output"):
+        B.run(out, **{**kw, "budgets": (3, 5)})
+    assert len(calls) == 1 and json.loads((tmp_path / "b_t5.json").read_text()) == {"mine": True}
+    (tmp_path / "b_t5.json").unlink()
+    (tmp_path / "b.md").write_text("my notes\n")
+    with pytest.raises(ValueError, match="b.md exists and was not written by benchmarks.budgets"):
+        B.run(out, **kw)
+    assert (tmp_path / "b.md").read_text() == "my notes\n" and len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budgets", "8,x"], "--budgets '8,x': give trials per search"),
+        (["--budgets", "0"], "--budgets and --seeds take positive numbers"),
+        (["--seeds", "0"], "--budgets and --seeds take positive numbers"),
+        (["--table", "nowhere.csv"], "--table nowhere.csv: no such file"),
+        (["--categories", "fabric,wood"], "--categories: 'wood' is not in"),
+    ],
+)
+def test_budgets_cli_names_the_bad_argument(tmp_path, capsys, args, message):
+    table = _small_table(tmp_path)
+    argv = ["--table", str(table), "--out", str(tmp_path / "b"), "--no-production", *args]
+    with pytest.raises(SystemExit):
+        B.main(argv)
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [table]  # nothing written
