@@ -208,7 +208,8 @@ def test_the_readme_summarises_the_budget_evidence():
         f"{shape['num_trials']} trials {shape['max_concurrent']} at once, against "
         f"{pct(prod['fifo_random'])}% for FIFO + random: `python -m benchmarks.budgets`",
         f"would save at most {B.bound(docs)['ratio']:.2f}x with them",
-        f"(at most {B.bound({48: cats['fabric']})['ratio']:.2f}x at any budget replayed)",
+        f"(at most {B.bound({48: cats['fabric']})['ratio']:.2f}x with 48 trials, even stopped "
+        "at that moment)",
         f"would allow {B.bound({48: cats['nut']})['ratio']:.2f}x",
         "replayed on the real curves, early stopping included, even stopped at that moment, "
         f"gets more than {B.bound({48: cats['nut']}, oracle=False)['ratio']:.2f}x",
