@@ -5,7 +5,7 @@ curves and search seeds nobody chose on (``--seed-offset``, 230 by default), the
 default, its search alone, FIFO + TPE and FIFO + random with each of ``BUDGETS`` trials per
 search (2 at a time, with the ideal early-stopping bound); then once with the production sweep's
 search shape (trials, trials at once and start-up trials read from ``configs/sweep_mvtec.yaml``);
-then each of ``--categories`` alone at the largest budget. Each replay writes
+then each category (``--categories``, default all) alone at the largest budget. Each replay writes
 ``<out>_t<N>.json`` (``_production``, ``_<category>_t<N>``) and its ``.md``; one already
 written with the same settings is reused, so an interrupted run resumes (one replayed with
 other settings, or a file this command did not write, is refused before anything runs). The
@@ -255,6 +255,11 @@ def render(
 
 def _bound_sentence(docs: Mapping[int, Mapping[str, Any]], key: str, label: str, what: str) -> str:
     b, real = bound(docs, key), bound(docs, key, oracle=False)
+    if not math.isfinite(b["fewest"]):
+        return (
+            f"- {what}, {label}: no strategy replayed, early stopping at its ideal included, "
+            "reaches the target in half of the searches, so no ratio exists."
+        )
     head = (
         f"- {what}, {label}: the fewest median epochs to the target is "
         f"{_num(b['fewest'])} (`{b['strategy']}`, {b['trials']} trials); with the "
@@ -374,7 +379,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=100)
     parser.add_argument("--seed-offset", type=int, default=230)
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
-    parser.add_argument("--categories", default="fabric,nut", help="each alone, largest budget")
+    parser.add_argument(
+        "--categories", default="", help="each alone at the largest budget (default: all)"
+    )
     parser.add_argument("--workers", type=int, default=None, help="replay processes (default 2)")
     parser.add_argument("--no-production", action="store_true", help="skip the production shape")
     args = parser.parse_args(argv)
@@ -390,8 +397,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(
             f"--table {args.table}: no such file (python -m benchmarks.curves records one)"
         )
-    categories = [c for c in args.categories.split(",") if c]
     recorded = replay.load_table(args.table).categories
+    categories = [c for c in args.categories.split(",") if c] or list(recorded)
     unknown = [c for c in categories if c not in recorded]
     if unknown:
         parser.error(
