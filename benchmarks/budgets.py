@@ -241,8 +241,9 @@ def render(
             f"| {_num(_median(ref))} / {_num(_median(ref, KEY2))} | {ideal} |"
         )
     lines.append("")
+    together = f"the mean over the {len(meta['table']['categories'])} categories"
     for key, label in ((KEY, "best - 0.01"), (KEY2, "best - 0.02")):
-        lines.append(_bound_sentence(docs, key, label, "the four categories"))
+        lines.append(_bound_sentence(docs, key, label, together))
     for category, doc in (categories or {}).items():
         what = (
             f"{category} alone ({doc['meta']['num_trials']} trials; the default reaches "
