@@ -39,7 +39,17 @@ import yaml
 from benchmarks import replay
 from benchmarks.common import ROOT
 
-__all__ = ["BUDGETS", "NAMES", "production_shape", "bound", "render", "plan", "check", "run"]
+__all__ = [
+    "BUDGETS",
+    "NAMES",
+    "production_shape",
+    "bound",
+    "render",
+    "plan",
+    "check",
+    "execute",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -286,15 +296,20 @@ def plan(
     seeds: int = 100,
     offset: int = 230,
     budgets: Sequence[int] = BUDGETS,
-    categories: Sequence[str] = (),
+    categories: Sequence[str] | None = (),
     production: Path | None = PRODUCTION,
     workers: int | None = None,
 ) -> list[tuple[str, Path, list[str], dict[str, Any]]]:
     """``(role, path prefix, benchmarks.replay arguments, settings)`` of every replay; role is
-    ``t<N>``, ``production`` or a category."""
+    ``t<N>``, ``production`` or ``<category>_t<N>``. ``categories``: each alone (None: all of the
+    table's); ValueError names one the table lacks."""
     kw = {"table": table, "seeds": seeds, "offset": offset, "workers": workers}
     seeds_range = [offset, offset + seeds - 1]
     every = replay.load_table(table).categories  # what a replay of all of them records
+    categories = every if categories is None else list(categories)
+    unknown = [c for c in categories if c not in every]
+    if unknown:
+        raise ValueError(f"--categories: {unknown[0]!r} is not in {table} ({', '.join(every)})")
 
     def one(role: str, trials: int, concurrent: int = 2, startup: int = 4, **extra: Any):
         path = Path(f"{out}_{role}")
@@ -361,6 +376,11 @@ def run(out: Path, **kw: Any) -> str:
     ``<out>.md``)."""
     steps = plan(out, **kw)
     check(out, steps)
+    return execute(out, steps)
+
+
+def execute(out: Path, steps: Sequence[tuple[str, Path, list[str], dict[str, Any]]]) -> str:
+    """Replays what ``check``ed ``steps`` lack, then renders the table (also to ``<out>.md``)."""
     done = {role: _replay(path, argv) for role, path, argv, _ in steps}
     docs = {int(role[1:]): done[role] for role in done if re.fullmatch(r"t\d+", role)}
     categories = {
@@ -398,29 +418,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(
             f"--table {args.table}: no such file (python -m benchmarks.curves records one)"
         )
-    recorded = replay.load_table(args.table).categories
-    categories = [c for c in args.categories.split(",") if c] or list(recorded)
-    unknown = [c for c in categories if c not in recorded]
-    if unknown:
-        parser.error(
-            f"--categories: {unknown[0]!r} is not in {args.table} ({', '.join(recorded)})"
-        )
     kw = {
         "table": args.table,
         "seeds": args.seeds,
         "offset": args.seed_offset,
         "budgets": budgets,
-        "categories": categories,
+        "categories": [c for c in args.categories.split(",") if c] or None,
         "production": None if args.no_production else PRODUCTION,
         "workers": args.workers,
     }
     try:
-        check(args.out, plan(args.out, **kw))
+        steps = plan(args.out, **kw)
+        check(args.out, steps)
     except ValueError as error:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = run(args.out, **kw)
+    text = execute(args.out, steps)
     print(text)
 
 

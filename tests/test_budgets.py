@@ -283,8 +283,20 @@ def test_budgets_refuses_what_it_did_not_write_or_replayed_otherwise(tmp_path, m
 )
 def test_budgets_cli_names_the_bad_argument(tmp_path, capsys, args, message):
     table = _small_table(tmp_path)
-    argv = ["--table", str(table), "--out", str(tmp_path / "b"), "--no-production", *args]
+    # small defaults before the bad argument (argparse keeps the last), so a check that
+    # wrongly lets the bad value through fails fast instead of replaying 100 seeds
+    small = ["--seeds", "1", "--budgets", "3"]
+    argv = ["--table", str(table), "--out", str(tmp_path / "b"), "--no-production", *small, *args]
     with pytest.raises(SystemExit):
         B.main(argv)
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [table]  # nothing written
+
+
+def test_plan_names_a_category_the_table_lacks(tmp_path):
+    table = _small_table(tmp_path)
+    with pytest.raises(ValueError, match=r"--categories: 'wood' is not in"):
+        B.plan(tmp_path / "b", table=table, seeds=1, budgets=(3,), categories=["fabric", "wood"])
+    steps = B.plan(tmp_path / "b", table=table, seeds=1, budgets=(3,), categories=None)
+    every = R.load_table(table).categories
+    assert [role for role, *_ in steps] == ["t3", "production"] + [f"{c}_t3" for c in every]
