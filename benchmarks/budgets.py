@@ -44,6 +44,7 @@ __all__ = [
     "NAMES",
     "production_shape",
     "bound",
+    "fixed_bound",
     "render",
     "plan",
     "check",
@@ -63,6 +64,7 @@ PRODUCTION = ROOT / "configs" / "sweep_mvtec.yaml"
 TABLE = ROOT / "benchmarks" / "data" / "curves_fixed.csv"
 KEY = "epochs_to_target"  # best - 0.01
 KEY2 = "epochs_to_target_0.02"
+REACH = 0.9  # the issue's reach target: best - 0.01 in 90% of the searches
 SUMMARY_HEAD = "Search seeds "  # how render's text begins: <out>.md is ours to rewrite
 
 
@@ -197,6 +199,54 @@ def bound(
     return out
 
 
+def fixed_bound(
+    docs: Mapping[int, Mapping[str, Any]], key: str = KEY, *, reach: float = REACH
+) -> dict[str, Any]:
+    """``bound``'s question for a search whose number of trials is fixed before it starts (as
+    ``search.num_trials`` is in every sweep) and which must reach the target in ``reach`` of
+    the searches; early stopping at its ideal included.
+
+    A search of more trials begins with the shorter one (the tests replay both, with and
+    without early stopping), so per search seed its cost and what it reaches only grow with
+    its trials. Whatever budget B reaches the target in ``reach`` of the searches, a replayed
+    budget N of a strategy bounds B's median cost from below by:
+
+    - N's median epochs in all, where N reaches it in fewer searches (B lies above N);
+    - FIFO (every search of one budget trains the same epochs): the ``reach`` quantile of the
+      epochs to the target, which is at least their q75;
+    - early stopping (its cost varies by seed): B's cost covers the epochs to the target in
+      ``reach`` of the searches, so its median is at least their ``reach - 0.5`` quantile,
+      which is at least their q25.
+
+    The most any strategy saves against FIFO + random's median (as ``bound``) is the reference
+    over the largest such lower bound plus the confirmation, for the strategy whose bound is
+    lowest."""
+    if reach < 0.75:
+        raise ValueError(f"reach {reach}: the q25 bound for early stopping needs 0.75 or more")
+    ideal = bound(docs, key)
+    lowest: dict[str, tuple[float, int]] = {}  # strategy: (its largest lower bound, at trials)
+    for n, doc in docs.items():
+        searches = [(k, v) for k, v in doc.items() if k in replay.STRATEGIES]
+        searches += [(f"{k} (oracle)", v) for k, v in (doc.get("oracle") or {}).items()]
+        for name, entry in searches:
+            strategy = replay.STRATEGIES[name.removesuffix(" (oracle)")]
+            if strategy.confirm_top_k:
+                continue
+            quantiles = entry[key]
+            if entry[key.replace("epochs_to_target", "reached")] < reach:
+                low = float(entry["epochs_total"]["median"])
+            else:
+                low = float(quantiles["q75" if strategy.scheduler == "fifo" else "q25"])
+            lowest[name] = max(lowest.get(name, (0.0, 0)), (low, n))
+    name = min(lowest, key=lambda k: lowest[k][0])
+    low, n = lowest[name]
+    out = {"fewest": low, "strategy": name, "trials": n, "confirm": ideal["confirm"]}
+    out["reference"], out["ratio"] = ideal["reference"], None
+    if ideal["reference"] is not None:
+        out["ratio"] = ideal["reference"] / (low + ideal["confirm"])
+    return out
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.0f}"
 
@@ -285,7 +335,18 @@ def _bound_sentence(docs: Mapping[int, Mapping[str, Any]], key: str, label: str,
         head + f" against FIFO + random's {_num(b['reference'])} ({b['reference_trials']} "
         f"trials): at most {b['ratio']:.2f}x ({b['reference'] / b['fewest']:.2f}x without the "
         "confirmation; on the real curves, of the strategies replayed, "
-        f"`{real['strategy']}`'s {_num(real['fewest'])}: {real['ratio']:.2f}x with it)."
+        f"`{real['strategy']}`'s {_num(real['fewest'])}: {real['ratio']:.2f}x with it)"
+        + _fixed_clause(docs, key)
+    )
+
+
+def _fixed_clause(docs: Mapping[int, Mapping[str, Any]], key: str) -> str:
+    f = fixed_bound(docs, key)
+    return (
+        f"; with the number of trials fixed before the search starts, as every sweep's is, and "
+        f"the target reached in {REACH:.0%} of the searches: at most {f['ratio']:.2f}x "
+        f"(`{f['strategy']}`: {_num(f['fewest'])} epochs at least, from its {f['trials']}-trial "
+        "replay)."
     )
 
 

@@ -87,6 +87,50 @@ def test_bound_takes_the_fewest_search_epochs_of_any_strategy_plus_the_confirmat
     assert B.bound(docs, B.KEY2)["fewest"] == math.inf
 
 
+def spread(q25: float, median: float, q75: float, reached: float, total: float) -> dict:
+    q = {"median": median, "q25": q25, "q75": q75}
+    return {
+        "epochs_to_target": q,
+        "epochs_to_target_0.02": q,
+        "reached": reached,
+        "reached_0.02": reached,
+        "epochs_total": {"median": total, "q25": total, "q75": total},
+    }
+
+
+def test_fixed_bound_floors_each_strategy_by_its_reach_and_scheduler():
+    per = B.bound({8: doc(8, fifo_random=entry(1.0))})["confirm"]
+    docs = {
+        16: doc(
+            16,
+            fifo_random=spread(500, 2000, 3000, 0.6, 1600),
+            # FIFO reaching 90%: its budget covers q90 >= q75 of the epochs to the target
+            fifo_gp=spread(300, 600, 900, 0.95, 1600),
+            # the confirmed default counts its confirmation: never a search alone
+            fifo_gp_confirm1x2=spread(1, 1, 1, 0.95, 1),
+            # early stopping reaching 90%: its median cost is at least q40 >= q25
+            oracle={"asha_tpe": spread(700, 800, 900, 0.92, 1000)},
+        ),
+        # below 90%: only a larger budget can, costing at least this one's epochs in all
+        8: doc(8, fifo_random=spread(500, 2000, 3000, 0.3, 800), oracle={"asha_tpe": entry(None)}),
+        32: doc(32, fifo_random=spread(500, 2000, 3000, 0.7, 3200)),
+    }
+    docs[8]["oracle"]["asha_tpe"]["epochs_total"]["median"] = 650.0
+    f = B.fixed_bound(docs)
+    # asha_tpe (oracle): max(650 at 8 trials, q25 700 at 16) = 700; fifo_gp: q75 900; random:
+    # max(800, 1600, 3200)
+    assert (f["strategy"], f["fewest"], f["trials"]) == ("asha_tpe (oracle)", 700.0, 16)
+    assert f["ratio"] == pytest.approx(2000.0 / (700.0 + per))
+    docs[16]["oracle"]["asha_tpe"]["reached"] = 0.8  # now its epochs in all: 1000
+    f = B.fixed_bound(docs)
+    assert (f["strategy"], f["fewest"], f["trials"]) == ("fifo_gp", 900.0, 16)
+    assert f"at most {2000.0 / (900.0 + per):.2f}x (`fifo_gp`: 900 epochs at least" in (
+        B._bound_sentence(docs, B.KEY, "x", "y")
+    )
+    with pytest.raises(ValueError, match="reach 0.6"):
+        B.fixed_bound(docs, reach=0.6)
+
+
 def test_budget_replays_resume_and_render(tmp_path, monkeypatch):
     path = tmp_path / "curves.csv"
     curves.made_up_rows(epochs=6, configs=list(range(0, 48, 6))).to_csv(path, index=False)
@@ -184,6 +228,7 @@ def test_benchmarks_budget_prose_follows_from_the_committed_replays():
     b, b2 = B.bound(docs), B.bound(docs, B.KEY2)
     fabric, nut = B.bound({48: cats["fabric"]}), B.bound({48: cats["nut"]})
     nut_real = B.bound({48: cats["nut"]}, oracle=False)
+    nut_fixed = B.fixed_bound({48: cats["nut"]})
     claims += [
         f"even with perfect early ranking and perfect stopping ({b['ratio']:.2f}x; "
         f"{b['reference'] / b['fewest']:.2f}x even without the confirmation)",
@@ -192,12 +237,16 @@ def test_benchmarks_budget_prose_follows_from_the_committed_replays():
         f"the ideal allows {nut['ratio']:.2f}x",
         f"gets more than {nut_real['ratio']:.2f}x there even so (early stopping reaches the "
         f"target in at most {max(of(cats['nut'][n]) for n in B.STOPPING)} of 100 searches",
+        "With the number of trials fixed beforehand, as every sweep's is, no strategy replayed, "
+        f"ideal early stopping included, gets more than {nut_fixed['ratio']:.2f}x while "
+        f"reaching the target in {B.REACH * 100:.0f} of 100 searches",
         f"pays {d(cats['nut'])['epochs_total']['median']:.0f} epochs against FIFO + random's "
         f"{med(cats['nut']['fifo_random']):.0f} "
         f"({med(cats['nut']['fifo_random']) / d(cats['nut'])['epochs_total']['median']:.2f}x)",
     ]
     assert b["ratio"] < 3 and b2["ratio"] < 3 and b["reference"] / b["fewest"] < 3
-    assert fabric["ratio"] < 2 < nut["ratio"] and nut_real["ratio"] < 2
+    assert fabric["ratio"] < 2 < nut["ratio"] and nut_real["ratio"] < 2 and nut_fixed["ratio"] < 2
+    assert B.fixed_bound({48: cats["fabric"]})["ratio"] > fabric["ratio"]  # "looser ... above"
     for c in cats:
         assert set(B.STOPPING) <= set(cats[c]), c  # early stopping on the real curves too
     # "On grid and pill no strategy replayed reaches best - 0.01 in half of the searches, even
@@ -230,9 +279,13 @@ def test_the_readme_summarises_the_budget_evidence():
         "at that moment)",
         f"would allow {B.bound({48: cats['nut']})['ratio']:.2f}x",
         "replayed on the real curves, early stopping included, even stopped at that moment, "
-        f"gets more than {B.bound({48: cats['nut']}, oracle=False)['ratio']:.2f}x",
+        f"gets more than {B.bound({48: cats['nut']}, oracle=False)['ratio']:.2f}x, and with a "
+        "number of trials fixed beforehand, as every sweep's is, none, ideal early stopping "
+        f"included, gets more than {B.fixed_bound({48: cats['nut']})['ratio']:.2f}x while "
+        "reaching the target in 90% of the searches",
         "on grid and pill no strategy replayed reaches the target in half of the searches",
     ]
+    assert B.fixed_bound({48: cats["nut"]})["ratio"] < 2
     assert all(math.isinf(B.bound({48: cats[c]})["fewest"]) for c in ("grid", "pill"))
     for claim in claims:
         assert claim in section, claim

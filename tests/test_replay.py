@@ -702,6 +702,22 @@ def test_a_longer_search_begins_with_the_shorter_one_without_early_stopping():
         assert len(set(runs)) > 3  # the model sampled different points, not one repeated
 
 
+def test_a_longer_search_with_early_stopping_begins_with_the_shorter_one():
+    # benchmarks.budgets.fixed_bound rests on this: per search seed, the first N trials of a
+    # longer search are the shorter search's, stopped where it stopped them, so its cost and
+    # what it reaches only grow with the trials (real and ideal early stopping alike).
+    t = table(epochs=12)
+    for tab in (t, t.oracle()):
+        for name in ("asha_random", "asha_tpe", "hyperband_random", "median_random"):
+            kw = {"seed": 5, "max_concurrent": 2, "n_startup_trials": 2}
+            short = S.simulate(R.STRATEGIES[name], tab, num_trials=6, **kw)
+            long = S.simulate(R.STRATEGIES[name], tab, num_trials=10, **kw)
+            runs = [(x.config, x.seed, x.rounds, x.state) for x in long.trials]
+            assert [(x.config, x.seed, x.rounds, x.state) for x in short.trials] == runs[:6], name
+            assert long.epochs >= short.epochs, name
+            assert {x.state for x in long.trials} >= {"done", "stopped"}, name  # it stopped some
+
+
 def test_replay_cli_takes_seed_offset_and_strategy_names_and_records_the_table(tmp_path):
     path = tmp_path / "curves.csv"
     made_up(epochs=12, configs=list(range(0, 48, 6))).to_csv(path, index=False)
