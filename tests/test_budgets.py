@@ -16,16 +16,21 @@ from benchmarks.common import ROOT
 DATA = ROOT / "benchmarks" / "data"
 
 
-def entry(e2t: float | None, reached: float = 0.5, e2t2: float | None = None) -> dict:
-    q = {"median": e2t, "q25": e2t, "q75": e2t}
-    q2 = {"median": e2t2, "q25": e2t2, "q75": e2t2}
+def spread(q25: float, median: float, q75: float, reached: float, total: float) -> dict:
+    q = {"median": median, "q25": q25, "q75": q75}
     return {
         "epochs_to_target": q,
-        "epochs_to_target_0.02": q2,
+        "epochs_to_target_0.02": q,
         "reached": reached,
         "reached_0.02": reached,
-        "epochs_total": {"median": 100.0, "q25": 100.0, "q75": 100.0},
+        "epochs_total": {"median": total, "q25": total, "q75": total},
     }
+
+
+def entry(e2t: float | None, reached: float = 0.5, e2t2: float | None = None) -> dict:
+    out = spread(e2t, e2t, e2t, reached, 100.0)
+    out["epochs_to_target_0.02"] = {"median": e2t2, "q25": e2t2, "q75": e2t2}
+    return out
 
 
 def doc(trials: int, **strategies: dict) -> dict:
@@ -85,17 +90,6 @@ def test_bound_takes_the_fewest_search_epochs_of_any_strategy_plus_the_confirmat
     )
     # best - 0.02 is its own key
     assert B.bound(docs, B.KEY2)["fewest"] == math.inf
-
-
-def spread(q25: float, median: float, q75: float, reached: float, total: float) -> dict:
-    q = {"median": median, "q25": q25, "q75": q75}
-    return {
-        "epochs_to_target": q,
-        "epochs_to_target_0.02": q,
-        "reached": reached,
-        "reached_0.02": reached,
-        "epochs_total": {"median": total, "q25": total, "q75": total},
-    }
 
 
 def test_fixed_bound_floors_each_strategy_by_its_reach_and_scheduler():
