@@ -161,6 +161,21 @@ def _confirm_epochs(doc: Mapping[str, Any]) -> int:
     return per * table["epochs"] * len(table["categories"])
 
 
+def _searches(doc: Mapping[str, Any], *, oracle: bool = True) -> list[tuple[str, Any, Any]]:
+    """``(name, strategy, entry)`` of every search alone in a replay document, the ideal
+    early-stopping replays as ``<name> (oracle)`` (``oracle``); the confirmed default is left
+    out: the bounds add its confirmation to a search's own epochs."""
+    named = [(k, v) for k, v in doc.items() if k in replay.STRATEGIES]
+    if oracle:
+        named += [(f"{k} (oracle)", v) for k, v in (doc.get("oracle") or {}).items()]
+    out = []
+    for name, entry in named:
+        strategy = replay.STRATEGIES[name.removesuffix(" (oracle)")]
+        if not strategy.confirm_top_k:
+            out.append((name, strategy, entry))
+    return out
+
+
 def bound(
     docs: Mapping[int, Mapping[str, Any]], key: str = KEY, *, oracle: bool = True
 ) -> dict[str, Any]:
@@ -173,12 +188,7 @@ def bound(
     with_ref = [n for n in sorted(docs) if math.isfinite(_median(docs[n]["fifo_random"], key))]
     fewest: tuple[float, str, int] = (math.inf, "", 0)
     for n, doc in docs.items():
-        searches = [(k, v) for k, v in doc.items() if k in replay.STRATEGIES]
-        if oracle:
-            searches += [(f"{k} (oracle)", v) for k, v in (doc.get("oracle") or {}).items()]
-        for name, entry in searches:
-            if replay.STRATEGIES[name.removesuffix(" (oracle)")].confirm_top_k:
-                continue  # the search alone counts: the confirmation is added below
+        for name, _, entry in _searches(doc, oracle=oracle):
             fewest = min(fewest, (_median(entry, key), name, n))
     any_doc = next(iter(docs.values()))
     confirm = _confirm_epochs(any_doc)
@@ -226,17 +236,11 @@ def fixed_bound(
     ideal = bound(docs, key)
     lowest: dict[str, tuple[float, int]] = {}  # strategy: (its largest lower bound, at trials)
     for n, doc in docs.items():
-        searches = [(k, v) for k, v in doc.items() if k in replay.STRATEGIES]
-        searches += [(f"{k} (oracle)", v) for k, v in (doc.get("oracle") or {}).items()]
-        for name, entry in searches:
-            strategy = replay.STRATEGIES[name.removesuffix(" (oracle)")]
-            if strategy.confirm_top_k:
-                continue
-            quantiles = entry[key]
+        for name, strategy, entry in _searches(doc):
             if entry[key.replace("epochs_to_target", "reached")] < reach:
                 low = float(entry["epochs_total"]["median"])
             else:
-                low = float(quantiles["q75" if strategy.scheduler == "fifo" else "q25"])
+                low = float(entry[key]["q75" if strategy.scheduler == "fifo" else "q25"])
             lowest[name] = max(lowest.get(name, (0.0, 0)), (low, n))
     name = min(lowest, key=lambda k: lowest[k][0])
     low, n = lowest[name]
