@@ -688,17 +688,23 @@ def test_strategies_replay_the_same_training_seed_draws_for_a_search_seed():
     assert [(x.config, x.seed) for x in other.trials] != runs["fifo_random"]
 
 
+def _short_and_long(name: str, tab: S.CurveTable, seed: int) -> tuple:
+    """The same search seed replayed with 6 and with 10 trials, and the longer one's runs."""
+    kw = {"seed": seed, "max_concurrent": 2, "n_startup_trials": 2}
+    short = S.simulate(R.STRATEGIES[name], tab, num_trials=6, **kw)
+    long = S.simulate(R.STRATEGIES[name], tab, num_trials=10, **kw)
+    runs = [(x.config, x.seed, x.rounds, x.state) for x in long.trials]
+    assert [(x.config, x.seed, x.rounds, x.state) for x in short.trials] == runs[:6], name
+    return short, long, runs
+
+
 def test_a_longer_search_begins_with_the_shorter_one_without_early_stopping():
     # BENCHMARKS section 11's budget table rests on this: without early stopping, trial k of a
     # search depends on trials before it only, never on how many trials follow, so a larger
     # budget replays the smaller one's trials and then more (reach can only grow with it).
     t = table(epochs=12)
     for name in ("fifo_gp", "fifo_tpe"):
-        kw = {"seed": 3, "max_concurrent": 2, "n_startup_trials": 2}
-        short = S.simulate(R.STRATEGIES[name], t, num_trials=6, **kw)
-        long = S.simulate(R.STRATEGIES[name], t, num_trials=10, **kw)
-        runs = [(x.config, x.seed, x.rounds, x.state) for x in long.trials]
-        assert [(x.config, x.seed, x.rounds, x.state) for x in short.trials] == runs[:6], name
+        _, _, runs = _short_and_long(name, t, seed=3)
         assert len(set(runs)) > 3  # the model sampled different points, not one repeated
 
 
@@ -709,11 +715,7 @@ def test_a_longer_search_with_early_stopping_begins_with_the_shorter_one():
     t = table(epochs=12)
     for tab in (t, t.oracle()):
         for name in ("asha_random", "asha_tpe", "hyperband_random", "median_random"):
-            kw = {"seed": 5, "max_concurrent": 2, "n_startup_trials": 2}
-            short = S.simulate(R.STRATEGIES[name], tab, num_trials=6, **kw)
-            long = S.simulate(R.STRATEGIES[name], tab, num_trials=10, **kw)
-            runs = [(x.config, x.seed, x.rounds, x.state) for x in long.trials]
-            assert [(x.config, x.seed, x.rounds, x.state) for x in short.trials] == runs[:6], name
+            short, long, _ = _short_and_long(name, tab, seed=5)
             assert long.epochs >= short.epochs, name
             assert {x.state for x in long.trials} >= {"done", "stopped"}, name  # it stopped some
 
